@@ -1,0 +1,1 @@
+"""promptcache control plane: the CLI roles, migrations, CRD handlers and the replay engine."""

@@ -1,0 +1,89 @@
+"""DeployedModel + CachePolicy → the proxy's config file (SPEC §8, §11).
+
+The rendered YAML is checked with the proxy's own loader before anything is applied, so the
+operator and the proxy share one schema and an invalid combination becomes a ``Stalled``
+condition instead of a crash-looping pod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from promptcache.proxy.config import ConfigError, ProxyConfig, parse_config
+
+CONFIG_DIR = "/etc/promptcache"
+CONFIG_FILE = "proxy.yaml"
+TOKENIZER_DIR = "/etc/promptcache/tokenizer"
+UPSTREAM_KEY_ENV = "PROMPTCACHE_UPSTREAM_API_KEY"
+DEFAULT_TOKENIZER_KEYS = {"huggingface": "tokenizer.json", "tiktoken": "encoding.tiktoken"}
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot turn into a working proxy; ``reason`` is the condition's reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Rendered:
+    yaml: str
+    config: ProxyConfig
+    checksum: str
+    sidecar: bool
+    upstream_url: str
+
+
+def policy_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def sidecar_url(spec: Mapping[str, Any]) -> str:
+    """In sidecar mode the proxy talks to the server container over the pod's loopback."""
+    server = spec.get("server") or {}
+    ports = server.get("ports") or []
+    port = ports[0].get("containerPort") if ports and isinstance(ports[0], Mapping) else None
+    if not isinstance(port, int):
+        raise SpecError("InvalidSpec", "spec.server.ports[0].containerPort is needed to reach the sidecar server")
+    api = (spec.get("upstream") or {}).get("api")
+    return f"http://127.0.0.1:{port}" + ("/v1" if api == "openai" else "")
+
+
+def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Mapping[str, Any]) -> Rendered:
+    """The proxy config for one DeployedModel under its CachePolicy, validated by the proxy's loader."""
+    upstream = dict(spec.get("upstream") or {})
+    sidecar = bool(spec.get("server"))
+    url = sidecar_url(spec) if sidecar else upstream.get("url")
+    tokenizer = dict(spec.get("tokenizer") or {})
+    ref = tokenizer.pop("configMapRef", None)
+    if ref is not None:
+        kind = tokenizer.get("type", "huggingface")
+        tokenizer["path"] = f"{TOKENIZER_DIR}/{ref.get('key') or DEFAULT_TOKENIZER_KEYS.get(kind, 'tokenizer.json')}"
+    model: dict[str, Any] = {
+        "alias": spec.get("alias"),
+        "upstream": {
+            "url": url,
+            "model": upstream.get("model"),
+            "api": upstream.get("api"),
+            "forwardCacheControl": bool(upstream.get("forwardCacheControl", False)),
+        },
+        "tokenizer": tokenizer,
+        "pricing": dict(spec.get("pricing") or {}),
+        "cache": {k: v for k, v in policy.items() if k != "redis"},
+        "cachePolicy": policy_key(namespace, policy_name),
+        "imageTokens": spec.get("imageTokens", 0),
+    }
+    if upstream.get("apiKeySecretRef"):
+        model["upstream"]["apiKeyEnv"] = UPSTREAM_KEY_ENV
+    text = yaml.safe_dump({"models": [model]}, sort_keys=True)
+    try:
+        config = parse_config(text)
+    except ConfigError as exc:
+        raise SpecError("InvalidSpec", str(exc)) from None
+    return Rendered(text, config, hashlib.sha256(text.encode()).hexdigest(), sidecar, str(url))

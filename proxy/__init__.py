@@ -1,0 +1,1 @@
+"""promptcache data plane: the domain (blocks, tokens, classification, pricing), the index and the HTTP proxy."""

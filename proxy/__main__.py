@@ -1,0 +1,5 @@
+"""``python -m promptcache.proxy --config FILE``: the proxy role on its own."""
+
+from promptcache.proxy.server import main
+
+raise SystemExit(main())

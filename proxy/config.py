@@ -1,0 +1,237 @@
+"""The proxy's configuration file (SPEC §8): models, auth and limits.
+
+The operator renders this file into a ConfigMap and the proxy reloads it when it changes;
+both go through :func:`parse_config`, so there is one schema, not two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from promptcache.proxy.blocks import APIS, Api
+from promptcache.proxy.policy import CachePolicy, PolicyError, parse_decimal
+
+AUTH_MODES = ("apiKeys", "header")
+DEFAULT_PRINCIPAL_HEADER = "x-promptcache-principal"
+
+
+class ConfigError(ValueError):
+    """The file cannot be used; the message names the key. A running proxy keeps its last good config."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    url: str
+    model: str
+    api: Api
+    api_key_env: str | None = None
+    forward_cache_control: bool = False
+
+    @property
+    def endpoint(self) -> str:
+        """``url`` is the base URL as the API's SDK takes it (OpenAI's includes ``/v1``)."""
+        base = self.url.rstrip("/")
+        return f"{base}/chat/completions" if self.api == "openai" else f"{base}/v1/messages"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    alias: str
+    upstream: Upstream
+    tokenizer: Mapping[str, Any] | None
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    policy: CachePolicy
+    image_tokens: int = 0
+    cache_policy: str | None = None
+    """``namespace/name`` of the CachePolicy the operator rendered ``cache`` from: the proxy applies
+    that policy's updates as soon as the operator publishes them on Redis, before the file catches up."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    classify_deadline_seconds: float = 0.25
+    upstream_timeout_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str = "apiKeys"
+    header: str = DEFAULT_PRINCIPAL_HEADER
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    models: Mapping[str, ModelConfig]
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: Limits = field(default_factory=Limits)
+    digest: str = ""
+    """SHA-256 of the file's bytes: the operator's pod-template checksum and the reload trigger."""
+
+
+def load_config(path: str | Path) -> ProxyConfig:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: bytes | str) -> ProxyConfig:
+    data = raw.encode() if isinstance(raw, str) else raw
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config is not valid YAML: {exc}") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError("config must be a mapping with a `models` list")
+    _known(doc, {"models", "auth", "limits"}, "config")
+    models_raw = doc.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError("models must be a non-empty list")
+    models: dict[str, ModelConfig] = {}
+    for i, item in enumerate(models_raw):
+        model = _model(item, f"models[{i}]")
+        if model.alias in models:
+            raise ConfigError(f"models[{i}].alias {model.alias!r} is used twice")
+        models[model.alias] = model
+    return ProxyConfig(
+        models=models,
+        auth=_auth(_section(doc, "auth")),
+        limits=_limits(_section(doc, "limits")),
+        digest=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _section(obj: Mapping[str, Any], key: str) -> Any:
+    """An optional section: absent or null is empty; ``[]``, ``""`` or ``false`` are errors, not defaults."""
+    value = obj.get(key)
+    return {} if value is None else value
+
+
+def _known(obj: Mapping[str, Any], keys: set[str], where: str) -> None:
+    unknown = set(obj) - keys
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(keys)}")
+
+
+def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.{key} must be a non-empty string")
+    return value
+
+
+def _model(item: Any, where: str) -> ModelConfig:
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{where} must be a mapping")
+    _known(item, {"alias", "upstream", "tokenizer", "pricing", "cache", "imageTokens", "cachePolicy"}, where)
+    alias = _str(item, "alias", where)
+    up = item.get("upstream")
+    if not isinstance(up, Mapping):
+        raise ConfigError(f"{where}.upstream must be a mapping with url, model and api")
+    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl"}, f"{where}.upstream")
+    url = _str(up, "url", f"{where}.upstream")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.upstream.url must be an http(s) URL, got {url!r}")
+    api = up.get("api")
+    if api not in APIS:
+        raise ConfigError(f"{where}.upstream.api must be one of {list(APIS)}, got {api!r}")
+    key_env = up.get("apiKeyEnv")
+    if key_env is not None and not isinstance(key_env, str):
+        raise ConfigError(f"{where}.upstream.apiKeyEnv must be a string")
+    forward = up.get("forwardCacheControl", False)
+    if not isinstance(forward, bool):
+        raise ConfigError(f"{where}.upstream.forwardCacheControl must be true or false")
+    tokenizer = item.get("tokenizer")
+    if tokenizer is not None:
+        _tokenizer(tokenizer, f"{where}.tokenizer")
+    pricing = item.get("pricing")
+    if not isinstance(pricing, Mapping):
+        raise ConfigError(f"{where}.pricing must be a mapping with inputPerMTok and outputPerMTok")
+    _known(pricing, {"inputPerMTok", "outputPerMTok"}, f"{where}.pricing")
+    prices = []
+    for key in ("inputPerMTok", "outputPerMTok"):
+        try:
+            price = parse_decimal(pricing.get(key), f"{where}.pricing.{key}")
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
+        if price < 0:
+            raise ConfigError(f"{where}.pricing.{key} must not be negative, got {pricing.get(key)!r}")
+        prices.append(price)
+    try:
+        policy = CachePolicy.from_spec(_section(item, "cache"))
+    except PolicyError as exc:
+        raise ConfigError(f"{where}.cache: {exc}") from None
+    image_tokens = item.get("imageTokens", 0)
+    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 0:
+        raise ConfigError(f"{where}.imageTokens must be a non-negative integer")
+    cache_policy = item.get("cachePolicy")
+    if cache_policy is not None and (not isinstance(cache_policy, str) or cache_policy.count("/") != 1):
+        raise ConfigError(f"{where}.cachePolicy must be namespace/name")
+    return ModelConfig(
+        alias=alias,
+        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), api, key_env, forward),
+        tokenizer=tokenizer,
+        input_per_mtok=prices[0],
+        output_per_mtok=prices[1],
+        policy=policy,
+        image_tokens=image_tokens,
+        cache_policy=cache_policy,
+    )
+
+
+def _tokenizer(raw: Any, where: str) -> None:
+    """The shape only; whether the vocabulary loads is the runtime's business (no tokenizer: list price)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping (type: tiktoken|huggingface)")
+    kind = raw.get("type")
+    if kind == "tiktoken":
+        _known(raw, {"type", "encoding", "path"}, where)
+        _str(raw, "encoding", where)
+        if "path" in raw:
+            _str(raw, "path", where)
+    elif kind == "huggingface":
+        _known(raw, {"type", "path"}, where)
+        _str(raw, "path", where)
+    else:
+        raise ConfigError(f"{where}.type must be tiktoken or huggingface, got {kind!r}")
+
+
+def _auth(raw: Any) -> AuthConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("auth must be a mapping")
+    _known(raw, {"mode", "header"}, "auth")
+    mode = raw.get("mode", "apiKeys")
+    if mode not in AUTH_MODES:
+        raise ConfigError(f"auth.mode must be one of {list(AUTH_MODES)}, got {mode!r}")
+    header = raw.get("header", DEFAULT_PRINCIPAL_HEADER)
+    if not isinstance(header, str) or not header:
+        raise ConfigError("auth.header must be a header name")
+    return AuthConfig(mode, header.lower())
+
+
+def _limits(raw: Any) -> Limits:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("limits must be a mapping")
+    _known(raw, {"maxBodyBytes", "classifyDeadlineSeconds", "upstreamTimeoutSeconds"}, "limits")
+    defaults = Limits()
+    body = raw.get("maxBodyBytes", defaults.max_body_bytes)
+    if isinstance(body, bool) or not isinstance(body, int) or body < 1024:
+        raise ConfigError("limits.maxBodyBytes must be an integer >= 1024")
+    values = []
+    for key, default in (("classifyDeadlineSeconds", defaults.classify_deadline_seconds),
+                         ("upstreamTimeoutSeconds", defaults.upstream_timeout_seconds)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"limits.{key} must be a positive number of seconds")
+        values.append(float(value))
+    return Limits(body, values[0], values[1])

@@ -1,0 +1,38 @@
+"""Prometheus metrics (SPEC §8), one registry per proxy so tests can run several side by side."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("promptcache_requests", "Requests by API, model and outcome",
+                                ["api", "model", "outcome"], registry=r)
+        self.read_tokens = Counter("promptcache_read_tokens", "Prompt tokens billed as cache reads",
+                                   ["model"], registry=r)
+        self.creation_tokens = Counter("promptcache_creation_tokens", "Prompt tokens billed as cache writes",
+                                       ["model", "tier"], registry=r)
+        self.billed_cost = Counter("promptcache_billed_cost_usd", "Billed cost in USD (the ledger is exact)",
+                                   ["model"], registry=r)
+        self.list_cost = Counter("promptcache_list_cost_usd", "List-price cost in USD", ["model"], registry=r)
+        self.lookup_seconds = Histogram("promptcache_lookup_seconds", "Index lookup latency",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.classify_seconds = Histogram("promptcache_classify_seconds", "Tokenise + lookup + classify latency",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.commit_seconds = Histogram("promptcache_commit_seconds", "Commit transaction latency",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_seconds = Histogram("promptcache_upstream_seconds", "Upstream latency to the response head",
+                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.index_fallbacks = Counter("promptcache_index_fallbacks", "Requests billed at list price or served "
+                                       "from a lower index tier, by reason", ["reason"], registry=r)
+        self.markers_rejected = Counter("promptcache_markers_rejected", "Requests rejected for invalid "
+                                        "cache_control, by rule", ["rule"], registry=r)
+        self.ledger_queued = Gauge("promptcache_ledger_queue_depth", "Commits waiting for Postgres", registry=r)
+        self.ledger_dropped = Counter("promptcache_ledger_dropped", "Commits dropped because the queue was full "
+                                      "(each is also logged with its full row)", registry=r)
+        self.config_reloads = Counter("promptcache_config_reloads", "Config reloads by result", ["result"],
+                                      registry=r)

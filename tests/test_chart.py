@@ -1,0 +1,139 @@
+"""The Helm chart, rendered and linted with helm-python-sdk, validated with kubernetes-validate (SPEC §12)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "promptcache"
+KUBERNETES = "1.33.0"
+FULL_VALUES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/promptcache", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "registry"}],
+    "operator": {"namespaces": ["llm", "llm-staging"], "verbose": True,
+                 "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}},
+    "database": {"existingSecret": "pg-dsn", "secretKey": "url"},
+    "redis": {"url": "rediss://redis.llm.svc:6380/1", "prefix": "pc:"},
+    "housekeeping": {"sweepIntervalSeconds": 60, "sweepGraceSeconds": 600, "logRetentionDays": 7},
+    "replay": {"inlineMaxRequests": 50000, "namespaces": ["llm", "llm-staging"]},
+    "migrations": {"hook": True},
+    "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}},
+    "serviceAccount": {"create": True, "name": "promptcache-operator"},
+    "podAnnotations": {"example.com/team": "ml-platform"},
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "platform", "effect": "NoSchedule"}],
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    chart = helm.Chart.load(CHART)
+    rendered = chart.render(values, name="pc", namespace="promptcache", is_install=True)
+    objects = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith(".yaml"):
+            objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Deployment", "Job")]
+
+
+def test_chart_crds_are_identical_to_crds_folder() -> None:
+    source = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert source == sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    for name in source:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("values", [{}, FULL_VALUES], ids=["defaults", "full"])
+def test_lint_is_clean(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace="promptcache", kube_version=f"v{KUBERNETES}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", [{}, FULL_VALUES], ids=["defaults", "full"])
+def test_every_rendered_object_validates_and_every_pod_is_locked_down(values: dict[str, Any]) -> None:
+    objects = render(values)
+    kinds = sorted(o["kind"] for o in objects)
+    expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Job", "ServiceAccount"]
+    if values:  # the ServiceMonitor, and the replay ServiceAccount + RoleBinding in each of two namespaces
+        expected += ["ServiceMonitor"] + 2 * ["ServiceAccount", "RoleBinding"]
+    assert kinds == sorted(expected)
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":  # a Prometheus Operator CRD: no built-in schema to check against
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    for spec in pod_specs(objects):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["runAsNonRoot"] is True
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_operator_deployment_wiring() -> None:
+    objects = render(FULL_VALUES)
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/promptcache:0.1.0-rc1"
+    assert container["args"] == ["operator", "--namespace=llm", "--namespace=llm-staging", "--verbose"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PROMPTCACHE_DATABASE_URL"]["valueFrom"] == {"secretKeyRef": {"name": "pg-dsn", "key": "url"}}
+    assert env["PROMPTCACHE_DATABASE_SECRET"]["value"] == "pg-dsn/url"
+    assert env["PROMPTCACHE_REDIS_URL"]["value"] == "rediss://redis.llm.svc:6380/1"
+    assert env["PROMPTCACHE_PROXY_IMAGE"]["value"] == container["image"]
+    [job] = [o for o in objects if o["kind"] == "Job"]
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert annotations["argocd.argoproj.io/hook"] == "PreSync"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+    role = next(o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "pc-promptcache")
+    assert role["rules"] == yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
+    assert env["PROMPTCACHE_REPLAY_SERVICE_ACCOUNT"]["value"] == "promptcache-replay"
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["llm", "llm-staging"]
+    assert all(b["roleRef"]["name"] == "pc-promptcache-replay" for b in bindings)
+
+
+def test_migrations_hook_and_service_monitor_are_optional() -> None:
+    objects = render({"migrations": {"hook": False}})
+    assert "Job" not in {o["kind"] for o in objects} and "ServiceMonitor" not in {o["kind"] for o in objects}
+
+
+def test_notes_tell_the_user_what_to_apply_next() -> None:
+    notes = helm.Chart.load(CHART).render({}, name="pc", namespace="promptcache", is_install=True)[
+        "promptcache/templates/NOTES.txt"]
+    assert "kubectl -n promptcache create secret generic promptcache-postgres" in notes
+    assert "kubectl apply -f examples/policy.yaml -f examples/deployedmodel-gateway.yaml" in notes
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
+    ({"database": {"existingSecret": "Not_A_Name"}}, "/database/existingSecret"),
+    ({"operator": {"namespaces": ["Bad Namespace"]}}, "/operator/namespaces/0"),
+    ({"securityContext": {"readOnlyRootFilesystem": False, "allowPrivilegeEscalation": False}},
+     "/securityContext/readOnlyRootFilesystem"),
+    ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    ({"housekeeping": {"sweepIntervalSeconds": 1}}, "/housekeeping/sweepIntervalSeconds"),
+    ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+    ({"replicas": 3}, "additional properties 'replicas' not allowed"),
+])
+def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmValuesError, match=message):
+        chart.validate_schema(chart.merge_values(values))
+    with pytest.raises(helm.HelmError):
+        chart.render(values, name="pc", namespace="promptcache", is_install=True)

@@ -1,0 +1,43 @@
+"""`promptcache demo` as the README's first command runs it: embedded Postgres, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
+
+
+def demo_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "promptcache-demo-" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_demo_runs_on_embedded_postgres_and_leaves_nothing_running() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMPTCACHE_DATABASE_URL", "PROMPTCACHE_REDIS_URL")}
+    result = subprocess.run([PROMPTCACHE, "demo"], capture_output=True, text=True, timeout=120, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "database:  embedded Postgres" in out
+    assert "SIMULATED local model server" in out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    # tenant, prompt, read, write 5m, write 1h, uncached, billed, list — cl100k_base counts of the demo's texts.
+    assert [r[1:] for r in rows] == [
+        ["acme", "1165", "0", "17", "1142", "6", "$0.007069", "$0.003630"],
+        ["acme", "1231", "1159", "60", "0", "12", "$0.000744", "$0.003828"],
+        ["acme", "1257", "1219", "20", "0", "18", "$0.000630", "$0.003906"],
+        ["acme", "1282", "1239", "19", "0", "24", "$0.000650", "$0.003981"],
+        ["acme", "1306", "1258", "18", "0", "30", "$0.000670", "$0.004053"],
+        ["globex", "1165", "0", "17", "1142", "6", "$0.007069", "$0.003630"],
+    ]
+    assert "total" in out and "$0.016831" in out and "$0.023028" in out
+    assert "saved $0.006197 against list price (26.9%)" in out
+    assert demo_processes() == []

@@ -1,0 +1,63 @@
+"""The operator's timers against real Postgres: sweep past the grace period, purge old log rows."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from promptcache.operator.housekeeping import Housekeeping, run_once
+from promptcache.operator.migrations import migrate
+from promptcache.proxy.classify import ChainBlock, Classification, Write
+from promptcache.proxy.index import Scope
+from promptcache.proxy.index.postgres import PostgresIndex
+from promptcache.proxy.ledger import RequestRecord
+from promptcache.proxy.policy import CachePolicy
+from promptcache.proxy.pricing import Split, Tariff
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+SCOPE = Scope("tenant", "model", "tok")
+
+
+def record(rid: str, at: datetime, writes: tuple[Write, ...] = ()) -> RequestRecord:
+    return RequestRecord(
+        request_id=rid, started_at=at, scope=SCOPE, api="openai", status=200, split=Split(100, 10),
+        tariff=Tariff.for_policy("model", Decimal(3), Decimal(15), CachePolicy()),
+        chain=[ChainBlock(b"h" * 32, 100, "user", None)], classification=Classification(None, writes),
+    )
+
+
+@pytest.fixture
+async def index(empty_pg_dsn: str) -> AsyncIterator[PostgresIndex]:
+    await migrate(empty_pg_dsn)
+    pg = await PostgresIndex.connect(empty_pg_dsn)
+    yield pg
+    await pg.close()
+
+
+async def test_run_once_sweeps_beyond_grace_and_purges_beyond_retention(index: PostgresIndex,
+                                                                        empty_pg_dsn: str) -> None:
+    expiries = {  # relative to NOW; grace is 1 h
+        b"a": -timedelta(hours=3), b"b": -timedelta(hours=1, seconds=1), b"c": -timedelta(minutes=59),
+        b"d": timedelta(minutes=5),
+    }
+    writes = tuple(Write(i, h * 32, 100 * (i + 1), "5m", NOW + d) for i, (h, d) in enumerate(expiries.items()))
+    await index.commit(record("writer", NOW - timedelta(days=40), writes))
+    await index.commit(record("recent", NOW - timedelta(days=29)))
+    await index.commit(record("old", NOW - timedelta(days=31)))
+    swept, purged = await run_once(index, Housekeeping(batch=1), NOW)
+    assert (swept, purged) == (2, 2)  # entries a and b; log rows writer and old
+    conn = await asyncpg.connect(empty_pg_dsn)
+    try:
+        left = sorted(bytes(r["prefix_hash"][:1]) for r in await conn.fetch("SELECT prefix_hash FROM cache_entries"))
+        logs = sorted(r["request_id"] for r in await conn.fetch("SELECT request_id FROM request_log"))
+        ledger = await conn.fetchval("SELECT count(*) FROM ledger")
+    finally:
+        await conn.close()
+    assert left == [b"c", b"d"]
+    assert logs == ["recent"]
+    assert ledger == 3  # the ledger is money: retention never touches it
+    assert await run_once(index, Housekeeping(batch=1), NOW) == (0, 0)
