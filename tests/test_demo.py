@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -12,17 +14,21 @@ import psutil
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 
 
-def demo_processes() -> list[psutil.Process]:
+def demo_processes(tmpdir: str) -> list[psutil.Process]:
+    """Processes running from this demo's directories (another demo on the machine has its own)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "promptcache-demo-" in cmdline:
+        if f"{tmpdir}/promptcache-demo-" in cmdline:
             found.append(proc)
     return found
 
 
 def test_demo_runs_on_embedded_postgres_and_leaves_nothing_running() -> None:
+    # A short private TMPDIR: the demo's directories (and the embedded Postgres socket) go there.
+    tmpdir = tempfile.mkdtemp(prefix="pcd")
     env = {k: v for k, v in os.environ.items() if k not in ("PROMPTCACHE_DATABASE_URL", "PROMPTCACHE_REDIS_URL")}
+    env["TMPDIR"] = tmpdir
     result = subprocess.run([PROMPTCACHE, "demo"], capture_output=True, text=True, timeout=120, env=env, cwd="/")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -40,4 +46,6 @@ def test_demo_runs_on_embedded_postgres_and_leaves_nothing_running() -> None:
     ]
     assert "total" in out and "$0.016831" in out and "$0.023028" in out
     assert "saved $0.006197 against list price (26.9%)" in out
-    assert demo_processes() == []
+    assert demo_processes(tmpdir) == []
+    assert [name for name in os.listdir(tmpdir) if name.startswith("promptcache-demo-")] == []
+    shutil.rmtree(tmpdir)
