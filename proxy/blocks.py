@@ -34,15 +34,27 @@ NO_MARKER: Any = _Missing()
 @dataclass(slots=True)
 class Block:
     position: int
-    path: str
     role: str
     content: dict[str, Any]
     marker: Any
     message: int | None
+    field: str
+    """Where the block sits: ``tools``, ``system``, ``content`` or ``tool_calls``."""
+    part: int | None
+    """Its index in that array, or None for a string ``system`` or message content."""
     ignored: bool = False
     canonical: str = ""
     """Set by :func:`hash_blocks`, with ``hash``."""
     hash: bytes = b""
+
+    @property
+    def path(self) -> str:
+        """The block's place in the body for error messages, e.g. ``messages[3].content[0]``.
+        Built on demand: most requests never need one."""
+        index = "" if self.part is None else f"[{self.part}]"
+        if self.message is None:
+            return self.field + index
+        return f"messages[{self.message}].{self.field}{index}"
 
     @property
     def text(self) -> str | None:
@@ -79,24 +91,10 @@ def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> li
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     blocks: list[Block] = []
-    ignore = tuple(ignore_prefixes)
-
-    def add(path: str, role: str, part: Any, message: int | None) -> None:
-        if not isinstance(part, dict):
-            raise BadRequest(f"{path} must be an object")
-        marker = part.get(MARKER, NO_MARKER)
-        content = {k: v for k, v in part.items() if k != MARKER} if marker is not NO_MARKER else part
-        block = Block(len(blocks), path, role, content, marker, message)
-        if ignore and role == "system":
-            text = block.text
-            block.ignored = text is not None and text.startswith(ignore)
-        blocks.append(block)
-
     for i, tool in enumerate(_list(body, "tools")):
-        add(f"tools[{i}]", "tool_definition", tool, None)
-    if api == "anthropic" and "system" in body and body["system"] is not None:
-        for path, part in _parts(body["system"], "system"):
-            add(path, "system", part, None)
+        _add(blocks, "tool_definition", tool, None, "tools", i)
+    if api == "anthropic" and body.get("system") is not None:
+        _add_parts(blocks, "system", body["system"], None, "system")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest("messages must be an array")
@@ -114,13 +112,38 @@ def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> li
             )
         content = message.get("content")
         if content is not None or api == "anthropic":
-            for path, part in _parts(content, f"messages[{m}].content"):
-                add(path, role, part, m)
+            _add_parts(blocks, role, content, m, "content")
         if api == "openai":
             for c, call in enumerate(_list(message, "tool_calls", f"messages[{m}].")):
-                add(f"messages[{m}].tool_calls[{c}]", "tool_call", call, m)
-
+                _add(blocks, "tool_call", call, m, "tool_calls", c)
+    if ignore_prefixes:
+        ignore = tuple(ignore_prefixes)
+        for block in blocks:
+            if block.role == "system":
+                text = block.text
+                block.ignored = text is not None and text.startswith(ignore)
     return blocks
+
+
+def _add(blocks: list[Block], role: str, part: Any, message: int | None, field: str, index: int | None) -> None:
+    if not isinstance(part, dict):
+        where = f"messages[{message}].{field}" if message is not None else field
+        raise BadRequest(f"{where}{'' if index is None else f'[{index}]'} must be an object")
+    marker = part.get(MARKER, NO_MARKER)
+    content = {k: v for k, v in part.items() if k != MARKER} if marker is not NO_MARKER else part
+    blocks.append(Block(len(blocks), role, content, marker, message, field, index))
+
+
+def _add_parts(blocks: list[Block], role: str, content: Any, message: int | None, field: str) -> None:
+    """A string is one text part; an array is its parts."""
+    if isinstance(content, str):
+        _add(blocks, role, {"type": "text", "text": content}, message, field, None)
+    elif isinstance(content, list):
+        for i, part in enumerate(content):
+            _add(blocks, role, part, message, field, i)
+    else:
+        where = f"messages[{message}].{field}" if message is not None else field
+        raise BadRequest(f"{where} must be a string or an array of content parts")
 
 
 def _list(obj: dict[str, Any], key: str, prefix: str = "") -> list[Any]:
@@ -130,14 +153,6 @@ def _list(obj: dict[str, Any], key: str, prefix: str = "") -> list[Any]:
     if not isinstance(value, list):
         raise BadRequest(f"{prefix}{key} must be an array")
     return value
-
-
-def _parts(content: Any, path: str) -> list[tuple[str, Any]]:
-    if isinstance(content, str):
-        return [(path, {"type": "text", "text": content})]
-    if isinstance(content, list):
-        return [(f"{path}[{i}]", part) for i, part in enumerate(content)]
-    raise BadRequest(f"{path} must be a string or an array of content parts")
 
 
 def hash_blocks(blocks: Sequence[Block]) -> None:
@@ -159,30 +174,38 @@ def hash_blocks(blocks: Sequence[Block]) -> None:
 def strip_markers(body: dict[str, Any], api: Api) -> dict[str, Any]:
     """The body as forwarded: markers removed at top level, tools, system, parts and tool calls.
 
-    Tool schemas are never touched, and the caller's body is not mutated.
+    Tool schemas are never touched, and the caller's body is not mutated: what holds a marker is
+    copied, everything else is shared.
     """
     out = {k: v for k, v in body.items() if k != MARKER}
     if isinstance(out.get("tools"), list):
-        out["tools"] = [_unmark(t) for t in out["tools"]]
+        out["tools"] = _unmark_all(out["tools"])
     if api == "anthropic" and isinstance(out.get("system"), list):
-        out["system"] = [_unmark(p) for p in out["system"]]
+        out["system"] = _unmark_all(out["system"])
     if isinstance(out.get("messages"), list):
         out["messages"] = [_unmark_message(m) for m in out["messages"]]
     return out
 
 
-def _unmark(part: Any) -> Any:
-    if isinstance(part, dict) and MARKER in part:
-        return {k: v for k, v in part.items() if k != MARKER}
-    return part
+def _unmark_all(parts: list[Any]) -> list[Any]:
+    """``parts`` without markers: the same list when none has one."""
+    if not any(isinstance(p, dict) and MARKER in p for p in parts):
+        return parts
+    return [{k: v for k, v in p.items() if k != MARKER} if isinstance(p, dict) and MARKER in p else p
+            for p in parts]
 
 
 def _unmark_message(message: Any) -> Any:
     if not isinstance(message, dict):
         return message
+    content, calls = message.get("content"), message.get("tool_calls")
+    new_content = _unmark_all(content) if isinstance(content, list) else content
+    new_calls = _unmark_all(calls) if isinstance(calls, list) else calls
+    if new_content is content and new_calls is calls:
+        return message
     out = dict(message)
-    if isinstance(out.get("content"), list):
-        out["content"] = [_unmark(p) for p in out["content"]]
-    if isinstance(out.get("tool_calls"), list):
-        out["tool_calls"] = [_unmark(c) for c in out["tool_calls"]]
+    if new_content is not content:
+        out["content"] = new_content
+    if new_calls is not calls:
+        out["tool_calls"] = new_calls
     return out

@@ -21,6 +21,28 @@ def loads(raw: bytes) -> Any:
         return json.loads(raw)
 
 
+class UnpairedSurrogate(ValueError):
+    """An escaped lone surrogate: ``json`` parses it, but it is no Unicode and cannot be hashed or sent."""
+
+
+def loads_text(raw: bytes) -> Any:
+    """:func:`loads` for a document that must be real Unicode: raises :class:`UnpairedSurrogate`.
+
+    orjson refuses lone surrogates itself, so only a document it could not parse is checked,
+    and the common case pays nothing.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = json.loads(raw)
+    if b"\\u" in raw:
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise UnpairedSurrogate("contains an unpaired UTF-16 surrogate escape") from None
+    return value
+
+
 def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)

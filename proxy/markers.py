@@ -25,6 +25,8 @@ def place_breakpoints(
     tiers: list[str | None] = [None] * len(blocks)
     explicit: list[int] = []
     for block in blocks:
+        if block.marker is NO_MARKER:
+            continue
         tier = _tier(block.marker, block.position, block.path, policy)
         if tier is not None and not block.ignored:
             tiers[block.position] = tier

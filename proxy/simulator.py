@@ -33,8 +33,17 @@ class SimulatorSettings:
     per_message_tokens: int = 3
     """Template overhead per message, as real chat templates add; it lands in uncached tokens."""
     latency: float = 0.0
-    """Seconds before the first byte of every answer (the bench's fixed-latency upstream)."""
+    """Seconds from a request's arrival to the first byte of its answer (the bench's fixed-latency
+    upstream): the simulator's own parsing and counting happen inside it, as a remote model's would."""
     image_tokens: int = 0
+    keep_requests: bool = True
+    """Keep every parsed body in ``requests`` (tests read them; a long bench would only grow)."""
+
+
+async def _until(when: float) -> None:
+    delay = when - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 class Simulator:
@@ -58,14 +67,17 @@ class Simulator:
         messages = len(body.get("messages", [])) + (1 if api == "anthropic" and body.get("system") else 0)
         return (total[-1] if total else 0) + self.settings.per_message_tokens * messages
 
-    async def _begin(self, request: web.Request) -> tuple[str, dict[str, Any]]:
+    async def _begin(self, request: web.Request) -> tuple[str, dict[str, Any], float]:
+        """The behaviour, the body, and the loop time at which the answer may start."""
+        answer_at = asyncio.get_running_loop().time() + self.settings.latency
         behaviour = request.match_info.get("behaviour", "ok")
         if behaviour not in BEHAVIOURS:
             raise web.HTTPNotFound(text=f"unknown behaviour {behaviour}")
         body = await request.json()
-        self.requests.append(body)
-        if self.settings.latency:
-            await asyncio.sleep(self.settings.latency)
+        if self.settings.keep_requests:
+            self.requests.append(body)
+        if behaviour in ("hang", "error"):
+            await _until(answer_at)
         if behaviour == "hang":
             # Never answers, but gives up once the client has: a handler left sleeping after its client
             # went away would hold the server's graceful shutdown for its full timeout (60 s). Polled:
@@ -78,11 +90,12 @@ class Simulator:
                 text=json.dumps({"error": {"type": "server_error", "message": "simulated failure"}}),
                 content_type="application/json",
             )
-        return behaviour, body
+        return behaviour, body, answer_at
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
-        behaviour, body = await self._begin(request)
+        behaviour, body, answer_at = await self._begin(request)
         prompt = self.prompt_tokens(body, "openai")
+        await _until(answer_at)
         usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": self.reply_tokens,
@@ -115,8 +128,9 @@ class Simulator:
         return response
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
-        behaviour, body = await self._begin(request)
+        behaviour, body, answer_at = await self._begin(request)
         prompt = self.prompt_tokens(body, "anthropic")
+        await _until(answer_at)
         usage: dict[str, Any] = {"input_tokens": prompt, "output_tokens": self.reply_tokens}
         if behaviour == "cached":
             usage.update(cache_read_input_tokens=prompt // 2, cache_creation_input_tokens=0)
