@@ -235,16 +235,17 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
         kept = len(marked) <= max_breakpoints
         longest = None
         disordered = False
+        breakpoints: list[tuple[int, str]] = []
         for i in marked if kept else ():
             tier = projected_tier.get(recorded[i].tier)
             if tier is None or tier != recorded[i].tier:
                 kept = False
                 break
+            breakpoints.append((i, tier))
             length = TIER_DURATIONS[tier]
             disordered = disordered or (longest is not None and length > longest)
             longest = length
         target = automatic_target(_Roles(recorded), policy.automatic_mode) if automatic else None
-        chain: Sequence[ChainBlock] = recorded
         if kept and (target is None or recorded[target].tier is not None):
             # Nothing to map, drop or place (place_automatic leaves a marked target alone).
             if disordered:
@@ -255,7 +256,6 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
             for i in marked:
                 tier = tiers[i]
                 tiers[i] = projected_tier.get(tier) or proposal.tiers([tier])[0]
-            recorded_marked = marked
             if len(marked) > max_breakpoints:
                 sim.over_limit += 1
                 for i in marked[max_breakpoints:]:
@@ -264,16 +264,11 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
             place_automatic(tiers, target, policy)
             if target is not None and tiers[target] is not None and target not in marked:
                 marked = sorted([*marked, target])
-            if len(marked) > 1 and _out_of_order([tiers[i] for i in marked]):
+            breakpoints = [(i, tier) for i in marked if (tier := tiers[i]) is not None]
+            if len(breakpoints) > 1 and _out_of_order([tier for _, tier in breakpoints]):
                 sim.order_violations += 1
-            changed = [i for i in (*recorded_marked, target) if i is not None and tiers[i] != recorded[i].tier]
-            if changed:
-                chain = list(recorded)
-                for i in changed:
-                    b = recorded[i]
-                    chain[i] = ChainBlock(b.hash, b.tokens, b.role, tiers[i])
         scope = Scope(request.principal, request.model, request.tokenizer_version)
-        result = classify_marked(chain, marked, index.entries(scope), policy, request.ts)
+        result = classify_marked(recorded, breakpoints, index.entries(scope), policy, request.ts)
         split = reconcile(request.prompt_tokens, request.completion_tokens, result)
         if split.cache_valid:
             index.apply(scope, result, request.ts)

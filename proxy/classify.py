@@ -60,15 +60,15 @@ class Classification:
 NO_CACHE = Classification(None, (), {tier: 0 for tier in TIERS})
 
 
-def _breakpoints(chain: Sequence[ChainBlock], policy: CachePolicy) -> list[int]:
-    """Breakpoints long enough to be cached; shorter ones are neither written nor looked up."""
-    return [i for i, b in enumerate(chain) if b.tier is not None and b.tokens >= policy.min_prefix_tokens]
+def _breakpoints(chain: Sequence[ChainBlock], policy: CachePolicy) -> list[tuple[int, str]]:
+    """Breakpoints long enough to be cached, as (position, tier); shorter ones are neither written nor looked up."""
+    return [(i, b.tier) for i, b in enumerate(chain) if b.tier is not None and b.tokens >= policy.min_prefix_tokens]
 
 
 def candidates(chain: Sequence[ChainBlock], policy: CachePolicy) -> list[bytes]:
     """Hashes to look up: each breakpoint and the ``lookbackBlocks - 1`` blocks before it."""
     positions: set[int] = set()
-    for b in _breakpoints(chain, policy):
+    for b, _ in _breakpoints(chain, policy):
         positions.update(range(max(0, b - policy.lookback_blocks + 1), b + 1))
     return [chain[i].hash for i in sorted(positions)]
 
@@ -85,21 +85,24 @@ def classify(
 
 def classify_marked(
     chain: Sequence[ChainBlock],
-    marked: Sequence[int],
+    marked: Sequence[tuple[int, str]],
     found: Mapping[bytes, IndexEntry] | Iterable[IndexEntry],
     policy: CachePolicy,
     now: datetime,
 ) -> Classification:
-    """:func:`classify` for a caller that has just found the markers: ``marked`` must be exactly the
-    positions whose tier is not None, in order. Replay has them from its own pass over the chain, and
-    a pass over every block of every request is a good part of its time."""
+    """:func:`classify` with the markers given apart from the chain, as (position, tier) in order.
+
+    Replay finds them in its own pass over a recorded chain and maps them onto a proposed policy
+    (a tier override, an automatic breakpoint), so it classifies with projected markers without
+    copying the chain; :func:`classify` is this function with the chain's own markers.
+    """
     minimum = policy.min_prefix_tokens
-    return _classify(chain, [i for i in marked if chain[i].tokens >= minimum], found, policy, now)
+    return _classify(chain, [(i, tier) for i, tier in marked if chain[i].tokens >= minimum], found, policy, now)
 
 
 def _classify(
     chain: Sequence[ChainBlock],
-    breakpoints: list[int],
+    breakpoints: list[tuple[int, str]],
     found: Mapping[bytes, IndexEntry] | Iterable[IndexEntry],
     policy: CachePolicy,
     now: datetime,
@@ -112,7 +115,7 @@ def _classify(
     size = len(chain)
     candidate = bytearray(size)
     covered = -1
-    for b in breakpoints:
+    for b, _ in breakpoints:
         start = max(b - policy.lookback_blocks + 1, covered + 1, 0)
         candidate[start:b + 1] = b"\x01" * (b + 1 - start)
         covered = b
@@ -135,12 +138,10 @@ def _classify(
     creation = dict.fromkeys(TIERS, 0)
     writes: list[Write] = []
     boundary = read.tokens if read else 0
-    for b in breakpoints:
+    for b, tier in breakpoints:
         if read is not None and b <= read.block:
             continue
         block = chain[b]
-        tier = block.tier
-        assert tier is not None
         creation[tier] += block.tokens - boundary
         writes.append(Write(b, block.hash, block.tokens, tier, now + duration(tier)))
         boundary = block.tokens
