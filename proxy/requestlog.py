@@ -28,7 +28,8 @@ _TIMESTAMP = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
-_HEX = re.compile(r"([0-9a-fA-F]{2}){1,32}")
+_HEX = re.compile(r"[0-9a-fA-F]{2,64}")
+"""With an even length: 1 to 32 bytes."""
 
 _KEYS = (
     "id", "ts", "principal", "model", "tokenizer_version", "api", "status", "prompt_tokens", "completion_tokens",
@@ -36,6 +37,7 @@ _KEYS = (
 )  # fmt: skip
 _CHAIN_KEYS = ("h", "t", "r", "m")
 _MONEY = ("input_per_mtok", "output_per_mtok", "billed_cost", "list_cost")
+_KEY_SETS = {keys: frozenset(keys) for keys in (_KEYS, _CHAIN_KEYS, TIERS)}
 
 _COLUMNS = (
     "request_id", "ts", "principal_id", "virtual_model", "tokenizer_version", "api", "status",
@@ -294,33 +296,41 @@ def _request(document: object) -> LoggedRequest:
 def _chain(items: list[Any]) -> tuple[ChainBlock, ...]:
     blocks: list[ChainBlock] = []
     for i, item in enumerate(items):
-        where = f"chain[{i}]"
-        block = _exact_keys(item, _CHAIN_KEYS, where)
+        block = _exact_keys(item, _CHAIN_KEYS, "chain", i)
         digest = block["h"]
-        if not isinstance(digest, str) or not _HEX.fullmatch(digest):
-            _invalid(f"{where}.h", "must be a hex string of 1 to 32 bytes", digest)
-        tokens = _count(block["t"], f"{where}.t")
+        if not isinstance(digest, str) or not _HEX.fullmatch(digest) or len(digest) % 2:
+            _invalid(f"chain[{i}].h", "must be a hex string of 1 to 32 bytes", digest)
+        tokens = block["t"]
+        if not _counted(tokens):
+            _invalid(f"chain[{i}].t", _COUNT_RULE, tokens)
         if blocks and tokens < blocks[-1].tokens:
-            _invalid(f"{where}.t", f"cumulative tokens must not decrease (previous block: {blocks[-1].tokens})", tokens)
+            _invalid(f"chain[{i}].t", f"cumulative tokens must not decrease (previous block: {blocks[-1].tokens})",
+                     tokens)
         tier = block["m"]
         if tier is not None and tier not in TIERS:
-            _invalid(f"{where}.m", f"must be null or one of {', '.join(TIERS)}", tier)
-        blocks.append(ChainBlock(bytes.fromhex(digest), tokens, _text(block, "r", where), tier))
+            _invalid(f"chain[{i}].m", f"must be null or one of {', '.join(TIERS)}", tier)
+        role = block["r"]
+        if not isinstance(role, str) or not role:
+            _invalid(f"chain[{i}].r", "must be a non-empty string", role)
+        blocks.append(ChainBlock(bytes.fromhex(digest), tokens, role, tier))
     return tuple(blocks)
 
 
-def _exact_keys(value: object, keys: Sequence[str], where: str | None) -> dict[str, Any]:
-    """``value`` as an object with exactly ``keys``; the first missing key is reported in ``keys`` order."""
+def _exact_keys(value: object, keys: tuple[str, ...], where: str | None, index: int | None = None) -> dict[str, Any]:
+    """``value`` as an object with exactly ``keys``; the first missing key is reported in ``keys`` order.
+
+    ``where`` (and ``index``, for an array item) name it in errors; the name is only built for one.
+    """
+    if isinstance(value, dict):
+        if value.keys() == _KEY_SETS[keys]:
+            return value
+        missing = next((key for key in keys if key not in value), None)
+    named = where if index is None else f"{where}[{index}]"
     if not isinstance(value, dict):
-        _invalid(where, "must be a JSON object", value)
-    prefix = f"{where}." if where else ""
-    for key in keys:
-        if key not in value:
-            raise _Invalid(prefix + key, "missing")
-    extra = sorted(set(value) - set(keys))
-    if extra:
-        raise _Invalid(where, f"unexpected key {extra[0]!r}")
-    return value
+        _invalid(named, "must be a JSON object", value)
+    if missing is not None:
+        raise _Invalid(f"{named}.{missing}" if named else missing, "missing")
+    raise _Invalid(named, f"unexpected key {sorted(set(value) - set(keys))[0]!r}")
 
 
 def _text(fields: Mapping[str, Any], key: str, where: str | None = None) -> str:
@@ -339,9 +349,16 @@ def _timestamp(value: object) -> datetime:
         raise _Invalid("ts", str(exc)) from None
 
 
+_COUNT_RULE = f"must be an integer from 0 to {_MAX_INT}"
+
+
+def _counted(value: object) -> TypeGuard[int]:
+    return _is_int(value) and 0 <= value <= _MAX_INT
+
+
 def _count(value: object, field: str) -> int:
-    if not _is_int(value) or not 0 <= value <= _MAX_INT:
-        _invalid(field, f"must be an integer from 0 to {_MAX_INT}", value)
+    if not _counted(value):
+        _invalid(field, _COUNT_RULE, value)
     return value
 
 
