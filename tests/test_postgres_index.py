@@ -550,6 +550,27 @@ async def test_pool_exhaustion_is_not_retried(pg_dsn: str, caplog: pytest.LogCap
     assert RETRY_LOG not in caplog.text
 
 
+async def test_a_commit_waits_longer_for_a_connection_than_a_lookup(pg_dsn: str, db: Conn) -> None:
+    """A commit is off the response path: it outlasts a burst on the pool that makes a lookup give up."""
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    index = PostgresIndex(pool, acquire_timeout=0.05, commit_acquire_timeout=5.0)
+    scope = new_scope()
+    try:
+        record = await request(index, scope, T0, chain(("w1", 2000, "5m")))
+        async with pool.acquire():
+            with pytest.raises(IndexUnavailable) as failure:
+                await index.lookup(scope, [hh("w1")])
+            commit = asyncio.ensure_future(index.commit(record))
+            await asyncio.sleep(0.3)  # six lookup timeouts
+            assert not commit.done()
+        assert await commit is True
+    finally:
+        await index.close()
+    assert failure.value.reason == "pool_exhausted"
+    assert len(await ledger_rows(db, record.request_id)) == 1
+    assert await entry(db, scope, "w1") is not None
+
+
 @pytest.fixture
 async def admin(pg_dsn: str) -> AsyncIterator[Conn]:
     """Watches and terminates the index's backends (its own connection, so pg_stat_activity is fresh)."""

@@ -3,7 +3,10 @@
 Every failure surfaces as :class:`IndexUnavailable`, so the proxy's one rule applies (no index,
 no discount). A transient connection error is retried once, which is safe because every write
 here is idempotent (the commit is keyed by request id); pool exhaustion is not retried, since
-waiting longer is exactly what the acquire timeout forbids.
+waiting longer is exactly what the acquire timeout forbids. A commit runs after its response is
+out, so it may wait longer for a connection (``commit_acquire_timeout``) than a lookup, which
+holds up a bill: under a burst, commits queue on the pool instead of failing over to the
+proxy's retry queue.
 """
 
 from __future__ import annotations
@@ -160,9 +163,11 @@ class _ConnectionLost(IndexUnavailable):
 class PostgresIndex:
     """The prefix index and the commit path over an asyncpg pool; safe to share across tasks."""
 
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, acquire_timeout: float = 1.0) -> None:
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, acquire_timeout: float = 1.0,
+                 commit_acquire_timeout: float = 10.0) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        self._commit_acquire_timeout = commit_acquire_timeout
 
     @classmethod
     async def connect(
@@ -172,6 +177,7 @@ class PostgresIndex:
         min_size: int = 1,
         max_size: int = 10,
         acquire_timeout: float = 1.0,
+        commit_acquire_timeout: float = 10.0,
         command_timeout: float = 2.0,
         connect_timeout: float = 5.0,
         application_name: str = "promptcache",
@@ -194,7 +200,7 @@ class PostgresIndex:
             )
         except (*_DB_ERRORS, ValueError) as exc:
             raise IndexUnavailable("connect", _describe(exc)) from exc
-        return cls(pool, acquire_timeout=acquire_timeout)
+        return cls(pool, acquire_timeout=acquire_timeout, commit_acquire_timeout=commit_acquire_timeout)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -228,7 +234,8 @@ class PostgresIndex:
         expiry to a write-behind :meth:`refresh_many` (Redis debounces refreshes of hot prefixes).
         """
 
-        row = await self._run(lambda conn: conn.fetchrow(_COMMIT, *_commit_args(record, refresh_read)))
+        row = await self._run(lambda conn: conn.fetchrow(_COMMIT, *_commit_args(record, refresh_read)),
+                              acquire_timeout=self._commit_acquire_timeout)
         assert row is not None
         return bool(row["billed"] if record.billable else row["logged"])
 
@@ -362,22 +369,21 @@ class PostgresIndex:
             if deleted < batch:
                 return total
 
-    async def _run(self, fn: Callable[[_Conn], Awaitable[_T]]) -> _T:
+    async def _run(self, fn: Callable[[_Conn], Awaitable[_T]], *, acquire_timeout: float | None = None) -> _T:
         """Run ``fn`` on a pooled connection, retrying once after a jittered pause if the connection broke."""
+        timeout = self._acquire_timeout if acquire_timeout is None else acquire_timeout
         try:
-            return await self._attempt(fn)
+            return await self._attempt(fn, timeout)
         except _ConnectionLost as exc:
             _log.warning("retrying once after a lost Postgres connection: %s", exc)
         await asyncio.sleep(random.uniform(*_RETRY_DELAY))
-        return await self._attempt(fn)
+        return await self._attempt(fn, timeout)
 
-    async def _attempt(self, fn: Callable[[_Conn], Awaitable[_T]]) -> _T:
+    async def _attempt(self, fn: Callable[[_Conn], Awaitable[_T]], acquire_timeout: float) -> _T:
         try:
-            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+            conn = await self._pool.acquire(timeout=acquire_timeout)
         except TimeoutError as exc:
-            raise IndexUnavailable(
-                "pool_exhausted", f"no connection free within {self._acquire_timeout}s"
-            ) from exc
+            raise IndexUnavailable("pool_exhausted", f"no connection free within {acquire_timeout}s") from exc
         except _DB_ERRORS as exc:
             kind = _ConnectionLost if _is_connection_error(exc) else IndexUnavailable
             raise kind("connect", _describe(exc)) from exc
