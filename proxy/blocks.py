@@ -51,10 +51,7 @@ class Block:
     def path(self) -> str:
         """The block's place in the body for error messages, e.g. ``messages[3].content[0]``.
         Built on demand: most requests never need one."""
-        index = "" if self.part is None else f"[{self.part}]"
-        if self.message is None:
-            return self.field + index
-        return f"messages[{self.message}].{self.field}{index}"
+        return _path(self.message, self.field, self.part)
 
     @property
     def text(self) -> str | None:
@@ -125,10 +122,14 @@ def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> li
     return blocks
 
 
+def _path(message: int | None, field: str, index: int | None = None) -> str:
+    where = field if message is None else f"messages[{message}].{field}"
+    return where if index is None else f"{where}[{index}]"
+
+
 def _add(blocks: list[Block], role: str, part: Any, message: int | None, field: str, index: int | None) -> None:
     if not isinstance(part, dict):
-        where = f"messages[{message}].{field}" if message is not None else field
-        raise BadRequest(f"{where}{'' if index is None else f'[{index}]'} must be an object")
+        raise BadRequest(f"{_path(message, field, index)} must be an object")
     marker = part.get(MARKER, NO_MARKER)
     content = {k: v for k, v in part.items() if k != MARKER} if marker is not NO_MARKER else part
     blocks.append(Block(len(blocks), role, content, marker, message, field, index))
@@ -142,8 +143,7 @@ def _add_parts(blocks: list[Block], role: str, content: Any, message: int | None
         for i, part in enumerate(content):
             _add(blocks, role, part, message, field, i)
     else:
-        where = f"messages[{message}].{field}" if message is not None else field
-        raise BadRequest(f"{where} must be a string or an array of content parts")
+        raise BadRequest(f"{_path(message, field)} must be a string or an array of content parts")
 
 
 def _list(obj: dict[str, Any], key: str, prefix: str = "") -> list[Any]:

@@ -309,10 +309,7 @@ def _chain(items: list[Any]) -> tuple[ChainBlock, ...]:
         tier = block["m"]
         if tier is not None and tier not in TIERS:
             _invalid(f"chain[{i}].m", f"must be null or one of {', '.join(TIERS)}", tier)
-        role = block["r"]
-        if not isinstance(role, str) or not role:
-            _invalid(f"chain[{i}].r", "must be a non-empty string", role)
-        blocks.append(ChainBlock(bytes.fromhex(digest), tokens, role, tier))
+        blocks.append(ChainBlock(bytes.fromhex(digest), tokens, _text(block, "r", "chain", i), tier))
     return tuple(blocks)
 
 
@@ -333,10 +330,11 @@ def _exact_keys(value: object, keys: tuple[str, ...], where: str | None, index: 
     raise _Invalid(named, f"unexpected key {sorted(set(value) - set(keys))[0]!r}")
 
 
-def _text(fields: Mapping[str, Any], key: str, where: str | None = None) -> str:
+def _text(fields: Mapping[str, Any], key: str, where: str | None = None, index: int | None = None) -> str:
     value = fields[key]
     if not isinstance(value, str) or not value:
-        _invalid(f"{where}.{key}" if where else key, "must be a non-empty string", value)
+        named = where if index is None else f"{where}[{index}]"
+        _invalid(f"{named}.{key}" if named else key, "must be a non-empty string", value)
     return value
 
 
