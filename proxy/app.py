@@ -32,7 +32,7 @@ from promptcache.proxy.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.index import IndexUnavailable, Scope
 from promptcache.proxy.ledger import RequestRecord
 from promptcache.proxy.metrics import Metrics
-from promptcache.proxy.prepare import Prepared, prepare
+from promptcache.proxy.prepare import Admission, admit
 from promptcache.proxy.pricing import Split, Tariff, reconcile
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
 from promptcache.proxy.sse import encode, events
@@ -83,8 +83,10 @@ class Exchange:
     t0: float
     runtime: ModelRuntime
     scope: Scope
-    prepared: Prepared
+    admission: Admission
     chain: list[ChainBlock] = field(default_factory=list)
+    sent: list[str | None] = field(default_factory=list)
+    """The client's breakpoint tier per chain block, for the request log."""
     classification: asyncio.Task[Classification | None] | None = None
     forwarded: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the upstream request's body is on the wire (or the request failed)."""
@@ -233,7 +235,7 @@ class Proxy:
         if api == "openai" and body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise _Reject(400, "stream_options must be an object")
         try:
-            prepared = prepare(body, api, model.policy, None, model.upstream.forward_cache_control, defer_hashing=True)
+            admission = admit(body, api, model.policy, model.upstream.forward_cache_control)
         except InvalidCacheControl as exc:
             self.metrics.markers_rejected.labels(exc.rule).inc()
             raise _Reject(400, str(exc), exc.code) from None
@@ -241,7 +243,7 @@ class Proxy:
             raise _Reject(400, str(exc)) from None
         scope = Scope(principal, alias, runtime.tokenizer_version)
         exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
-                            prepared)
+                            admission)
         return exchange, body
 
     async def _principal(self, request: web.Request) -> str:
@@ -312,7 +314,8 @@ class Proxy:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FORWARD_WAIT_SECONDS):
                 await ex.forwarded.wait()
-        ex.chain = ex.prepared.count(counter)
+        prepared = ex.admission.prepare(counter)
+        ex.chain, ex.sent = prepared.chain or [], prepared.sent
         policy = ex.model.policy
         wanted = candidates(ex.chain, policy)
         if not wanted:
@@ -359,7 +362,7 @@ class Proxy:
                               timeout=timeout, trace_request_ctx=ex.forwarded)
 
     def _forward_body(self, ex: Exchange) -> dict[str, Any]:
-        body = dict(ex.prepared.forward)
+        body = dict(ex.admission.forward)
         body["model"] = ex.model.upstream.model
         if ex.api == "openai" and body.get("stream") is True:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -478,7 +481,7 @@ class Proxy:
             classification = ex.classification.result()
         record = RequestRecord(
             request_id=ex.request_id, started_at=ex.started_at, scope=ex.scope, api=ex.api, status=status,
-            split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.prepared.sent if ex.chain else None,
+            split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.sent if ex.chain else None,
             classification=classification if split.cache_valid else None,
             latency_ms=(time.perf_counter() - ex.t0) * 1000,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,19 +79,45 @@ def extract_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> 
     return blocks
 
 
-def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> list[Block]:
-    """All blocks in SPEC order, not yet hashed: enough to validate markers and forward the body.
+_Site = tuple[str, Any, int | None, str, int | None]
+"""A block's role, its part as sent (a string content is one text part), message, field and index."""
 
-    Hashing is the expensive part, so the proxy defers it to the classification that runs while
-    the upstream works.
+
+def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> list[Block]:
+    """All blocks in SPEC order, not yet hashed (hashing is the expensive part: the proxy does it
+    while the upstream works)."""
+    ignore = tuple(ignore_prefixes)
+    return [_block(position, *site, ignore) for position, site in enumerate(_walk(body, api))]
+
+
+def scan_markers(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> tuple[list[Block], int, Block | None]:
+    """What marker validation needs, without building every block: the blocks that carry a
+    ``cache_control`` key, how many blocks there are, and the last block of the chain.
+
+    The proxy runs this before forwarding; it walks the body exactly as :func:`parse_blocks` does,
+    so it rejects the same malformed bodies and numbers the blocks alike.
     """
+    ignore = tuple(ignore_prefixes)
+    marked: list[Block] = []
+    last: _Site | None = None
+    last_position = count = 0
+    for count, site in enumerate(_walk(body, api), 1):
+        part = site[1]
+        if isinstance(part, dict) and MARKER in part:
+            marked.append(_block(count - 1, *site, ignore))
+        if site[0] != "system" or not _ignored("system", _content(part), ignore):
+            last, last_position = site, count - 1
+    return marked, count, None if last is None else _block(last_position, *last, ignore)
+
+
+def _walk(body: Any, api: Api) -> Iterator[_Site]:
+    """Every block in SPEC order; raises for every malformed structure, so before anything is forwarded."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    blocks: list[Block] = []
     for i, tool in enumerate(_list(body, "tools")):
-        _add(blocks, "tool_definition", tool, None, "tools", i)
+        yield _object("tool_definition", tool, None, "tools", i)
     if api == "anthropic" and body.get("system") is not None:
-        _add_parts(blocks, "system", body["system"], None, "system")
+        yield from _parts("system", body["system"], None, "system")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest("messages must be an array")
@@ -108,18 +134,51 @@ def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> li
                 "cache_control on a whole message is not read; put it on a content part",
             )
         content = message.get("content")
-        if content is not None or api == "anthropic":
-            _add_parts(blocks, role, content, m, "content")
-        if api == "openai":
-            for c, call in enumerate(_list(message, "tool_calls", f"messages[{m}].")):
-                _add(blocks, "tool_call", call, m, "tool_calls", c)
-    if ignore_prefixes:
-        ignore = tuple(ignore_prefixes)
-        for block in blocks:
-            if block.role == "system":
-                text = block.text
-                block.ignored = text is not None and text.startswith(ignore)
-    return blocks
+        if isinstance(content, str):
+            yield role, content, m, "content", None
+        elif content is not None or api == "anthropic":
+            yield from _parts(role, content, m, "content")
+        if api == "openai" and "tool_calls" in message:
+            for c, call in enumerate(_list(message, "tool_calls", m)):
+                yield _object("tool_call", call, m, "tool_calls", c)
+
+
+def _parts(role: str, content: Any, message: int | None, field: str) -> Iterator[_Site]:
+    """A string is one text part; an array is its parts."""
+    if isinstance(content, str):
+        yield role, content, message, field, None
+    elif isinstance(content, list):
+        for i, part in enumerate(content):
+            yield _object(role, part, message, field, i)
+    else:
+        raise BadRequest(f"{_path(message, field)} must be a string or an array of content parts")
+
+
+def _object(role: str, part: Any, message: int | None, field: str, index: int) -> _Site:
+    if not isinstance(part, dict):
+        raise BadRequest(f"{_path(message, field, index)} must be an object")
+    return role, part, message, field, index
+
+
+def _content(part: dict[str, Any] | str) -> dict[str, Any]:
+    return {"type": "text", "text": part} if isinstance(part, str) else part
+
+
+def _block(position: int, role: str, part: dict[str, Any] | str, message: int | None, field: str,
+           index: int | None, ignore: tuple[str, ...]) -> Block:
+    content = _content(part)
+    marker = content.get(MARKER, NO_MARKER)
+    if marker is not NO_MARKER:
+        content = {k: v for k, v in content.items() if k != MARKER}
+    return Block(position, role, content, marker, message, field, index, _ignored(role, content, ignore))
+
+
+def _ignored(role: str, content: dict[str, Any], ignore: tuple[str, ...]) -> bool:
+    """SPEC §2 ignorePrefixes: a system text part starting with one of them is left out of the chain."""
+    if not ignore or role != "system" or content.get("type") != "text":
+        return False
+    text = content.get("text")
+    return isinstance(text, str) and text.startswith(ignore)
 
 
 def _path(message: int | None, field: str, index: int | None = None) -> str:
@@ -127,31 +186,12 @@ def _path(message: int | None, field: str, index: int | None = None) -> str:
     return where if index is None else f"{where}[{index}]"
 
 
-def _add(blocks: list[Block], role: str, part: Any, message: int | None, field: str, index: int | None) -> None:
-    if not isinstance(part, dict):
-        raise BadRequest(f"{_path(message, field, index)} must be an object")
-    marker = part.get(MARKER, NO_MARKER)
-    content = {k: v for k, v in part.items() if k != MARKER} if marker is not NO_MARKER else part
-    blocks.append(Block(len(blocks), role, content, marker, message, field, index))
-
-
-def _add_parts(blocks: list[Block], role: str, content: Any, message: int | None, field: str) -> None:
-    """A string is one text part; an array is its parts."""
-    if isinstance(content, str):
-        _add(blocks, role, {"type": "text", "text": content}, message, field, None)
-    elif isinstance(content, list):
-        for i, part in enumerate(content):
-            _add(blocks, role, part, message, field, i)
-    else:
-        raise BadRequest(f"{_path(message, field)} must be a string or an array of content parts")
-
-
-def _list(obj: dict[str, Any], key: str, prefix: str = "") -> list[Any]:
+def _list(obj: dict[str, Any], key: str, message: int | None = None) -> list[Any]:
     value = obj.get(key)
     if value is None:
         return []
     if not isinstance(value, list):
-        raise BadRequest(f"{prefix}{key} must be an array")
+        raise BadRequest(f"{_path(message, key)} must be an array")
     return value
 
 
@@ -171,41 +211,33 @@ def hash_blocks(blocks: Sequence[Block]) -> None:
         block.hash = running.copy().digest()
 
 
-def strip_markers(body: dict[str, Any], api: Api) -> dict[str, Any]:
-    """The body as forwarded: markers removed at top level, tools, system, parts and tool calls.
+def strip_markers(body: dict[str, Any], marked: Sequence[Block]) -> dict[str, Any]:
+    """The body as forwarded: without its top-level marker and the markers of ``marked`` (the
+    blocks :func:`scan_markers` found carrying one, so the walk that finds markers is the one that
+    validates them).
 
     Tool schemas are never touched, and the caller's body is not mutated: what holds a marker is
-    copied, everything else is shared.
+    copied, everything else is shared; a body without markers is returned as it is.
     """
+    if not marked and MARKER not in body:
+        return body
     out = {k: v for k, v in body.items() if k != MARKER}
-    if isinstance(out.get("tools"), list):
-        out["tools"] = _unmark_all(out["tools"])
-    if api == "anthropic" and isinstance(out.get("system"), list):
-        out["system"] = _unmark_all(out["system"])
-    if isinstance(out.get("messages"), list):
-        out["messages"] = [_unmark_message(m) for m in out["messages"]]
+    arrays: dict[tuple[int | None, str], list[Any]] = {}
+    for block in marked:
+        assert block.part is not None  # a string content carries no marker
+        parts = arrays.get((block.message, block.field))
+        if parts is None:
+            holder = out if block.message is None else _own_message(out, body, block.message)
+            parts = arrays[block.message, block.field] = holder[block.field] = list(holder[block.field])
+        parts[block.part] = block.content
     return out
 
 
-def _unmark_all(parts: list[Any]) -> list[Any]:
-    """``parts`` without markers: the same list when none has one."""
-    if not any(isinstance(p, dict) and MARKER in p for p in parts):
-        return parts
-    return [{k: v for k, v in p.items() if k != MARKER} if isinstance(p, dict) and MARKER in p else p
-            for p in parts]
-
-
-def _unmark_message(message: Any) -> Any:
-    if not isinstance(message, dict):
-        return message
-    content, calls = message.get("content"), message.get("tool_calls")
-    new_content = _unmark_all(content) if isinstance(content, list) else content
-    new_calls = _unmark_all(calls) if isinstance(calls, list) else calls
-    if new_content is content and new_calls is calls:
-        return message
-    out = dict(message)
-    if new_content is not content:
-        out["content"] = new_content
-    if new_calls is not calls:
-        out["tool_calls"] = new_calls
-    return out
+def _own_message(out: dict[str, Any], body: dict[str, Any], message: int) -> dict[str, Any]:
+    """Message ``message`` of ``out``, copied from ``body`` (with the messages array) on first use."""
+    if out["messages"] is body["messages"]:
+        out["messages"] = list(body["messages"])
+    messages: list[dict[str, Any]] = out["messages"]
+    if messages[message] is body["messages"][message]:
+        messages[message] = dict(messages[message])
+    return messages[message]

@@ -17,23 +17,25 @@ from promptcache.proxy.tiers import TIER_DURATIONS, TIERS
 
 
 def place_breakpoints(
-    blocks: Sequence[Block], top_level: Any, policy: CachePolicy
+    marked: Sequence[Block], count: int, last: Block | None, top_level: Any, policy: CachePolicy
 ) -> list[str | None]:
     """The breakpoints the client sent (explicit and top-level markers, defaults applied), validated:
     the tier of every block by position, or None. The request log records these, so replay can
-    place a proposed policy's automatic breakpoint on top of them as the proxy would."""
-    tiers: list[str | None] = [None] * len(blocks)
-    explicit: list[int] = []
-    for block in blocks:
-        if block.marker is NO_MARKER:
-            continue
+    place a proposed policy's automatic breakpoint on top of them as the proxy would.
+
+    Needs only the blocks that carry a marker, the block count and the last block of the chain
+    (:func:`~promptcache.proxy.blocks.scan_markers`), so it runs before forwarding at little cost.
+    """
+    tiers: list[str | None] = [None] * count
+    explicit: list[Block] = []
+    for block in marked:
         tier = _tier(block.marker, block.position, block.path, policy)
         if tier is not None and not block.ignored:
             tiers[block.position] = tier
-            explicit.append(block.position)
+            explicit.append(block)
 
     if len(explicit) > policy.max_breakpoints:
-        over = blocks[explicit[policy.max_breakpoints]]
+        over = explicit[policy.max_breakpoints]
         raise InvalidCacheControl(
             over.position, over.path, "too_many_breakpoints",
             f"at most {policy.max_breakpoints} breakpoints are allowed, this is breakpoint "
@@ -42,7 +44,6 @@ def place_breakpoints(
 
     auto_tier = _tier(top_level, None, "top-level cache_control", policy)
     if auto_tier is not None:
-        last = _last_chain_block(blocks)
         if last is None:
             raise InvalidCacheControl(
                 None, "top-level cache_control", "automatic_conflict", "the request has no block to mark"
@@ -61,8 +62,9 @@ def place_breakpoints(
                     "are taken by explicit markers",
                 )
             tiers[last.position] = auto_tier
+            explicit.append(last)
 
-    _check_order(blocks, tiers)
+    _check_order(explicit, tiers)
     return tiers
 
 
@@ -96,27 +98,22 @@ def _tier(marker: Any, position: int | None, path: str, policy: CachePolicy) -> 
     return str(ttl)
 
 
-def _check_order(blocks: Sequence[Block], tiers: list[str | None]) -> None:
-    previous: int | None = None
-    for position, tier in enumerate(tiers):
-        if tier is None:
-            continue
+def _check_order(points: Sequence[Block], tiers: list[str | None]) -> None:
+    """No breakpoint may follow a shorter-lived one: ``points`` are the breakpoint blocks."""
+    previous: Block | None = None
+    for block in sorted(points, key=lambda b: b.position):
+        tier = tiers[block.position]
+        assert tier is not None
         if previous is not None:
-            before = tiers[previous]
+            before = tiers[previous.position]
             assert before is not None
             if TIER_DURATIONS[tier] > TIER_DURATIONS[before]:
                 raise InvalidCacheControl(
-                    position, blocks[position].path, "ttl_order",
-                    f"a {tier} breakpoint may not follow the shorter {before} breakpoint at block {previous}",
+                    block.position, block.path, "ttl_order",
+                    f"a {tier} breakpoint may not follow the shorter {before} breakpoint at block "
+                    f"{previous.position}",
                 )
-        previous = position
-
-
-def _last_chain_block(blocks: Sequence[Block]) -> Block | None:
-    for block in reversed(blocks):
-        if not block.ignored:
-            return block
-    return None
+        previous = block
 
 
 def automatic_target(roles: Sequence[str], mode: str, ignored: Sequence[bool] = ()) -> int | None:

@@ -1,6 +1,9 @@
 """One request, ready to classify: blocks, breakpoints, token counts and the forwarded body.
 
-The hash CLI, the proxy and the tests all go through :func:`prepare`, so what
+Two steps, so the proxy forwards as early as it may: :func:`admit` does what must hold before
+anything goes upstream (the body's structure and its markers, SPEC §3) and builds the body to
+forward; :meth:`Admission.prepare` builds, hashes and counts the blocks, which the proxy runs
+while the upstream works. The hash CLI, the proxy and the tests all go through both, so what
 ``promptcache hash`` prints is exactly what the proxy bills on.
 """
 
@@ -9,7 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from promptcache.proxy.blocks import MARKER, NO_MARKER, Api, Block, hash_blocks, parse_blocks, strip_markers
+from promptcache.proxy.blocks import (
+    MARKER,
+    NO_MARKER,
+    Api,
+    Block,
+    hash_blocks,
+    parse_blocks,
+    scan_markers,
+    strip_markers,
+)
 from promptcache.proxy.classify import ChainBlock
 from promptcache.proxy.markers import place_breakpoints, with_automatic
 from promptcache.proxy.policy import CachePolicy
@@ -34,39 +46,44 @@ class Prepared:
     def chain(self) -> list[ChainBlock] | None:
         if self.tokens is None:
             return None
-        return self._chain(self.tokens)
+        return [ChainBlock(b.hash, t, b.role, tier)
+                for b, t, tier in zip(self.hashed, self.tokens, self.tiers, strict=True)]
 
-    def count(self, counter: BlockCounter) -> list[ChainBlock]:
-        """Hash (when it was deferred) and count: the chain the classifier reads."""
-        if self.hashed and not self.hashed[0].hash:
-            hash_blocks(self.blocks)
-        return self._chain(counter.cumulative(self.hashed))
 
-    def _chain(self, tokens: list[int]) -> list[ChainBlock]:
-        return [ChainBlock(b.hash, t, b.role, tier) for b, t, tier in zip(self.hashed, tokens, self.tiers, strict=True)]
+@dataclass(frozen=True)
+class Admission:
+    """A request whose structure and markers are valid, and the body to forward."""
+
+    body: dict[str, Any]
+    api: Api
+    policy: CachePolicy
+    sent: list[str | None]
+    """Breakpoint tier per block position, as the client sent it."""
+    forward: dict[str, Any]
+
+    def prepare(self, counter: BlockCounter | None = None) -> Prepared:
+        """Build, hash and count the blocks, and add the policy's automatic breakpoint."""
+        blocks = parse_blocks(self.body, self.api, self.policy.ignore_prefixes)
+        hash_blocks(blocks)
+        by_position = with_automatic(blocks, self.sent, self.policy)
+        hashed = [b for b in blocks if not b.ignored]
+        tiers = [by_position[b.position] for b in hashed]
+        sent = [self.sent[b.position] for b in hashed]
+        tokens = counter.cumulative(hashed) if counter is not None else None
+        return Prepared(blocks, hashed, tiers, sent, tokens, self.forward)
+
+
+def admit(body: Any, api: Api, policy: CachePolicy, forward_markers: bool = False) -> Admission:
+    """Validate the body's structure and markers (400 before anything is forwarded) and build the
+    body to forward, without building every block."""
+    marked, count, last = scan_markers(body, api, policy.ignore_prefixes)
+    sent = place_breakpoints(marked, count, last, body.get(MARKER, NO_MARKER), policy)
+    forward = body if forward_markers else strip_markers(body, marked)
+    return Admission(body, api, policy, sent, forward)
 
 
 def prepare(
-    body: Any,
-    api: Api,
-    policy: CachePolicy,
-    counter: BlockCounter | None = None,
-    forward_markers: bool = False,
-    defer_hashing: bool = False,
+    body: Any, api: Api, policy: CachePolicy, counter: BlockCounter | None = None, forward_markers: bool = False
 ) -> Prepared:
-    """Parse, validate markers (400 before anything is forwarded), hash, count and strip.
-
-    With ``defer_hashing`` the blocks are left unhashed for :meth:`Prepared.count`: the proxy
-    forwards first and hashes while the upstream works.
-    """
-    blocks = parse_blocks(body, api, policy.ignore_prefixes)
-    if not defer_hashing:
-        hash_blocks(blocks)
-    sent_by_position = place_breakpoints(blocks, body.get(MARKER, NO_MARKER), policy)
-    by_position = with_automatic(blocks, sent_by_position, policy)
-    hashed = [b for b in blocks if not b.ignored]
-    tiers = [by_position[b.position] for b in hashed]
-    sent = [sent_by_position[b.position] for b in hashed]
-    tokens = counter.cumulative(hashed) if counter is not None else None
-    forward = body if forward_markers else strip_markers(body, api)
-    return Prepared(blocks, hashed, tiers, sent, tokens, forward)
+    """:func:`admit`, then :meth:`Admission.prepare`: the whole request at once."""
+    return admit(body, api, policy, forward_markers).prepare(counter)

@@ -12,7 +12,7 @@ from helpers import text_parts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from promptcache.proxy.blocks import extract_blocks, strip_markers
+from promptcache.proxy.blocks import NO_MARKER, extract_blocks, parse_blocks, scan_markers, strip_markers
 from promptcache.proxy.errors import BadRequest, InvalidCacheControl
 
 
@@ -271,6 +271,11 @@ def test_ignore_prefixes_apply_to_system_role_only() -> None:
 # --- strip_markers ---------------------------------------------------------------------------
 
 
+def strip(body: dict[str, Any], api: str) -> dict[str, Any]:
+    """What the proxy forwards: the markers scan_markers found, and the top-level one, removed."""
+    return strip_markers(body, scan_markers(body, api)[0])  # type: ignore[arg-type]
+
+
 def test_strip_markers_removes_every_marker_but_not_inside_tool_schemas() -> None:
     mark = {"type": "ephemeral", "ttl": "1h"}
     schema = {"type": "object", "properties": {"cache_control": {"type": "string", "cache_control": "keep"}}}
@@ -288,7 +293,7 @@ def test_strip_markers_removes_every_marker_but_not_inside_tool_schemas() -> Non
         ],
     }
     original = copy.deepcopy(body)
-    out = strip_markers(body, "anthropic")
+    out = strip(body, "anthropic")
     assert out == {
         "model": "m",
         "tools": [{"name": "f", "input_schema": schema}, {"name": "g", "input_schema": {}}],
@@ -318,7 +323,7 @@ def test_strip_markers_openai_tool_calls_and_function_parameters() -> None:
         ],
     }
     original = copy.deepcopy(body)
-    assert strip_markers(body, "openai") == {
+    assert strip(body, "openai") == {
         "tools": [tool],
         "messages": [
             {"role": "system", "content": "s"},
@@ -328,20 +333,18 @@ def test_strip_markers_openai_tool_calls_and_function_parameters() -> None:
     assert body == original
 
 
-def test_strip_markers_leaves_openai_system_field_and_non_objects_alone() -> None:
+def test_strip_markers_leaves_the_openai_system_field_and_an_unmarked_body_alone() -> None:
     body = {
         "system": [{"type": "text", "text": "s", "cache_control": {}}],
-        "messages": ["junk", {"role": "user"}],
+        "messages": [{"role": "user", "content": "hi"}],
     }
-    assert strip_markers(body, "openai") == body
+    assert strip(body, "openai") is body
 
 
 # --- malformed bodies ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("api", "body", "path"),
-    [
+_MALFORMED = [
         ("openai", ["not", "a", "dict"], "request body"),
         ("openai", {}, "messages"),
         ("anthropic", {"messages": {"role": "user"}}, "messages"),
@@ -368,19 +371,29 @@ def test_strip_markers_leaves_openai_system_field_and_non_objects_alone() -> Non
         ("openai", {"messages": [{"role": "assistant", "tool_calls": [None]}]}, "messages[0].tool_calls[0]"),
         ("anthropic", {"system": 5, "messages": []}, "system"),
         ("anthropic", {"system": ["rules"], "messages": []}, "system[0]"),
-        (
-            "anthropic",
-            {"messages": [{"role": "user", "content": [{"type": "x", "v": {1, 2}}]}]},
-            "messages[0].content[0]",
-        ),
-    ],
-)
+]
+_UNSERIALISABLE = ("anthropic", {"messages": [{"role": "user", "content": [{"type": "x", "v": {1, 2}}]}]},
+                   "messages[0].content[0]")
+
+
+@pytest.mark.parametrize(("api", "body", "path"), [*_MALFORMED, _UNSERIALISABLE])
 def test_malformed_bodies_raise_bad_request_naming_the_path(api: str, body: Any, path: str) -> None:
     with pytest.raises(BadRequest) as err:
         extract_blocks(body, api)  # type: ignore[arg-type]
     assert not isinstance(err.value, InvalidCacheControl)
     assert err.value.code == "invalid_request_error"
     assert str(err.value).startswith(f"{path} ")
+
+
+@pytest.mark.parametrize(("api", "body", "path"), _MALFORMED)
+def test_the_marker_scan_rejects_every_malformed_structure_alike(api: str, body: Any, path: str) -> None:
+    """The proxy validates with scan_markers before forwarding: it must refuse what parse_blocks does."""
+    with pytest.raises(BadRequest) as scanned:
+        scan_markers(body, api)  # type: ignore[arg-type]
+    with pytest.raises(BadRequest) as parsed:
+        parse_blocks(body, api)  # type: ignore[arg-type]
+    assert str(scanned.value) == str(parsed.value)
+    assert str(scanned.value).startswith(f"{path} ")
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -449,8 +462,10 @@ def test_property_moving_or_removing_markers_never_changes_a_hash(request: dict[
     expected = hashes(plain)
     assert hashes(marked) == expected
     assert hashes(_build(request, second)) == expected
-    # Stripping the markers gives exactly the unmarked request.
-    assert strip_markers(marked, "anthropic") == plain
+    # Stripping the markers gives exactly the unmarked request, and leaves the marked one as it was.
+    before = copy.deepcopy(marked)
+    assert strip(marked, "anthropic") == plain
+    assert marked == before
 
 
 @settings(max_examples=100)
@@ -466,3 +481,20 @@ def test_property_hashes_match_a_reference_cumulative_sha256(request: dict[str, 
         running.update(role.encode() + b"\x00" + dumped.encode())
         expected.append(running.copy().digest())
     assert hashes(body) == expected
+
+
+@settings(max_examples=150)
+@given(request=_request, data=st.data(), ignore=st.sampled_from([(), ("",), ("a", "b")]),
+       api=st.sampled_from(["openai", "anthropic"]))
+def test_property_the_marker_scan_agrees_with_the_full_parse(
+    request: dict[str, Any], data: Any, ignore: tuple[str, ...], api: str
+) -> None:
+    body = _build(request, data.draw(st.lists(_marker, min_size=_markable(request), max_size=_markable(request))))
+    if data.draw(st.booleans()):  # OpenAI messages may carry string content
+        body["messages"][0]["content"] = "a string"
+    blocks = parse_blocks(body, api, ignore)  # type: ignore[arg-type]
+    marked, count, last = scan_markers(body, api, ignore)  # type: ignore[arg-type]
+    assert count == len(blocks)
+    assert marked == [b for b in blocks if b.marker is not NO_MARKER]
+    chain = [b for b in blocks if not b.ignored]
+    assert last == (chain[-1] if chain else None)

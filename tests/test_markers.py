@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from helpers import text_parts
 
-from promptcache.proxy.blocks import NO_MARKER, extract_blocks
+from promptcache.proxy.blocks import extract_blocks
 from promptcache.proxy.errors import BadRequest, InvalidCacheControl
-from promptcache.proxy.markers import place_breakpoints, with_automatic
+from promptcache.proxy.markers import with_automatic
 from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.prepare import prepare
+from promptcache.proxy.prepare import admit, prepare
 
 E = {"type": "ephemeral"}
 M5 = {"type": "ephemeral", "ttl": "5m"}
@@ -23,9 +23,10 @@ _ = ...  # no cache_control key at all
 def place(
     body: dict[str, Any], spec: dict[str, Any] | None = None, api: str = "anthropic"
 ) -> list[str | None]:
+    """Per block position: validated before forwarding (admit), then the policy's automatic breakpoint."""
     policy = CachePolicy.from_spec(spec)
-    blocks = extract_blocks(body, api, policy.ignore_prefixes)  # type: ignore[arg-type]
-    return with_automatic(blocks, place_breakpoints(blocks, body.get("cache_control", NO_MARKER), policy), policy)
+    sent = admit(body, api, policy).sent  # type: ignore[arg-type]
+    return with_automatic(extract_blocks(body, api, policy.ignore_prefixes), sent, policy)  # type: ignore[arg-type]
 
 
 def one_message(*markers: Any, top: Any = ...) -> dict[str, Any]:
