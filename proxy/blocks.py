@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from promptcache.proxy.errors import BadRequest, InvalidCacheControl
 
 Api = Literal["openai", "anthropic"]
@@ -43,8 +45,8 @@ class Block:
     part: int | None
     """Its index in that array, or None for a string ``system`` or message content."""
     ignored: bool = False
-    canonical: str = ""
-    """Set by :func:`hash_blocks`, with ``hash``."""
+    canonical: bytes = b""
+    """The canonical bytes (UTF-8), set by :func:`hash_blocks` with ``hash``."""
     hash: bytes = b""
 
     @property
@@ -68,8 +70,34 @@ class Block:
         return isinstance(kind, str) and kind in IMAGE_TYPES  # a list or object "type" is unhashable
 
 
-def canonical_json(content: Mapping[str, Any]) -> str:
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def canonical_json(content: Mapping[str, Any]) -> bytes:
+    """Python's ``json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``,
+    UTF-8 encoded.
+
+    orjson writes exactly those bytes (strings, key order, integers and literals are checked
+    against ``json`` in the tests) about a hundred times faster, except floats, which it formats
+    its own way, and integers beyond 64 bits, which it refuses: those take ``json`` itself.
+    """
+    if not _has_float(content):
+        try:
+            return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            pass
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _has_float(value: Any) -> bool:
+    """Walks the containers, not the characters: cheap for prompt content, a few nodes per block."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def extract_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> list[Block]:
@@ -207,7 +235,7 @@ def hash_blocks(blocks: Sequence[Block]) -> None:
             raise BadRequest(f"{block.path} cannot be serialised: {exc}") from None
         running.update(block.role.encode())
         running.update(b"\x00")
-        running.update(block.canonical.encode())
+        running.update(block.canonical)
         block.hash = running.copy().digest()
 
 

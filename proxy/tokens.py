@@ -172,7 +172,7 @@ class BlockCounter:
             tokens = self.image_tokens
         else:
             text = block.text
-            tokens = self.tokenizer.count(block.canonical if text is None else text)
+            tokens = self.tokenizer.count(block.canonical.decode() if text is None else text)
             self.tokenized += 1
         self._lru[block.hash] = tokens
         if len(self._lru) > self.size:

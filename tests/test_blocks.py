@@ -12,7 +12,14 @@ from helpers import text_parts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from promptcache.proxy.blocks import NO_MARKER, extract_blocks, parse_blocks, scan_markers, strip_markers
+from promptcache.proxy.blocks import (
+    NO_MARKER,
+    canonical_json,
+    extract_blocks,
+    parse_blocks,
+    scan_markers,
+    strip_markers,
+)
 from promptcache.proxy.errors import BadRequest, InvalidCacheControl
 
 
@@ -39,8 +46,8 @@ def test_canonical_bytes_and_cumulative_hash_by_hand() -> None:
     # Written out by hand: sorted keys, no spaces, raw UTF-8 (no \u escapes), marker removed.
     first = b"system\x00" + b'{"text":"You are terse.","type":"text"}'
     second = b"user\x00" + '{"text":"héllo ☃","type":"text"}'.encode()
-    assert blocks[0].canonical == '{"text":"You are terse.","type":"text"}'
-    assert blocks[1].canonical == '{"text":"héllo ☃","type":"text"}'
+    assert blocks[0].canonical == b'{"text":"You are terse.","type":"text"}'
+    assert blocks[1].canonical == '{"text":"héllo ☃","type":"text"}'.encode()
     # The same bytes through the serialiser SPEC §2 names.
     dumped = json.dumps(
         {"type": "text", "text": "héllo ☃"}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
@@ -71,9 +78,46 @@ def test_canonical_json_float_and_nested_format_is_pythons() -> None:
     (block,) = extract_blocks(body, "anthropic")
     assert (
         block.canonical
-        == '{"id":"t1","input":{"a":1e-07,"b":1.5,"c":[1e+16,2]},"name":"f","type":"tool_use"}'
+        == b'{"id":"t1","input":{"a":1e-07,"b":1.5,"c":[1e+16,2]},"name":"f","type":"tool_use"}'
     )
-    assert block.hash == hashlib.sha256(b"assistant\x00" + block.canonical.encode()).digest()
+    assert block.hash == hashlib.sha256(b"assistant\x00" + block.canonical).digest()
+
+
+def python_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),  # NaN and the infinities too: the standard library parses them
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"])),
+)
+_json_value = st.recursive(
+    _json_scalar,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"])), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400)
+@given(content=st.dictionaries(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"])),
+                               _json_value, max_size=5))
+def test_property_canonical_bytes_are_exactly_pythons_json(content: dict[str, Any]) -> None:
+    assert canonical_json(content) == python_json(content)
+
+
+@pytest.mark.parametrize("value", [
+    {"text": "".join(map(chr, range(0x80))) + "\u2028\u2029\ufeff\U0001f600", "type": "text"},
+    {"z": 2**64 - 1, "a": -(2**63), "m": [2**64, {"k": 10**30}]},
+    {"n": [0.1, -0.0, 1e16, 1e-7, 5e-324, 1.7976931348623157e308, float("nan"), float("inf"), -float("inf")]},
+    {"deep": [[[[[[[[[[{"x": [1.5]}]]]]]]]]]]},
+    {"é": 1, "e": 2, "\U0001f600": 3, "\uffff": 4, "": 5},
+])
+def test_canonical_bytes_edge_cases_are_pythons_json(value: dict[str, Any]) -> None:
+    assert canonical_json(value) == python_json(value)
 
 
 def test_hash_depends_on_role() -> None:
@@ -107,7 +151,7 @@ def test_marker_is_excluded_from_the_hash(marker: Any) -> None:
     plain = {"messages": [{"role": "user", "content": text_parts(..., ..., ...)}]}
     marked = {"messages": [{"role": "user", "content": text_parts(..., marker, ...)}]}
     assert hashes(marked) == hashes(plain)
-    assert extract_blocks(marked, "anthropic")[1].canonical == '{"text":"part1","type":"text"}'
+    assert extract_blocks(marked, "anthropic")[1].canonical == b'{"text":"part1","type":"text"}'
 
 
 def test_top_level_marker_is_not_hashed() -> None:
@@ -200,7 +244,7 @@ def test_openai_tool_calls_follow_the_message_content() -> None:
         ("tool_call", "messages[3].tool_calls[0]", 3),
     ]
     assert blocks[2].content == call0
-    assert blocks[2].canonical == json.dumps(call0, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert blocks[2].canonical == json.dumps(call0, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def test_anthropic_does_not_read_tool_calls() -> None:
