@@ -309,11 +309,13 @@ class Proxy:
         counter = ex.runtime.counter
         assert counter is not None
         start = time.perf_counter()
-        # The hashing below holds the event loop for a millisecond or more: start it only once the
-        # upstream has the request, so it overlaps the model's latency instead of adding to it.
+        # Hashing holds the event loop and a core: start it only once the upstream has the request,
+        # and a moment later, so it overlaps the model's latency instead of competing with its intake.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FORWARD_WAIT_SECONDS):
                 await ex.forwarded.wait()
+        if self.config.limits.classify_start_delay_seconds:
+            await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
         prepared = ex.admission.prepare(counter)
         ex.chain, ex.sent = prepared.chain or [], prepared.sent
         policy = ex.model.policy

@@ -141,6 +141,10 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("limits.classifyDeadlineSeconds", "fast", "limits.classifyDeadlineSeconds must be a positive number"),
     ("limits.upstreamTimeoutSeconds", -5, "limits.upstreamTimeoutSeconds must be a positive number of seconds"),
     ("limits.upstreamTimeoutSeconds", False, "limits.upstreamTimeoutSeconds must be a positive number"),
+    ("limits.classifyStartDelaySeconds", -0.001, "classifyStartDelaySeconds must be a number of seconds, at least 0"),
+    ("limits.classifyStartDelaySeconds", "2ms", "limits.classifyStartDelaySeconds must be a number of seconds"),
+    ("limits.classifyStartDelaySeconds", True, "limits.classifyStartDelaySeconds must be a number of seconds"),
+    ("limits.classifyStartDelaySeconds", 0.25, "less than classifyDeadlineSeconds"),
     # auth
     ("auth", "header", "auth must be a mapping"),
     ("auth", False, "auth must be a mapping"),
@@ -191,7 +195,7 @@ def test_minimal_config_takes_the_defaults() -> None:
     config = parse_config(raw)
     assert isinstance(config, ProxyConfig)
     assert config.auth == AuthConfig("apiKeys", "x-promptcache-principal")
-    assert config.limits == Limits(10 * 1024 * 1024, 0.25, 300.0)
+    assert config.limits == Limits(10 * 1024 * 1024, 0.25, 300.0, 0.002)
     assert config.digest == hashlib.sha256(raw.encode()).hexdigest()
     model = config.models["chat"]
     assert model.tokenizer is None and model.image_tokens == 0
@@ -202,7 +206,7 @@ def test_minimal_config_takes_the_defaults() -> None:
 
 FULL = """
 auth: {mode: header, header: X-Tenant-ID}
-limits: {maxBodyBytes: 2048, classifyDeadlineSeconds: 0.5, upstreamTimeoutSeconds: 30}
+limits: {maxBodyBytes: 2048, classifyDeadlineSeconds: 0.5, upstreamTimeoutSeconds: 30, classifyStartDelaySeconds: 0}
 models:
   - alias: chat
     upstream: {url: "http://vllm:8000/v1/", model: llama, api: openai, apiKeyEnv: VLLM_KEY, forwardCacheControl: true}
@@ -230,7 +234,7 @@ models:
 def test_full_config_parses_to_the_expected_values() -> None:
     config = parse_config(FULL)
     assert config.auth == AuthConfig("header", "x-tenant-id")
-    assert config.limits == Limits(2048, 0.5, 30.0)
+    assert config.limits == Limits(2048, 0.5, 30.0, 0.0)
     assert list(config.models) == ["chat", "claude"]
 
     chat = config.models["chat"]
@@ -258,10 +262,11 @@ def test_full_config_parses_to_the_expected_values() -> None:
     assert (q.min_prefix_tokens, q.max_breakpoints, q.lookback_blocks) == (1024, 4, 20)
 
 
-# Every key SPEC §8 names, as dotted paths ("models.*" for each model).
+# Every key SPEC §8 names, and our one addition, as dotted paths ("models.*" for each model).
 SPEC_KEYS = {
     "auth", "auth.mode", "auth.header",
     "limits", "limits.maxBodyBytes", "limits.classifyDeadlineSeconds", "limits.upstreamTimeoutSeconds",
+    "limits.classifyStartDelaySeconds",  # ours: not in SPEC §8's minimum
     "models", "models.*.alias", "models.*.imageTokens",
     "models.*.upstream", "models.*.upstream.url", "models.*.upstream.model", "models.*.upstream.api",
     "models.*.upstream.apiKeyEnv", "models.*.upstream.forwardCacheControl",
@@ -291,7 +296,7 @@ def test_example_config_uses_every_key_and_parses() -> None:
     assert set(key_paths(doc)) == SPEC_KEYS
     config = load_config(EXAMPLE)
     assert config.auth == AuthConfig("apiKeys", "x-promptcache-principal")
-    assert config.limits == Limits(10485760, 0.25, 300.0)
+    assert config.limits == Limits(10485760, 0.25, 300.0, 0.002)
     assert list(config.models) == ["llama-70b", "assistant-mini"]
     llama, mini = config.models["llama-70b"], config.models["assistant-mini"]
     assert llama.upstream.endpoint == "http://vllm-llama.llm.svc.cluster.local:8000/v1/chat/completions"
