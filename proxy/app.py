@@ -308,7 +308,6 @@ class Proxy:
         """The cache split, or None (list price) when the index fails or the deadline passes."""
         counter = ex.runtime.counter
         assert counter is not None
-        start = time.perf_counter()
         # Hashing holds the event loop and a core: start it only once the upstream has the request,
         # and a moment later, so it overlaps the model's latency instead of competing with its intake.
         with contextlib.suppress(TimeoutError):
@@ -316,6 +315,7 @@ class Proxy:
                 await ex.forwarded.wait()
         if self.config.limits.classify_start_delay_seconds:
             await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
+        start = time.perf_counter()  # classify_seconds: the work (hash, count, look up), not the wait for it
         prepared = ex.admission.prepare(counter)
         ex.chain, ex.sent = prepared.chain or [], prepared.sent
         policy = ex.model.policy
