@@ -219,10 +219,10 @@ async def main(args: argparse.Namespace) -> int:
         for stage in ("upstream", "lookup", "classify", "commit"):
             total = count = 0.0
             for line in metrics.splitlines():
-                name, _, value = line.rpartition(" ")
-                if name.startswith(f"promptcache_{stage}_seconds_sum"):
+                series, _, value = line.rpartition(" ")
+                if series.startswith(f"promptcache_{stage}_seconds_sum"):
                     total += float(value)
-                elif name.startswith(f"promptcache_{stage}_seconds_count"):
+                elif series.startswith(f"promptcache_{stage}_seconds_count"):
                     count += float(value)
             if count:
                 print(f"  {stage:9} {1000 * total / count:7.2f} ms")
