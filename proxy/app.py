@@ -1,8 +1,8 @@
 """The HTTP surface (SPEC §8): OpenAI and Anthropic endpoints with cache-aware billing.
 
 For each request: authenticate, parse, validate markers (400 before anything is forwarded),
-then forward upstream at once while the prefix chain is counted and looked up concurrently,
-bounded by the classify deadline. The bill is settled when the upstream's usage arrives and
+then forward upstream at once while the prefix chain is hashed, counted and looked up
+concurrently, bounded by the classify deadline. The bill is settled when the upstream's usage arrives and
 committed off the response path, only for a complete 2xx response the client received.
 """
 
@@ -36,6 +36,7 @@ from promptcache.proxy.prepare import Admission, admit
 from promptcache.proxy.pricing import Split, Tariff, reconcile
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
 from promptcache.proxy.sse import encode, events
+from promptcache.proxy.steps import run_async
 from promptcache.proxy.store import Store
 from promptcache.proxy.usage import rewrite, upstream_totals
 
@@ -45,25 +46,6 @@ CLIENT_CLOSED = 499
 """Status logged when the client went away before the response was complete (nginx's convention)."""
 ANTHROPIC_VERSION = "2023-06-01"
 REQUEST_ID = web.RequestKey("request_id", str)
-FORWARD_WAIT_SECONDS = 0.05
-"""How long classification waits for the upstream request to be sent before hashing anyway."""
-
-
-def _forwarded_trace() -> aiohttp.TraceConfig:
-    """Sets an exchange's ``forwarded`` event when aiohttp writes its body (or gives up)."""
-
-    async def done(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-        event = context.trace_request_ctx
-        if isinstance(event, asyncio.Event):
-            event.set()
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_chunk_sent.append(done)
-    trace.on_request_end.append(done)
-    trace.on_request_exception.append(done)
-    return trace
-
-
 class _Reject(Exception):
     """A request the proxy answers itself, in the calling API's error shape."""
 
@@ -88,8 +70,6 @@ class Exchange:
     sent: list[str | None] = field(default_factory=list)
     """The client's breakpoint tier per chain block, for the request log."""
     classification: asyncio.Task[Classification | None] | None = None
-    forwarded: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the upstream request's body is on the wire (or the request failed)."""
 
     @property
     def model(self) -> ModelConfig:
@@ -131,7 +111,7 @@ class Proxy:
         return app
 
     async def _startup(self, _: web.Application) -> None:
-        self.http = aiohttp.ClientSession(auto_decompress=True, trace_configs=[_forwarded_trace()])
+        self.http = aiohttp.ClientSession(auto_decompress=True)
 
     async def _cleanup(self, _: web.Application) -> None:
         if self.commits:
@@ -308,15 +288,12 @@ class Proxy:
         """The cache split, or None (list price) when the index fails or the deadline passes."""
         counter = ex.runtime.counter
         assert counter is not None
-        # Hashing holds the event loop and a core: start it only once the upstream has the request,
-        # and a moment later, so it overlaps the model's latency instead of competing with its intake.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FORWARD_WAIT_SECONDS):
-                await ex.forwarded.wait()
-        if self.config.limits.classify_start_delay_seconds:
-            await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
+        # Hashing takes a core: start it a moment after the forward, so it overlaps the model's latency
+        # instead of competing with the request's upload or the upstream reading it, and in steps, so
+        # a large body still uploading is not held up.
+        await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
         start = time.perf_counter()  # classify_seconds: the work (hash, count, look up), not the wait for it
-        prepared = ex.admission.prepare(counter)
+        prepared = await run_async(ex.admission.preparing(counter))
         ex.chain, ex.sent = prepared.chain or [], prepared.sent
         policy = ex.model.policy
         wanted = candidates(ex.chain, policy)
@@ -361,7 +338,7 @@ class Proxy:
                                         sock_read=self.config.limits.upstream_timeout_seconds)
         assert self.http is not None
         return self.http.post(up.endpoint, data=jsonio.dumps(body), headers=headers,
-                              timeout=timeout, trace_request_ctx=ex.forwarded)
+                              timeout=timeout)
 
     def _forward_body(self, ex: Exchange) -> dict[str, Any]:
         body = dict(ex.admission.forward)

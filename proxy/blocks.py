@@ -17,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from promptcache.proxy.errors import BadRequest, InvalidCacheControl
+from promptcache.proxy.steps import Steps, run
 
 Api = Literal["openai", "anthropic"]
 APIS: tuple[Api, ...] = ("openai", "anthropic")
@@ -224,8 +225,18 @@ def _list(obj: dict[str, Any], key: str, message: int | None = None) -> list[Any
 
 
 def hash_blocks(blocks: Sequence[Block]) -> None:
-    """Canonical JSON and the cumulative prefix hash of every block that is not ignored."""
+    """Canonical bytes and the cumulative prefix hash of every block that is not ignored."""
+    run(hashing(blocks))
+
+
+STEP_BYTES = 256 * 1024
+"""Canonical bytes hashed between two pauses of :func:`hashing` (about half a millisecond)."""
+
+
+def hashing(blocks: Sequence[Block]) -> Steps[None]:
+    """:func:`hash_blocks` in steps of about :data:`STEP_BYTES`."""
     running = hashlib.sha256()
+    since_pause = 0
     for block in blocks:
         if block.ignored:
             continue
@@ -237,6 +248,10 @@ def hash_blocks(blocks: Sequence[Block]) -> None:
         running.update(b"\x00")
         running.update(block.canonical)
         block.hash = running.copy().digest()
+        since_pause += len(block.canonical)
+        if since_pause >= STEP_BYTES:
+            since_pause = 0
+            yield
 
 
 def strip_markers(body: dict[str, Any], marked: Sequence[Block]) -> dict[str, Any]:

@@ -61,8 +61,8 @@ class Limits:
     classify_deadline_seconds: float = 0.25
     upstream_timeout_seconds: float = 300.0
     classify_start_delay_seconds: float = 0.002
-    """How long hashing waits once the request is on the wire, leaving the CPU to an upstream on the
-    same host while it reads the request (measured in bench/proxy.py; 0 hashes at once)."""
+    """How long after the forward hashing starts: the upload goes first, and an upstream on the same
+    host reads the request without competing with it (measured in bench/proxy.py)."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def _limits(raw: Any) -> Limits:
             raise ConfigError(f"limits.{key} must be a positive number of seconds")
         values.append(float(value))
     delay = raw.get("classifyStartDelaySeconds", defaults.classify_start_delay_seconds)
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < values[0]:
-        raise ConfigError("limits.classifyStartDelaySeconds must be a number of seconds, at least 0 and "
-                          "less than classifyDeadlineSeconds")
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 < delay < values[0]:
+        raise ConfigError("limits.classifyStartDelaySeconds must be a positive number of seconds, less than "
+                          "classifyDeadlineSeconds")
     return Limits(body, values[0], values[1], float(delay))

@@ -17,7 +17,7 @@ from promptcache.proxy.blocks import (
     NO_MARKER,
     Api,
     Block,
-    hash_blocks,
+    hashing,
     parse_blocks,
     scan_markers,
     strip_markers,
@@ -25,6 +25,7 @@ from promptcache.proxy.blocks import (
 from promptcache.proxy.classify import ChainBlock
 from promptcache.proxy.markers import place_breakpoints, with_automatic
 from promptcache.proxy.policy import CachePolicy
+from promptcache.proxy.steps import Steps, run
 from promptcache.proxy.tokens import BlockCounter
 
 
@@ -63,13 +64,17 @@ class Admission:
 
     def prepare(self, counter: BlockCounter | None = None) -> Prepared:
         """Build, hash and count the blocks, and add the policy's automatic breakpoint."""
+        return run(self.preparing(counter))
+
+    def preparing(self, counter: BlockCounter | None = None) -> Steps[Prepared]:
+        """:meth:`prepare` in steps, for the proxy to run while the upstream call is in flight."""
         blocks = parse_blocks(self.body, self.api, self.policy.ignore_prefixes)
-        hash_blocks(blocks)
+        yield from hashing(blocks)
         by_position = with_automatic(blocks, self.sent, self.policy)
         hashed = [b for b in blocks if not b.ignored]
         tiers = [by_position[b.position] for b in hashed]
         sent = [self.sent[b.position] for b in hashed]
-        tokens = counter.cumulative(hashed) if counter is not None else None
+        tokens = (yield from counter.counting(hashed)) if counter is not None else None
         return Prepared(blocks, hashed, tiers, sent, tokens, self.forward)
 
 

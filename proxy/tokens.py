@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from promptcache.proxy.blocks import Block
+from promptcache.proxy.blocks import STEP_BYTES, Block
+from promptcache.proxy.steps import Steps, run
 
 # The SHA-256 tiktoken publishes for each encoding file (tiktoken_ext/openai_public.py).
 TIKTOKEN_PUBLISHED_SHA256 = {
@@ -181,10 +182,23 @@ class BlockCounter:
 
     def cumulative(self, blocks: Sequence[Block]) -> list[int]:
         """Cumulative counts for the hashed (non-ignored) blocks, in order."""
+        return run(self.counting(blocks))
+
+    def counting(self, blocks: Sequence[Block]) -> Steps[list[int]]:
+        """:meth:`cumulative` in steps: a pause after every ``STEP_BYTES`` of blocks the tokenizer had
+        to read (blocks found in the LRU cost next to nothing)."""
         total = 0
         out: list[int] = []
+        tokenized = self.tokenized
+        read = 0
         for block in blocks:
             if not block.ignored:
                 total += self.block_tokens(block)
                 out.append(total)
+                if self.tokenized != tokenized:
+                    tokenized = self.tokenized
+                    read += len(block.canonical)
+                    if read >= STEP_BYTES:
+                        read = 0
+                        yield
         return out

@@ -141,9 +141,9 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("limits.classifyDeadlineSeconds", "fast", "limits.classifyDeadlineSeconds must be a positive number"),
     ("limits.upstreamTimeoutSeconds", -5, "limits.upstreamTimeoutSeconds must be a positive number of seconds"),
     ("limits.upstreamTimeoutSeconds", False, "limits.upstreamTimeoutSeconds must be a positive number"),
-    ("limits.classifyStartDelaySeconds", -0.001, "classifyStartDelaySeconds must be a number of seconds, at least 0"),
-    ("limits.classifyStartDelaySeconds", "2ms", "limits.classifyStartDelaySeconds must be a number of seconds"),
-    ("limits.classifyStartDelaySeconds", True, "limits.classifyStartDelaySeconds must be a number of seconds"),
+    ("limits.classifyStartDelaySeconds", 0, "limits.classifyStartDelaySeconds must be a positive number of seconds"),
+    ("limits.classifyStartDelaySeconds", "2ms", "limits.classifyStartDelaySeconds must be a positive number"),
+    ("limits.classifyStartDelaySeconds", True, "limits.classifyStartDelaySeconds must be a positive number"),
     ("limits.classifyStartDelaySeconds", 0.25, "less than classifyDeadlineSeconds"),
     # auth
     ("auth", "header", "auth must be a mapping"),
@@ -206,7 +206,7 @@ def test_minimal_config_takes_the_defaults() -> None:
 
 FULL = """
 auth: {mode: header, header: X-Tenant-ID}
-limits: {maxBodyBytes: 2048, classifyDeadlineSeconds: 0.5, upstreamTimeoutSeconds: 30, classifyStartDelaySeconds: 0}
+limits: {maxBodyBytes: 2048, classifyDeadlineSeconds: 0.5, upstreamTimeoutSeconds: 30, classifyStartDelaySeconds: 0.001}
 models:
   - alias: chat
     upstream: {url: "http://vllm:8000/v1/", model: llama, api: openai, apiKeyEnv: VLLM_KEY, forwardCacheControl: true}
@@ -234,7 +234,7 @@ models:
 def test_full_config_parses_to_the_expected_values() -> None:
     config = parse_config(FULL)
     assert config.auth == AuthConfig("header", "x-tenant-id")
-    assert config.limits == Limits(2048, 0.5, 30.0, 0.0)
+    assert config.limits == Limits(2048, 0.5, 30.0, 0.001)
     assert list(config.models) == ["chat", "claude"]
 
     chat = config.models["chat"]
