@@ -154,6 +154,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+"""The characters the API server draws generated names from (no vowels, no look-alikes)."""
+
+
 def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=status, reason=reason, message=message, details={})
 
@@ -381,7 +385,12 @@ class ApiServer(kmock.KubernetesEmulator):
         if not meta.get("name"):
             if not meta.get("generateName"):
                 raise _error(422, "Invalid", "metadata.name or metadata.generateName is required")
-            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+            # As the API server does: five characters of its alphabet, and a new draw when the name is
+            # taken (KEP-4420, on by default since 1.31), so a busy namespace sees no spurious 409.
+            for _ in range(8):
+                meta["name"] = meta["generateName"] + "".join(secrets.choice(_NAME_ALPHABET) for _ in range(5))
+                if self._current(self._key(resource, meta.get("namespace"), meta["name"])) is None:
+                    break
         key = self._key(resource, meta.get("namespace"), meta["name"])
         if self._current(key) is not None:
             raise _error(409, "AlreadyExists", f"{resource.plural} {meta['name']!r} already exists")

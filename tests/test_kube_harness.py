@@ -254,6 +254,14 @@ async def test_emulator_semantics() -> None:
             await cluster.create(model("m", "b"))
         assert duplicate.value.status == 409
 
+        # generateName: five characters of the API server's alphabet, drawn again when taken, so even
+        # a namespace full of kopf's events gets no 409 (KEP-4420).
+        generated = [(await cluster.create({"apiVersion": "v1", "kind": "Event", "metadata": {
+            "generateName": "kopf-event-", "namespace": NS}}))["metadata"]["name"] for _ in range(300)]
+        assert len(set(generated)) == 300
+        assert all(len(n) == len("kopf-event-") + 5 and set(n[11:]) <= set("bcdfghjklmnpqrstvwxz2456789")
+                   for n in generated)
+
         # Label selectors.
         await cluster.patch(GROUP_VERSION, PLURAL, NS, "m", {"metadata": {"labels": {"tier": "gold"}}})
         await cluster.create(model("n", "b"))
