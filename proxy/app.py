@@ -2,8 +2,8 @@
 
 For each request: authenticate, parse, validate markers (400 before anything is forwarded),
 then forward upstream at once while the prefix chain is hashed, counted and looked up
-concurrently, bounded by the classify deadline. The bill is settled when the upstream's usage arrives and
-committed off the response path, only for a complete 2xx response the client received.
+concurrently, bounded by the classify deadline. The bill is settled when the upstream's usage
+arrives and committed off the response path, only for a complete 2xx response the client received.
 """
 
 from __future__ import annotations
