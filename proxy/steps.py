@@ -17,22 +17,24 @@ Steps = Generator[None, None, T]
 """Yields between steps; returns the result."""
 
 
+def _step(steps: Steps[T]) -> list[T]:
+    """One step: ``[]`` while there are more, ``[result]`` once the steps are done."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return [done.value]
+    return []
+
+
 def run(steps: Steps[T]) -> T:
     """All the steps at once."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: T = done.value
-            return result
+    while not (finished := _step(steps)):
+        pass
+    return finished[0]
 
 
 async def run_async(steps: Steps[T]) -> T:
     """The steps, letting the event loop run between them."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: T = done.value
-            return result
+    while not (finished := _step(steps)):  # noqa: ASYNC110 - not a wait: a turn of the loop per step
         await asyncio.sleep(0)
+    return finished[0]
