@@ -20,16 +20,16 @@ from decimal import Decimal
 
 import asyncpg
 
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.blocks import extract_blocks
-from promptcache.proxy.classify import Classification, Write
-from promptcache.proxy.index import Scope
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.ledger import RequestRecord
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.prepare import prepare
-from promptcache.proxy.pricing import Split, Tariff
-from promptcache.proxy.tokens import BlockCounter, TiktokenTokenizer
+from promptcache.proxy.domain.blocks import extract_blocks
+from promptcache.proxy.domain.classify import Classification, Write
+from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.prepare import prepare
+from promptcache.proxy.domain.pricing import Split, Tariff
+from promptcache.proxy.domain.tokens import BlockCounter, TiktokenTokenizer
+from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.schema import migrate
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -58,9 +58,9 @@ from kube import (
 )
 
 import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.config import OperatorConfig
-from promptcache.operator.manifests import OperatorSettings, names
-from promptcache.operator.migrations import migrate
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings, names
+from promptcache.proxy.storage.schema import migrate
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")

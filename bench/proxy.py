@@ -32,10 +32,10 @@ import asyncpg
 import yaml
 from aiohttp import web
 
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.simulator import Simulator, SimulatorSettings
-from promptcache.proxy.tokens import TiktokenTokenizer
+from promptcache.proxy.domain.tokens import TiktokenTokenizer
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.schema import migrate
+from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -17,7 +17,7 @@ changes). Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of this p
 included), wall and CPU times are both printed.
 
 Calibration: synthetic per-cluster sums whose population ratios are known go through the bootstrap
-(``promptcache.operator.bootstrap.resample`` with the engine's ``STATISTICS``); the coverage is the share
+(``promptcache.operator.replay.bootstrap.resample`` with the engine's ``STATISTICS``); the coverage is the share
 of datasets whose 95% interval holds the truth (target 90% to 98%).
 
 Run with ``.venv/bin/python -P bench/replay.py [--requests N] [--iterations B] [--datasets D] [--proposals P]
@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from promptcache.operator.bootstrap import resample
-from promptcache.operator.replay import (
+from promptcache.operator.replay.bootstrap import resample
+from promptcache.operator.replay.engine import (
     BASELINE,
     COLUMNS,
     HITS,
@@ -61,9 +61,9 @@ from promptcache.operator.replay import (
     report,
     simulate,
 )
-from promptcache.proxy.classify import ChainBlock
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.requestlog import LoggedRequest, read_jsonl, to_json_line
+from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.storage.requestlog import LoggedRequest, read_jsonl, to_json_line
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 # (model, input $/MTok, output $/MTok, tokenizer): principals are spread over the models.

@@ -13,13 +13,13 @@ from typing import Any
 import kopf
 import redis.asyncio as aioredis
 
-from promptcache.operator import housekeeping, models, planreplay, policies
-from promptcache.operator.conditions import Condition, merge
-from promptcache.operator.config import OperatorConfig
-from promptcache.operator.kube import GROUP, VERSION, Kube
-from promptcache.operator.manifests import MODEL_LABEL, REPLAY_APP
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.index.postgres import PostgresIndex
+from promptcache.operator.handlers import housekeeping, models, planreplay, policies
+from promptcache.operator.handlers.conditions import Condition, merge
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.kube import GROUP, VERSION, Kube
+from promptcache.operator.handlers.manifests import MODEL_LABEL, REPLAY_APP
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.schema import migrate
 
 MODELS = "deployedmodels"
 POLICIES = "cachepolicies"

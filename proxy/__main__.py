@@ -1,5 +1,5 @@
 """``python -m promptcache.proxy --config FILE``: the proxy role on its own."""
 
-from promptcache.proxy.server import main
+from promptcache.proxy.http.server import main
 
 raise SystemExit(main())

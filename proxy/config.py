@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from promptcache.proxy.blocks import APIS, Api
-from promptcache.proxy.policy import CachePolicy, PolicyError, parse_decimal
+from promptcache.proxy.domain.blocks import APIS, Api
+from promptcache.proxy.domain.policy import CachePolicy, PolicyError, parse_decimal
 
 AUTH_MODES = ("apiKeys", "header")
 DEFAULT_PRINCIPAL_HEADER = "x-promptcache-principal"

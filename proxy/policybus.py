@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from promptcache.proxy.policy import CachePolicy, PolicyError
+from promptcache.proxy.domain.policy import CachePolicy, PolicyError
 
 _log = logging.getLogger("promptcache.policybus")
 

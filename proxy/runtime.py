@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from promptcache.proxy.config import ModelConfig, ProxyConfig
-from promptcache.proxy.pricing import Tariff
-from promptcache.proxy.tokens import BlockCounter, Tokenizer, TokenizerUnavailable, load_tokenizer
+from promptcache.proxy.domain.pricing import Tariff
+from promptcache.proxy.domain.tokens import BlockCounter, Tokenizer, TokenizerUnavailable, load_tokenizer
 
 _log = logging.getLogger("promptcache.runtime")
 

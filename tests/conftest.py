@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.server import serving
-from promptcache.proxy.simulator import Simulator, SimulatorSettings
-from promptcache.proxy.tokens import HuggingFaceTokenizer
+from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
+from promptcache.proxy.http.server import serving
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.schema import migrate
+from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
 # A URL-form DSN of a maintenance database; test databases are created next to it.
 PG_ADMIN_DSN = os.environ.get(

@@ -25,7 +25,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from promptcache.proxy.simulator import REPLY
+from promptcache.proxy.testing.simulator import REPLY
 
 
 def free_port() -> int:

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.server import ProxyOptions, ProxyServer, serving
+from promptcache.proxy.http.server import ProxyOptions, ProxyServer, serving
+from promptcache.proxy.storage.postgres import PostgresIndex
 
 
 def write_word_tokenizer(path: Path) -> Path:

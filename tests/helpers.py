@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from promptcache.proxy.classify import ChainBlock
+from promptcache.proxy.domain.classify import ChainBlock
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 

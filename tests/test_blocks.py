@@ -12,7 +12,7 @@ from helpers import text_parts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from promptcache.proxy.blocks import (
+from promptcache.proxy.domain.blocks import (
     NO_MARKER,
     canonical_json,
     extract_blocks,
@@ -20,7 +20,7 @@ from promptcache.proxy.blocks import (
     scan_markers,
     strip_markers,
 )
-from promptcache.proxy.errors import BadRequest, InvalidCacheControl
+from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 
 
 def hashes(body: Any, api: str = "anthropic", ignore: tuple[str, ...] = ()) -> list[bytes]:

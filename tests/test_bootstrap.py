@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from promptcache.operator.bootstrap import CHUNK, Statistic, resample
-from promptcache.operator.replay import BASELINE, COLUMNS, HITS, PROJECTED, PROMPT, READ, REQUESTS, STATISTICS
+from promptcache.operator.replay.bootstrap import CHUNK, Statistic, resample
+from promptcache.operator.replay.engine import BASELINE, COLUMNS, HITS, PROJECTED, PROMPT, READ, REQUESTS, STATISTICS
 
 HIT, SAVE, READ_SHARE = 0.6, 0.35, 0.7
 TRUTH = {"hit_rate": HIT, "savings_pct": 100 * SAVE, "read_token_ratio": READ_SHARE}

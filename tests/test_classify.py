@@ -9,11 +9,11 @@ from helpers import T0, h, make_chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from promptcache.proxy.classify import NO_CACHE, ChainBlock, Classification, Read, Write, candidates, classify
-from promptcache.proxy.index import IndexEntry, Scope
-from promptcache.proxy.index.memory import MemoryIndex, merge_write
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.pricing import reconcile
+from promptcache.proxy.domain.classify import NO_CACHE, ChainBlock, Classification, Read, Write, candidates, classify
+from promptcache.proxy.domain.entries import IndexEntry, Scope
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.pricing import reconcile
+from promptcache.proxy.storage.memory import MemoryIndex, merge_write
 
 MIN = timedelta(minutes=1)
 HOUR = timedelta(hours=1)

@@ -36,8 +36,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
-from promptcache.proxy.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
-from promptcache.proxy.tiers import TIERS
+from promptcache.proxy.domain.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
+from promptcache.proxy.domain.tiers import TIERS
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "crds"

@@ -9,14 +9,14 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from promptcache.operator.housekeeping import Housekeeping, run_once
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.classify import ChainBlock, Classification, Write
-from promptcache.proxy.index import Scope
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.ledger import RequestRecord
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.pricing import Split, Tariff
+from promptcache.operator.handlers.housekeeping import Housekeeping, run_once
+from promptcache.proxy.domain.classify import ChainBlock, Classification, Write
+from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.pricing import Split, Tariff
+from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.schema import migrate
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 SCOPE = Scope("tenant", "model", "tok")

@@ -28,7 +28,7 @@ from kube import (
     running_operator,
 )
 
-from promptcache.operator.kube import load_configuration
+from promptcache.operator.handlers.kube import load_configuration
 
 NS = "team-a"
 PLURAL = "deployedmodels"

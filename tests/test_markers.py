@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from helpers import text_parts
 
-from promptcache.proxy.blocks import extract_blocks
-from promptcache.proxy.errors import BadRequest, InvalidCacheControl
-from promptcache.proxy.markers import with_automatic
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.prepare import admit, prepare
+from promptcache.proxy.domain.blocks import extract_blocks
+from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
+from promptcache.proxy.domain.markers import with_automatic
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.prepare import admit, prepare
 
 E = {"type": "ephemeral"}
 M5 = {"type": "ephemeral", "ttl": "5m"}

@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from promptcache.operator.migrations import MigrationError, available, migrate
+from promptcache.proxy.storage.schema import MigrationError, available, migrate
 
 TABLES = {"schema_migrations", "cache_entries", "tariffs", "api_keys", "ledger", "request_log"}
 

@@ -30,8 +30,8 @@ from kube import (
 )
 
 import promptcache.operator.main as operator_main
-from promptcache.operator.config import OperatorConfig
-from promptcache.operator.manifests import CHECKSUM_ANNOTATION, OperatorSettings
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import CHECKSUM_ANNOTATION, OperatorSettings
 from promptcache.proxy.config import parse_config
 
 NS = "llm"

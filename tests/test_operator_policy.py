@@ -32,11 +32,11 @@ from kube import (
 )
 from test_operator import NS, condition, model, policy, tariffs
 
-from promptcache.operator.config import OperatorConfig
-from promptcache.operator.manifests import OperatorSettings
-from promptcache.proxy.server import serving
-from promptcache.proxy.simulator import Simulator, SimulatorSettings
-from promptcache.proxy.tokens import TiktokenTokenizer
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.proxy.domain.tokens import TiktokenTokenizer
+from promptcache.proxy.http.server import serving
+from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
 WATCHING = (DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)
 

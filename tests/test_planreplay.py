@@ -35,11 +35,12 @@ from kube import (
 from test_operator import condition, model
 from test_proxy_billing import openai_turns
 
-from promptcache.operator import cli, planreplay
-from promptcache.operator.config import OperatorConfig
-from promptcache.operator.manifests import GENERATION_ANNOTATION, WINDOW_ANNOTATION, OperatorSettings
-from promptcache.proxy.requestlog import format_timestamp
-from promptcache.proxy.simulator import Simulator
+from promptcache.operator import cli
+from promptcache.operator.handlers import planreplay
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import GENERATION_ANNOTATION, WINDOW_ANNOTATION, OperatorSettings
+from promptcache.proxy.storage.requestlog import format_timestamp
+from promptcache.proxy.testing.simulator import Simulator
 
 NS = "replays"
 WATCHING = (PLAN_REPLAYS, DEPLOYED_MODELS, JOBS)

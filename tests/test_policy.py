@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from promptcache.proxy.policy import CachePolicy, PolicyError, parse_decimal
+from promptcache.proxy.domain.policy import CachePolicy, PolicyError, parse_decimal
 
 D = Decimal
 

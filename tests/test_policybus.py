@@ -15,7 +15,7 @@ from e2e import ledger_rows, wait_until
 from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
 from promptcache.proxy import policybus
-from promptcache.proxy.simulator import Simulator
+from promptcache.proxy.testing.simulator import Simulator
 
 
 async def has_subscriber(bus: aioredis.Redis, prefix: str) -> bool:

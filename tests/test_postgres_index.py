@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, TypeAlias
 import asyncpg
 import pytest
 
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.classify import ChainBlock, Classification, Write, candidates, classify
-from promptcache.proxy.index import IndexEntry, IndexUnavailable, Scope
-from promptcache.proxy.index.memory import merge_write
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.ledger import RequestRecord
-from promptcache.proxy.policy import DEFAULT_WRITE_MULTIPLIERS, CachePolicy
-from promptcache.proxy.pricing import Tariff, reconcile
+from promptcache.proxy.domain.classify import ChainBlock, Classification, Write, candidates, classify
+from promptcache.proxy.domain.entries import IndexEntry, IndexUnavailable, Scope
+from promptcache.proxy.domain.policy import DEFAULT_WRITE_MULTIPLIERS, CachePolicy
+from promptcache.proxy.domain.pricing import Tariff, reconcile
+from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.memory import merge_write
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.schema import migrate
 
 if TYPE_CHECKING:
     from asyncpg.transaction import Transaction

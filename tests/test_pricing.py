@@ -8,9 +8,9 @@ from decimal import Decimal
 import pytest
 from helpers import T0, h
 
-from promptcache.proxy.classify import NO_CACHE, Classification, Read
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.pricing import Split, Tariff, cost, list_cost, reconcile, tariff_at
+from promptcache.proxy.domain.classify import NO_CACHE, Classification, Read
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.pricing import Split, Tariff, cost, list_cost, reconcile, tariff_at
 
 D = Decimal
 DEFAULT = CachePolicy()

@@ -31,9 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.server import JsonFormatter
-from promptcache.proxy.simulator import REPLY, Simulator
+from promptcache.proxy.http.server import JsonFormatter
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.testing.simulator import REPLY, Simulator
 
 MAX_BODY = 65536
 OPENAI = "/v1/chat/completions"

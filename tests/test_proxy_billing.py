@@ -18,7 +18,7 @@ import openai
 import pytest
 from harness import RunningProxy, ledger, model_config, new_key, running_proxy, settle, text, words
 
-from promptcache.proxy.simulator import REPLY, Simulator
+from promptcache.proxy.testing.simulator import REPLY, Simulator
 
 SYSTEM = words("sys", 20)
 USER = [words("first", 10), words("second", 10), words("third", 10)]

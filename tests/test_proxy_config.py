@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from promptcache.proxy.config import AuthConfig, ConfigError, Limits, ProxyConfig, load_config, parse_config
-from promptcache.proxy.policy import CachePolicy
+from promptcache.proxy.domain.policy import CachePolicy
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "proxy-config.yaml"
 DELETE = object()

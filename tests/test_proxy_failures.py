@@ -46,10 +46,10 @@ from e2e import (
 )
 from harness import RunningProxy, model_config, new_key, running_proxy, settle, unique
 
-from promptcache.proxy.index import Scope
-from promptcache.proxy.index.redis import _scope_id
-from promptcache.proxy.simulator import Simulator
-from promptcache.proxy.store import Store
+from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.storage.redis import _scope_id
+from promptcache.proxy.storage.store import Store
+from promptcache.proxy.testing.simulator import Simulator
 
 UPSTREAM_TIMEOUT = 0.5
 STREAM_ERROR = "the upstream stream ended before it completed"

@@ -35,9 +35,9 @@ from e2e import (
 from harness import RunningProxy, model_config, new_key, running_proxy, settle, unique
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
 
-from promptcache.proxy.server import serving
-from promptcache.proxy.simulator import REPLY, Simulator, SimulatorSettings
-from promptcache.proxy.tokens import HuggingFaceTokenizer
+from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
+from promptcache.proxy.http.server import serving
+from promptcache.proxy.testing.simulator import REPLY, Simulator, SimulatorSettings
 
 UPSTREAM_LATENCY = 0.2
 """The Anthropic stream test's upstream takes this long to its first byte, as a real model does; the

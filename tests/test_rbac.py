@@ -35,8 +35,8 @@ from kube import (
 )
 
 import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.config import OperatorConfig
-from promptcache.operator.manifests import OperatorSettings
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings
 
 RULES = Path(__file__).resolve().parents[1] / "charts" / "promptcache" / "files" / "rbac-rules.yaml"
 NS = "rbac"

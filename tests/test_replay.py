@@ -24,12 +24,12 @@ import openai
 import pytest
 from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
-from promptcache.operator.replay import REQUESTS, Proposal, ReplayError, canonical, report, simulate
-from promptcache.proxy.classify import ChainBlock
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.requestlog import LoggedRequest, export_rows, to_json_line
-from promptcache.proxy.simulator import REPLY, Simulator
-from promptcache.proxy.tiers import TIERS
+from promptcache.operator.replay.engine import REQUESTS, Proposal, ReplayError, canonical, report, simulate
+from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.tiers import TIERS
+from promptcache.proxy.storage.requestlog import LoggedRequest, export_rows, to_json_line
+from promptcache.proxy.testing.simulator import REPLY, Simulator
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 MILLION = Decimal(1_000_000)
@@ -449,9 +449,9 @@ def synthetic_log(principals: int = 40, seed: int = 1) -> list[LoggedRequest]:
 
 REPLAY_SCRIPT = """
 import json, sys
-from promptcache.operator.replay import Proposal, canonical, report, simulate
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.requestlog import read_jsonl
+from promptcache.operator.replay.engine import Proposal, canonical, report, simulate
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.storage.requestlog import read_jsonl
 
 log, spec, override, seed, out = sys.argv[1:]
 spec, override = json.loads(spec), json.loads(override)

@@ -24,11 +24,11 @@ import pytest
 from conftest import scratch_database
 
 from promptcache.operator.cli import main
-from promptcache.operator.migrations import migrate
-from promptcache.operator.replay import Proposal, canonical, report, simulate
-from promptcache.proxy.classify import ChainBlock
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.requestlog import LoggedRequest, import_rows, read_jsonl, to_json_line
+from promptcache.operator.replay.engine import Proposal, canonical, report, simulate
+from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.storage.requestlog import LoggedRequest, import_rows, read_jsonl, to_json_line
+from promptcache.proxy.storage.schema import migrate
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)

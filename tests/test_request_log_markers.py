@@ -9,7 +9,7 @@ import openai
 from e2e import fetch, ledger_rows
 from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
-from promptcache.proxy.simulator import Simulator
+from promptcache.proxy.testing.simulator import Simulator
 
 
 async def test_automatic_breakpoints_are_billed_but_not_logged_as_sent(

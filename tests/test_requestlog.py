@@ -21,14 +21,14 @@ import pytest
 from conftest import scratch_database
 
 from promptcache.operator.cli import main
-from promptcache.operator.migrations import migrate
-from promptcache.proxy.classify import ChainBlock, candidates, classify
-from promptcache.proxy.index import Scope
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.ledger import RequestRecord
-from promptcache.proxy.policy import DEFAULT_WRITE_MULTIPLIERS, CachePolicy
-from promptcache.proxy.pricing import Tariff, reconcile
-from promptcache.proxy.requestlog import LogFormatError, LoggedRequest, parse_json_line, to_json_line
+from promptcache.proxy.domain.classify import ChainBlock, candidates, classify
+from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.domain.policy import DEFAULT_WRITE_MULTIPLIERS, CachePolicy
+from promptcache.proxy.domain.pricing import Tariff, reconcile
+from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.requestlog import LogFormatError, LoggedRequest, parse_json_line, to_json_line
+from promptcache.proxy.storage.schema import migrate
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from promptcache.proxy.blocks import STEP_BYTES, extract_blocks, hashing, parse_blocks
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.prepare import admit
-from promptcache.proxy.steps import run, run_async
-from promptcache.proxy.tokens import BlockCounter
+from promptcache.proxy.domain.blocks import STEP_BYTES, extract_blocks, hashing, parse_blocks
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.prepare import admit
+from promptcache.proxy.domain.steps import run, run_async
+from promptcache.proxy.domain.tokens import BlockCounter
 
 
 class Chars:

@@ -10,14 +10,14 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from promptcache.proxy.classify import ChainBlock, classify
-from promptcache.proxy.index import Scope
-from promptcache.proxy.index.postgres import PostgresIndex
-from promptcache.proxy.ledger import RequestRecord
+from promptcache.proxy.domain.classify import ChainBlock, classify
+from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.pricing import Tariff, reconcile
 from promptcache.proxy.metrics import Metrics
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.pricing import Tariff, reconcile
-from promptcache.proxy.store import Store
+from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.store import Store
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 

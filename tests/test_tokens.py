@@ -14,10 +14,10 @@ import tiktoken.load
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
 
-from promptcache.proxy.blocks import extract_blocks
-from promptcache.proxy.policy import CachePolicy
-from promptcache.proxy.prepare import prepare
-from promptcache.proxy.tokens import (
+from promptcache.proxy.domain.blocks import extract_blocks
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.prepare import prepare
+from promptcache.proxy.domain.tokens import (
     TIKTOKEN_PUBLISHED_SHA256,
     BlockCounter,
     HuggingFaceTokenizer,

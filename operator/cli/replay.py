@@ -1,0 +1,451 @@
+"""``promptcache replay``: what a log would have cost under a proposed policy (SPEC §9).
+
+Reads requests from a JSON Lines file (or standard input) or streams them from Postgres, filters them
+by model and time window, runs them through the replay engine and prints the result: the canonical
+result JSON (``--output json``, the default when standard output is not a terminal) or a readable
+summary (``table``). ``--plot`` draws the bootstrap distribution of savings (needs matplotlib, the
+``plot`` extra). Every bad input exits 2 with one line on standard error.
+
+The engine and numpy are imported when the command runs, so other subcommands do not load them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import IO, TYPE_CHECKING, Any
+
+import yaml
+
+from promptcache.operator.cli import _database, _fail, _open_file, _read_input, _timestamp_option
+from promptcache.proxy.domain.policy import POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
+from promptcache.proxy.domain.tiers import TIERS
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from promptcache.operator.replay.engine import Report
+    from promptcache.proxy.storage.requestlog import LoggedRequest
+
+UNITS = ("principal", "day", "request")
+_PRICE = re.compile(r"[0-9]+(\.[0-9]+)?")
+_BATCH = 1000
+"""Rows taken from the database cursor per turn of the event loop."""
+
+
+class _Stop(Exception):
+    """A failure met while the requests stream; reported as one line once the progress line is cleared."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_argument_group("input (one of)")
+    source.add_argument("--log", metavar="FILE", help="JSON Lines request log (SPEC §9), or - for standard input")
+    source.add_argument("--database", metavar="URL",
+                        help="Postgres DSN to read the request log from (default: $PROMPTCACHE_DATABASE_URL)")
+    p.add_argument("--plan-replay", metavar="NAMESPACE/NAME",
+                   help="run that PlanReplay's spec and patch the result into its status, as its Job does "
+                        "(every other option is ignored; the database is $PROMPTCACHE_DATABASE_URL)")
+    p.add_argument("--models", help="comma-separated virtual models (default: all)")
+    p.add_argument("--since", help="RFC 3339 timestamp: requests at or after it")
+    p.add_argument("--until", help="RFC 3339 timestamp: requests before it")
+    p.add_argument("--policy", metavar="FILE",
+                   help="the proposed CachePolicy YAML (resource, config with `cache:`, or bare keys)")
+    p.add_argument("--tier-override", action="append", default=[], metavar="FROM=TO",
+                   help="project recorded FROM markers as TO, e.g. 5m=1h (repeatable)")
+    p.add_argument("--price-override", action="append", default=[], metavar="MODEL=IN:OUT",
+                   help="project MODEL at IN/OUT USD per million prompt/completion tokens, e.g. "
+                        "gpt-4o=2.5:10 (repeatable; default: the prices each request was billed at)")
+    p.add_argument("--seed", default="0", help="bootstrap seed (default 0): same input and seed, same bytes")
+    p.add_argument("--iterations", default="2000", help="bootstrap resamples (default 2000)")
+    p.add_argument("--unit", default="principal", help="what the bootstrap resamples: principal (default), day "
+                                                       "or request")
+    p.add_argument("--confidence", default="0.95", help="interval level, between 0 and 1 (default 0.95)")
+    p.add_argument("--output", help="json (the canonical result) or table; default: table on a terminal, else json")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the bootstrap distribution of savings to a PNG "
+                                                      "(needs matplotlib: the `plot` extra)")
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+def _integer(args: argparse.Namespace, name: str, minimum: int) -> int:
+    text: str = getattr(args, name)
+    try:
+        value = int(text)
+    except ValueError:
+        _fail(f"invalid --{name}: {text!r} is not an integer")
+    if value < minimum:
+        _fail(f"invalid --{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        _fail(f"invalid --confidence: {text!r} is not a number")
+    if not 0 < value < 1:
+        _fail(f"invalid --confidence: must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _models(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    if not models:
+        _fail(f"--models {text!r} names no model")
+    return models
+
+
+def tier_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["5m=1h", ...]`` as a mapping; one line on stderr and exit 2 for anything else."""
+    out: dict[str, str] = {}
+    for item in items:
+        recorded, sep, projected = (part.strip() for part in item.partition("="))
+        if not sep or recorded not in TIERS or projected not in TIERS:
+            _fail(f"invalid --tier-override {item!r}: expected FROM=TO with tiers from {', '.join(TIERS)}, "
+                  "e.g. 5m=1h")
+        if recorded in out:
+            _fail(f"invalid --tier-override {item!r}: {recorded} is already mapped to {out[recorded]}")
+        out[recorded] = projected
+    return out
+
+
+def price_overrides(items: Sequence[str], models: Sequence[str] | None) -> dict[str, tuple[Decimal, Decimal]]:
+    """``["MODEL=IN:OUT", ...]`` as a mapping of decimal prices; one line on stderr and exit 2 otherwise."""
+    out: dict[str, tuple[Decimal, Decimal]] = {}
+    for item in items:
+        model, sep, prices = item.rpartition("=")
+        inp, colon, outp = prices.partition(":")
+        model = model.strip()
+        if not sep or not model or not colon or not _PRICE.fullmatch(inp) or not _PRICE.fullmatch(outp):
+            _fail(f"invalid --price-override {item!r}: expected MODEL=IN:OUT with decimal USD per million tokens, "
+                  "e.g. gpt-4o=2.5:10")
+        if model in out:
+            _fail(f"invalid --price-override {item!r}: {model} already has a price override")
+        if models is not None and model not in models:
+            _fail(f"invalid --price-override {item!r}: {model} is not one of --models {','.join(models)}")
+        out[model] = (Decimal(inp), Decimal(outp))
+    return out
+
+
+def load_proposal_policy(path: str) -> tuple[CachePolicy, dict[str, Any]]:
+    """The CachePolicy in ``path`` and its camelCase keys as given (echoed in the result's params)."""
+    try:
+        document = yaml.safe_load(_read_input(path))
+        policy = policy_from_document(document)
+    except (yaml.YAMLError, PolicyError) as exc:
+        _fail(f"invalid policy file {path}: {' '.join(str(exc).split())}")
+    spec = document
+    if isinstance(spec, Mapping) and spec.get("kind") == "CachePolicy":
+        spec = spec.get("spec")
+    elif isinstance(spec, Mapping) and "cache" in spec:
+        spec = spec["cache"]
+    # `redis` is part of a CachePolicy spec but not of what replay projects.
+    echoed = {key: value for key, value in (spec or {}).items() if key in POLICY_KEYS}
+    return policy, echoed
+
+
+# --- input ----------------------------------------------------------------------------------------
+
+
+def _window(requests: Iterable[LoggedRequest], models: Sequence[str] | None, since: datetime | None,
+            until: datetime | None, counter: list[int]) -> Iterator[LoggedRequest]:
+    """The requests ``export_rows`` would select; ``counter[0]`` counts them."""
+    wanted = None if models is None else frozenset(models)
+    for request in requests:
+        if wanted is not None and request.model not in wanted:
+            continue
+        if (since is not None and request.ts < since) or (until is not None and request.ts >= until):
+            continue
+        counter[0] += 1
+        yield request
+
+
+def _from_file(stream: IO[bytes], name: str) -> Iterator[LoggedRequest]:
+    from promptcache.proxy.storage.requestlog import LogFormatError, read_jsonl
+
+    try:
+        yield from read_jsonl(stream)
+    except LogFormatError as exc:
+        raise _Stop(f"{name}: {exc}") from None
+    except OSError as exc:
+        raise _Stop(f"cannot read {name}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _from_database(dsn: str, since: datetime | None, until: datetime | None,
+                   models: Sequence[str] | None) -> Iterator[Iterator[LoggedRequest]]:
+    """Stream ``export_rows`` into the synchronous engine: the loop runs a batch of rows at a time."""
+    import asyncpg
+
+    from promptcache.proxy.storage.requestlog import export_rows
+
+    loop = asyncio.new_event_loop()
+    conn: asyncpg.Connection[asyncpg.Record] | None = None
+    rows: AsyncIterator[LoggedRequest] | None = None
+
+    def call(coroutine: Any) -> Any:
+        try:
+            return loop.run_until_complete(coroutine)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _Stop(f"database error: {(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+
+    async def batch(source: AsyncIterator[LoggedRequest]) -> list[LoggedRequest]:
+        out = []
+        with contextlib.suppress(StopAsyncIteration):
+            for _ in range(_BATCH):
+                out.append(await anext(source))
+        return out
+
+    def stream() -> Iterator[LoggedRequest]:
+        nonlocal rows
+        assert conn is not None
+        rows = export_rows(conn, since, until, models)
+        while True:
+            chunk: list[LoggedRequest] = call(batch(rows))
+            yield from chunk
+            if len(chunk) < _BATCH:
+                return
+
+    try:
+        try:
+            conn = call(asyncpg.connect(dsn))
+        except ValueError as exc:  # a DSN asyncpg cannot parse (e.g. a port that is not a number)
+            raise _Stop(f"invalid database URL: {exc}") from None
+        yield stream()
+    finally:
+        with contextlib.suppress(Exception):
+            if rows is not None:
+                loop.run_until_complete(rows.aclose())  # type: ignore[attr-defined]
+            if conn is not None:
+                loop.run_until_complete(conn.close())
+        loop.close()
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A ``\\r`` counter on standard error, only when it is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        if self.enabled:
+            rate = done / max(time.monotonic() - self.start, 1e-9)
+            sys.stderr.write(f"\rreplaying: {done:,} requests ({rate:,.0f}/s)")
+            sys.stderr.flush()
+            self.shown = True
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\x1b[K{text}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _usd(text: str) -> str:
+    """Dollars to four significant digits, at least cents: $360.69, $3.325, $0.9164, $0.00001234."""
+    value = Decimal(text)
+    if not value:
+        return "$0"
+    places = min(8, max(2, 3 - value.copy_abs().adjusted()))
+    return f"{'-' if value < 0 else ''}${abs(value):,.{places}f}"
+
+
+def _pct(text: str, scale: int = 1) -> str:
+    if text == "NaN":
+        return "n/a"
+    return f"{(Decimal(text) * scale).quantize(Decimal('0.01'))}%"
+
+
+def _interval(bounds: Sequence[str], show: Callable[[str], str]) -> str:
+    lo, hi = bounds
+    return "n/a" if "NaN" in (lo, hi) else f"[{show(lo)}, {show(hi)}]"
+
+
+def _ratio(text: str) -> str:
+    return _pct(text, 100)
+
+
+def render_table(result: Mapping[str, Any]) -> str:
+    """The result for a person: summary with intervals, per-model rows, caveats, digest."""
+    s, iv, params = result["summary"], result["intervals"], result["params"]
+    level = f"{Decimal(repr(params['confidence'])) * 100:f}".rstrip("0").rstrip(".")
+    lines = [
+        f"Replay of {s['requests']:,} requests: {params['iterations']:,} bootstrap resamples by {params['unit']}, "
+        f"seed {params['seed']}, {level}% intervals",
+        "",
+        f"  {'':<18} {'value':>18}   {level}% interval",
+        f"  {'baseline (billed)':<18} {_usd(s['baseline_cost']):>18}",
+        f"  {'list price':<18} {_usd(s['list_cost']):>18}",
+        f"  {'projected':<18} {_usd(s['projected_cost']):>18}   {_interval(iv['projected_cost'], _usd)}",
+        f"  {'savings':<18} {_usd(s['savings']):>18}   {_interval(iv['savings'], _usd)}",
+        f"  {'savings %':<18} {_pct(s['savings_pct']):>18}   {_interval(iv['savings_pct'], _pct)}",
+        f"  {'hit rate':<18} {_ratio(s['hit_rate']):>18}   {_interval(iv['hit_rate'], _ratio)}",
+        f"  {'read token ratio':<18} {_ratio(s['read_token_ratio']):>18}   {_interval(iv['read_token_ratio'], _ratio)}",
+        "  cache writes       " + ", ".join(f"{tier} {_usd(v)}" for tier, v in s["creation_cost"].items()),
+        "",
+    ]
+    header = ("model", "requests", "baseline", "projected", "savings", "savings %", "hit rate", "read ratio")
+    rows = [header] + [
+        (m["model"], f"{m['requests']:,}", _usd(m["baseline_cost"]), _usd(m["projected_cost"]), _usd(m["savings"]),
+         _pct(m["savings_pct"]), _ratio(m["hit_rate"]), _ratio(m["read_token_ratio"]))
+        for m in result["per_model"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
+        lines.append("  " + "  ".join(cells))
+    lines.append("")
+    lines.append("Caveats:" if result["caveats"] else "Caveats: none")
+    lines.extend(f"  - {caveat}" for caveat in result["caveats"])
+    lines.append(f"Digest: sha256:{result['digest']}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _fail("--plot needs matplotlib, which is not installed: pip install 'promptcache[plot]'")
+
+
+def plot_savings(report: Report, path: str) -> None:
+    """Histogram of the bootstrap savings, with the point estimate and the interval marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def usd(text: str) -> str:  # a dollar sign is escaped, or two of them would start mathtext
+        return _usd(text).replace("$", r"\$")
+
+    result = report.result
+    replicates = np.asarray(report.savings_replicates, dtype=np.float64)
+    replicates = replicates[np.isfinite(replicates)]
+    point = float(result["summary"]["savings"])
+    lo, hi = result["intervals"]["savings"]
+    params = result["params"]
+    level = f"{params['confidence'] * 100:g}%"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    try:
+        ax.hist(replicates, bins=min(60, max(10, replicates.size // 25)), color="#8fb3d9", edgecolor="#4a6f96",
+                linewidth=0.5, label=f"{replicates.size:,} bootstrap resamples", zorder=2)
+        if "NaN" not in (lo, hi):
+            ax.axvspan(float(lo), float(hi), color="#f2c14e", alpha=0.3, zorder=1,
+                       label=f"{level} interval [{usd(lo)}, {usd(hi)}]")
+            for bound in (lo, hi):
+                ax.axvline(float(bound), color="#c98a00", linestyle="--", linewidth=1.2)
+        ax.axvline(point, color="#b22222", linewidth=2, label=f"point estimate {usd(result['summary']['savings'])}")
+        if min(point, float(replicates.min(initial=point))) < 0 < max(point, float(replicates.max(initial=point))):
+            ax.axvline(0, color="black", linewidth=0.8)
+        summary = result["summary"]
+        ax.set_title(f"Projected savings: {summary['requests']:,} requests, {_pct(summary['savings_pct'])} of "
+                     f"baseline {usd(summary['baseline_cost'])}\nbootstrap by {params['unit']}, seed "
+                     f"{params['seed']}", fontsize=10)
+        ax.set_xlabel("savings, USD (baseline - projected; negative: the policy costs more)")
+        ax.set_ylabel("resamples")
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        try:
+            fig.savefig(path, format="png")
+        except OSError as exc:
+            _fail(f"cannot write {path}: {exc}")
+    finally:
+        plt.close(fig)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if args.plan_replay is not None:
+        from promptcache.operator.handlers.planreplay import job_main
+
+        return job_main(args.plan_replay)
+    from promptcache.operator.replay.engine import Proposal, ReplayError, canonical, report, simulate
+
+    if args.log is not None and args.database is not None:
+        _fail("pass one of --log and --database, not both")
+    if args.log is None and not args.database and not os.environ.get("PROMPTCACHE_DATABASE_URL"):
+        _fail("no input: pass --log FILE or --database URL (or set PROMPTCACHE_DATABASE_URL)")
+    if args.policy is None:
+        _fail("no policy: pass --policy FILE (a CachePolicy YAML)")
+    if args.unit not in UNITS:
+        _fail(f"invalid --unit {args.unit!r}: must be one of {', '.join(UNITS)}")
+    output = args.output or ("table" if sys.stdout.isatty() else "json")
+    if output not in ("json", "table"):
+        _fail(f"invalid --output {output!r}: must be json or table")
+    if args.log == "-" and args.policy == "-":
+        _fail("--log and --policy cannot both be standard input")
+    seed = _integer(args, "seed", 0)
+    iterations = _integer(args, "iterations", 1)
+    confidence = _confidence(args.confidence)
+    since, until = _timestamp_option(args, "since"), _timestamp_option(args, "until")
+    if since is not None and until is not None and since >= until:
+        _fail(f"--since {args.since} is not before --until {args.until}")
+    models = _models(args.models)
+    tiers = tier_overrides(args.tier_override)
+    prices = price_overrides(args.price_override, models)
+    if args.plot is not None:
+        _check_matplotlib()
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            _fail(f"cannot write {args.plot}: no directory {folder}")
+    policy, spec = load_proposal_policy(args.policy)
+    proposal = Proposal(policy, spec, tiers, prices)
+
+    selected = [0]
+    progress = _Progress()
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.log is not None:
+                stream = sys.stdin.buffer if args.log == "-" else stack.enter_context(_open_file(args.log, "rb"))
+                source = _from_file(stream, "standard input" if args.log == "-" else args.log)
+            else:
+                source = stack.enter_context(_from_database(_database(args), since, until, models))
+            sim = simulate(_window(source, models, since, until, selected), proposal, args.unit, progress)
+        if selected[0] == 0:
+            raise _Stop("no logged requests in the selected window" + _describe(args))
+        progress.note(f"bootstrapping: {iterations:,} resamples of {len(sim.clusters):,} clusters")
+        result = report(sim, proposal, seed=seed, iterations=iterations, unit=args.unit, confidence=confidence)
+    except (_Stop, ReplayError) as exc:
+        progress.clear()
+        _fail(str(exc))
+    finally:
+        progress.clear()
+    if args.plot is not None:
+        plot_savings(result, args.plot)
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.write(canonical(result.result) + "\n" if output == "json" else render_table(result.result))
+        sys.stdout.flush()
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> str:
+    """The selection, for an empty-window message."""
+    parts = [f"{flag} {value}" for flag, value in (("--models", args.models), ("--since", args.since),
+                                                   ("--until", args.until)) if value is not None]
+    return f" ({', '.join(parts)})" if parts else ""

@@ -1,0 +1,45 @@
+"""The operator's timers (SPEC §11): sweep expired cache entries, enforce request-log retention.
+
+Both delete in bounded batches, so a large backlog never holds long locks, and both are safe to
+run from several operators at once (a row is deleted once; the others find nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from promptcache.proxy.domain.entries import IndexUnavailable
+from promptcache.proxy.storage.postgres import PostgresIndex
+
+_log = logging.getLogger("promptcache.housekeeping")
+
+
+@dataclass(frozen=True)
+class Housekeeping:
+    interval: timedelta = timedelta(minutes=5)
+    grace: timedelta = timedelta(hours=1)
+    """Expired entries are kept this long after expiry (the replay and debugging window)."""
+    log_retention: timedelta = timedelta(days=30)
+    batch: int = 5000
+
+
+async def run_once(pg: PostgresIndex, settings: Housekeeping, now: datetime | None = None) -> tuple[int, int]:
+    """(entries swept, log rows purged)."""
+    now = now or datetime.now(UTC)
+    swept = await pg.sweep_expired(settings.grace, settings.batch, now)
+    purged = await pg.purge_request_log(now - settings.log_retention, settings.batch)
+    return swept, purged
+
+
+async def loop(pg: PostgresIndex, settings: Housekeeping) -> None:
+    while True:
+        try:
+            swept, purged = await run_once(pg, settings)
+            if swept or purged:
+                _log.info("housekeeping: swept %d expired entries, purged %d request-log rows", swept, purged)
+        except IndexUnavailable as exc:
+            _log.warning("housekeeping skipped, Postgres unavailable: %s", exc)
+        await asyncio.sleep(settings.interval.total_seconds())

@@ -1,0 +1,229 @@
+"""The Kubernetes objects the operator owns: a DeployedModel's proxy ConfigMap, Deployment and Service,
+and the Job of a PlanReplay too large to run in the operator.
+
+Pure functions of the resource and the operator's settings, so reconciling is "compute what
+should exist, make it so" and a restart mid-way converges on the same objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from promptcache.operator.handlers.render import CONFIG_DIR, CONFIG_FILE, TOKENIZER_DIR, UPSTREAM_KEY_ENV, Rendered
+
+PREFIX = "promptcache.io"
+CHECKSUM_ANNOTATION = f"{PREFIX}/config-checksum"
+MODEL_LABEL = f"{PREFIX}/deployedmodel"
+PROXY_PORT = 8080
+SERVICE_PORT = 80
+PROXY_UID = 10001
+DEFAULT_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+GENERATION_ANNOTATION = f"{PREFIX}/generation"
+"""On a replay Job and report: the PlanReplay generation it was started for."""
+WINDOW_ANNOTATION = f"{PREFIX}/window"
+"""On a replay report: the window replayed, as an RFC 3339 interval ``start/end``."""
+REPORT_KEY = "result.json"
+REPLAY_APP = "promptcache-replay"
+REPLAY_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
+_NAME_LIMIT = 63
+"""A Job's name is also a label value on its pods."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    proxy_image: str = "ghcr.io/promptcache/promptcache:0.1.0"
+    database_secret: str | None = None
+    """``name/key`` of the Secret holding the Postgres DSN the proxies use."""
+    redis_url: str | None = None
+    redis_prefix: str = "promptcache:"
+    replay_service_account: str | None = None
+    """The ServiceAccount replay Jobs run as (in the PlanReplay's namespace); None: the namespace's default."""
+
+
+def names(model: str) -> dict[str, str]:
+    return {"configmap": f"{model}-proxy-config", "deployment": f"{model}-proxy", "service": f"{model}-proxy"}
+
+
+def labels(model: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "promptcache-proxy",
+        "app.kubernetes.io/instance": model,
+        "app.kubernetes.io/managed-by": "promptcache-operator",
+        MODEL_LABEL: model,
+    }
+
+
+def selector(model: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "promptcache-proxy", MODEL_LABEL: model}
+
+
+def endpoint(model: str, namespace: str, api: str) -> str:
+    """The base URL clients give their SDK: OpenAI's includes ``/v1``, Anthropic's does not."""
+    base = f"http://{names(model)['service']}.{namespace}.svc:{SERVICE_PORT}"
+    return base + "/v1" if api == "openai" else base
+
+
+def config_map(model: str, namespace: str, rendered: Rendered) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": names(model)["configmap"], "namespace": namespace, "labels": labels(model)},
+        "data": {CONFIG_FILE: rendered.yaml},
+    }
+
+
+def service(model: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": names(model)["service"], "namespace": namespace, "labels": labels(model)},
+        "spec": {
+            "selector": selector(model),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _secure_container() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": PROXY_UID,
+        "runAsGroup": PROXY_UID,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _database_env(settings: OperatorSettings) -> list[dict[str, Any]]:
+    if not settings.database_secret:
+        return []
+    secret, _, key = settings.database_secret.partition("/")
+    return [{"name": "PROMPTCACHE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key or "dsn"}}}]
+
+
+def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    proxy = spec.get("proxy") or {}
+    env: list[dict[str, Any]] = [{"name": "PROMPTCACHE_REDIS_PREFIX", "value": settings.redis_prefix}]
+    env.extend(_database_env(settings))
+    if settings.redis_url:
+        env.append({"name": "PROMPTCACHE_REDIS_URL", "value": settings.redis_url})
+    key_ref = (spec.get("upstream") or {}).get("apiKeySecretRef")
+    if key_ref:
+        env.append({"name": UPSTREAM_KEY_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": key_ref["name"], "key": key_ref["key"]}}})
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "tmp", "mountPath": "/tmp"}]
+    if (spec.get("tokenizer") or {}).get("configMapRef"):
+        mounts.append({"name": "tokenizer", "mountPath": TOKENIZER_DIR, "readOnly": True})
+    return {
+        "name": "proxy",
+        "image": proxy.get("image") or settings.proxy_image,
+        "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(PROXY_PORT), "--no-manage-tariffs"],
+        "ports": [{"name": "http", "containerPort": PROXY_PORT, "protocol": "TCP"}],
+        "env": env,
+        "volumeMounts": mounts,
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "resources": proxy.get("resources") or DEFAULT_RESOURCES,
+        "securityContext": _secure_container(),
+    }
+
+
+def deployment(model: str, namespace: str, spec: Mapping[str, Any], rendered: Rendered,
+               settings: OperatorSettings) -> dict[str, Any]:
+    """Gateway mode: proxy pods in front of ``upstream.url``. Sidecar mode: the proxy beside the server."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names(model)["configmap"]}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    ref = (spec.get("tokenizer") or {}).get("configMapRef")
+    if ref:
+        volumes.append({"name": "tokenizer", "configMap": {"name": ref["name"]}})
+    containers = [_proxy_container(spec, settings)]
+    if rendered.sidecar:
+        containers.append(dict(spec["server"]))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": names(model)["deployment"], "namespace": namespace, "labels": labels(model)},
+        "spec": {
+            "replicas": (spec.get("proxy") or {}).get("replicas", 2),
+            "selector": {"matchLabels": selector(model)},
+            "template": {
+                "metadata": {"labels": labels(model), "annotations": {CHECKSUM_ANNOTATION: rendered.checksum}},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "fsGroup": PROXY_UID,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "automountServiceAccountToken": False,
+                    "containers": containers,
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def replay_names(replay: str) -> dict[str, str]:
+    job = f"{replay}-replay"
+    if len(job) > _NAME_LIMIT:
+        digest = hashlib.sha256(replay.encode()).hexdigest()[:8]
+        job = f"{replay[:_NAME_LIMIT - 16].rstrip('-.')}-{digest}-replay"
+    return {"job": job, "configmap": f"{replay}-report"}
+
+
+def replay_job(replay: str, namespace: str, generation: int, settings: OperatorSettings) -> dict[str, Any]:
+    """``promptcache replay --plan-replay NS/NAME`` in the operator's image; it patches the result itself.
+
+    A failed pod is retried twice (the database may be back), and the finished Job is kept for a day
+    so its logs can be read.
+    """
+    labels = {"app.kubernetes.io/name": REPLAY_APP, "app.kubernetes.io/managed-by": "promptcache-operator"}
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {"runAsNonRoot": True, "fsGroup": PROXY_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": True,  # it reads the PlanReplay and writes its status
+        "containers": [{
+            "name": "replay",
+            "image": settings.proxy_image,
+            "args": ["replay", "--plan-replay", f"{namespace}/{replay}"],
+            "env": _database_env(settings),
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            "resources": REPLAY_RESOURCES,
+            "securityContext": _secure_container(),
+        }],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if settings.replay_service_account:
+        pod["serviceAccountName"] = settings.replay_service_account
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": replay_names(replay)["job"], "namespace": namespace, "labels": labels,
+                     "annotations": {GENERATION_ANNOTATION: str(generation)}},
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+def replay_report(replay: str, namespace: str, generation: int, window: str, result: str) -> dict[str, Any]:
+    """One run's full result (per-model figures and params, more than a status should hold) as the canonical
+    JSON ``promptcache replay --output json`` prints; it names the generation and window it is for."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": replay_names(replay)["configmap"],
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": REPLAY_APP, "app.kubernetes.io/managed-by": "promptcache-operator"},
+            "annotations": {GENERATION_ANNOTATION: str(generation), WINDOW_ANNOTATION: window},
+        },
+        "data": {REPORT_KEY: result},
+    }

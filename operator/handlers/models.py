@@ -1,0 +1,131 @@
+"""Reconcile a DeployedModel (SPEC §11): config, Deployment, Service, tariff, and its status.
+
+Level-based: every run computes the objects that should exist from the spec and the policy,
+converges the live ones onto them and reports what it found, so a run interrupted anywhere
+is repaired by the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from promptcache.operator.handlers import manifests
+from promptcache.operator.handlers.conditions import Condition, merge, stalled
+from promptcache.operator.handlers.kube import Kube
+from promptcache.operator.handlers.render import SpecError, policy_key, render
+from promptcache.proxy import policybus
+from promptcache.proxy.domain.entries import IndexUnavailable
+from promptcache.proxy.domain.pricing import Tariff
+from promptcache.proxy.storage.postgres import PostgresIndex
+
+_log = logging.getLogger("promptcache.operator.handlers.models")
+
+
+@dataclass
+class Outcome:
+    """The status to write, and the one event a user should see (None when nothing changed)."""
+
+    status: dict[str, Any]
+    event: tuple[str, str, str] | None = None
+    conditions: list[Condition] = field(default_factory=list)
+
+
+def deployment_ready(deployment: Mapping[str, Any] | None) -> Condition:
+    """Ready follows the Deployment: every desired replica updated and available."""
+    if deployment is None:
+        return Condition("Ready", False, "DeploymentMissing", "the proxy Deployment does not exist yet")
+    want = (deployment.get("spec") or {}).get("replicas", 1)
+    status = deployment.get("status") or {}
+    available = status.get("availableReplicas", 0) or 0
+    updated = status.get("updatedReplicas", 0) or 0
+    if want == 0:
+        return Condition("Ready", False, "ScaledToZero", "spec.proxy.replicas is 0")
+    if available >= want and updated >= want:
+        return Condition("Ready", True, "DeploymentAvailable", f"{available}/{want} proxy replicas available")
+    return Condition("Ready", False, "DeploymentProgressing", f"{available}/{want} proxy replicas available")
+
+
+def policy_name(spec: Mapping[str, Any]) -> str:
+    return str((spec.get("cachePolicyRef") or {}).get("name") or "")
+
+
+async def reconcile(body: kopf.Body, kube: Kube, pg: PostgresIndex | None, redis: aioredis.Redis | None,
+                    settings: manifests.OperatorSettings) -> Outcome:
+    """The policy is read from the API, not a cache: reconciles of one model run one after another,
+    so each writes a tariff from a policy at least as new as the previous one's."""
+    namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
+    spec = dict(body.spec)
+    generation = body.metadata.get("generation")
+    current = body.status.get("conditions")
+    policy_ref = policy_name(spec)
+    policy_obj = await kube.get_resource("cachepolicies", namespace, policy_ref) if policy_ref else None
+    policy = (policy_obj or {}).get("spec") if policy_obj else None
+
+    def stop(reason: str, message: str) -> Outcome:
+        conditions = stalled(reason, message)
+        return Outcome({"observedGeneration": generation, "conditions": merge(current, conditions, generation)},
+                       ("Warning", reason, message), conditions)
+
+    if policy is None:
+        return stop("CachePolicyNotFound", f"CachePolicy {namespace}/{policy_ref} does not exist")
+    try:
+        rendered = render(namespace, spec, policy_ref, policy)
+    except SpecError as exc:
+        return stop(exc.reason, str(exc))
+    objects = [manifests.config_map(name, namespace, rendered), manifests.service(name, namespace),
+               manifests.deployment(name, namespace, spec, rendered, settings)]
+    kopf.adopt(objects, owner=body)
+    changes = [await kube.converge(obj) for obj in objects]
+    model = rendered.config.models[spec["alias"]]
+    tariff_version: int | None = None
+    if pg is not None:
+        wanted = Tariff.for_policy(model.alias, model.input_per_mtok, model.output_per_mtok, model.policy)
+        try:
+            tariff_version = (await pg.set_tariff(wanted, datetime.now(UTC))).version
+        except IndexUnavailable as exc:
+            raise kopf.TemporaryError(f"cannot record the tariff, Postgres unavailable: {exc}", delay=10) from exc
+        known = ((policy_obj or {}).get("status") or {}).get("tariffVersions") or {}
+        if known.get(model.alias) != tariff_version:
+            await kube.patch_resource_status("cachepolicies", namespace, policy_ref,
+                                             {"tariffVersions": {model.alias: tariff_version}})
+    if redis is not None:
+        with contextlib.suppress(RedisError, OSError):  # proxies re-read tariffs on their own timer too
+            await policybus.publish(redis, settings.redis_prefix, policy_key(namespace, policy_ref),
+                                    {k: v for k, v in policy.items() if k != "redis"})
+    ready = deployment_ready(await kube.deployment(namespace, manifests.names(name)["deployment"]))
+    conditions = [ready, Condition("Stalled", False, "Reconciled", ""),
+                  Condition("Reconciling", not ready.status, ready.reason, ready.message)]
+    status = {
+        "observedGeneration": generation,
+        "conditions": merge(current, conditions, generation),
+        "endpoint": manifests.endpoint(name, namespace, model.upstream.api),
+        "configChecksum": rendered.checksum,
+        "mode": "sidecar" if rendered.sidecar else "gateway",
+    }
+    if tariff_version is not None:
+        status["tariffVersion"] = tariff_version
+    event = None
+    if "created" in changes or "updated" in changes or body.status.get("configChecksum") != rendered.checksum:
+        event = ("Normal", "Rendered", f"proxy config {rendered.checksum[:12]} applied ({status['mode']} mode)")
+    return Outcome(status, event, conditions)
+
+
+async def forget_tariff(kube: Kube, namespace: str, spec: Mapping[str, Any]) -> None:
+    """Remove a deleted model's entry from its policy's ``status.tariffVersions`` (merge patch: null deletes)."""
+    ref, alias = policy_name(spec), spec.get("alias")
+    if ref and alias and await kube.get_resource("cachepolicies", namespace, ref) is not None:
+        await kube.patch_resource_status("cachepolicies", namespace, ref, {"tariffVersions": {alias: None}})
+
+
+async def close_tariff(pg: PostgresIndex | None, spec: Mapping[str, Any]) -> None:
+    if pg is not None and spec.get("alias"):
+        await pg.close_tariff(str(spec["alias"]), datetime.now(UTC))

@@ -1,0 +1,559 @@
+"""The HTTP surface (SPEC §8): OpenAI and Anthropic endpoints with cache-aware billing.
+
+For each request: authenticate, parse, validate markers (400 before anything is forwarded),
+then forward upstream at once while the prefix chain is hashed, counted and looked up
+concurrently, bounded by the classify deadline. The bill is settled when the upstream's usage
+arrives and committed off the response path, only for a complete 2xx response the client received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from promptcache.proxy.config import ModelConfig, ProxyConfig
+from promptcache.proxy.domain.blocks import Api
+from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify
+from promptcache.proxy.domain.entries import IndexUnavailable, Scope
+from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
+from promptcache.proxy.domain.prepare import Admission, admit
+from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
+from promptcache.proxy.domain.steps import run_async
+from promptcache.proxy.http import jsonio
+from promptcache.proxy.http.apierrors import error_response
+from promptcache.proxy.http.sse import encode, events
+from promptcache.proxy.http.usage import rewrite, upstream_totals
+from promptcache.proxy.metrics import Metrics
+from promptcache.proxy.runtime import ModelRuntime, Runtimes
+from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.store import Store
+
+_log = logging.getLogger("promptcache.proxy")
+
+CLIENT_CLOSED = 499
+"""Status logged when the client went away before the response was complete (nginx's convention)."""
+ANTHROPIC_VERSION = "2023-06-01"
+REQUEST_ID = web.RequestKey("request_id", str)
+class _Reject(Exception):
+    """A request the proxy answers itself, in the calling API's error shape."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class Exchange:
+    """One request in flight: what it asked, what we know so far, and what it will commit."""
+
+    request_id: str
+    api: Api
+    started_at: datetime
+    t0: float
+    runtime: ModelRuntime
+    scope: Scope
+    admission: Admission
+    chain: list[ChainBlock] = field(default_factory=list)
+    sent: list[str | None] = field(default_factory=list)
+    """The client's breakpoint tier per chain block, for the request log."""
+    classification: asyncio.Task[Classification | None] | None = None
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.runtime.config
+
+    async def settled(self) -> Classification | None:
+        """The classification, or None (list price) if there is none or it failed unexpectedly."""
+        if self.classification is None:
+            return None
+        try:
+            return await self.classification
+        except Exception:
+            _log.exception("classification failed; billing list price", extra={"request_id": self.request_id})
+            return None
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig, store: Store, metrics: Metrics, *, degraded_ok: bool = False) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.degraded_ok = degraded_ok
+        self.runtimes = Runtimes()
+        self.http: aiohttp.ClientSession | None = None
+        self.commits: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1024**3, middlewares=[self._request_id])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, _: web.Application) -> None:
+        self.http = aiohttp.ClientSession(auto_decompress=True)
+
+    async def _cleanup(self, _: web.Application) -> None:
+        if self.commits:
+            await asyncio.gather(*self.commits, return_exceptions=True)
+        if self.http is not None:
+            await self.http.close()
+
+    def apply_config(self, config: ProxyConfig, tariffs: Mapping[str, Tariff]) -> None:
+        self.runtimes.apply(config, tariffs)
+        self.config = config
+
+    @web.middleware
+    async def _request_id(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        request[REQUEST_ID] = "req_" + uuid.uuid4().hex
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # the router's own 404 / 405
+            exc.headers["x-request-id"] = request[REQUEST_ID]
+            raise
+        if not response.prepared:
+            response.headers["x-request-id"] = request[REQUEST_ID]
+        return response
+
+    # -- operational endpoints ---------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The aliases, in Anthropic's list shape for its SDK (it sends anthropic-version), else OpenAI's."""
+        aliases = list(self.config.models)
+        if "anthropic-version" in request.headers:
+            data = [{"type": "model", "id": a, "display_name": a, "created_at": "1970-01-01T00:00:00Z"}
+                    for a in aliases]
+            return web.json_response({"data": data, "has_more": False, "first_id": aliases[0] if aliases else None,
+                                      "last_id": aliases[-1] if aliases else None})
+        listing = [{"id": a, "object": "model", "created": 0, "owned_by": "promptcache"} for a in aliases]
+        return web.json_response({"object": "list", "data": listing})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        postgres = "up"
+        try:
+            if self.store.pg is None:
+                raise IndexUnavailable("postgres", "not configured")
+            await self.store.pg.ping()
+        except IndexUnavailable as exc:
+            postgres = f"down: {exc}"
+        ready = postgres == "up" or self.degraded_ok
+        body = {"status": "ready" if ready else "not ready", "config": self.config.digest[:12],
+                "postgres": postgres, "degraded": postgres != "up", "commit_queue": len(self.store.queue)}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- the API endpoints -------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, "openai")
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, "anthropic")
+
+    async def handle(self, request: web.Request, api: Api) -> web.StreamResponse:
+        request_id = request[REQUEST_ID]
+        try:
+            exchange, body = await self._admit(request, api)
+        except _Reject as rej:
+            outcome = "rejected_" + str(rej.status)
+            self.metrics.requests.labels(api, "-", outcome).inc()
+            _log.info("rejected", extra={"request_id": request_id, "status": rej.status, "reason": str(rej)})
+            return error_response(api, rej.status, str(rej), rej.code, request_id)
+        try:
+            if body.get("stream") is True:
+                return await self._stream(request, exchange, body)
+            return await self._complete(request, exchange)
+        except Exception:
+            _log.exception("unexpected failure", extra={"request_id": request_id})
+            if exchange.classification is not None:
+                exchange.classification.cancel()
+            return error_response(api, 502, "the proxy could not complete this request", None, request_id)
+
+    async def _admit(self, request: web.Request, api: Api) -> tuple[Exchange, dict[str, Any]]:
+        config = self.config
+        principal = await self._principal(request)
+        body = await self._body(request, config.limits.max_body_bytes)
+        alias = body.get("model")
+        if not isinstance(alias, str) or not alias:
+            raise _Reject(400, "model must be a non-empty string")
+        runtime = self.runtimes.models.get(alias)
+        if runtime is None:
+            raise _Reject(404, f"model {alias!r} does not exist; see GET /v1/models")
+        model = runtime.config
+        if model.upstream.api != api:
+            other = "/v1/chat/completions" if model.upstream.api == "openai" else "/v1/messages"
+            raise _Reject(400, f"model {alias!r} is served over the {model.upstream.api} API; use {other}")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise _Reject(400, "stream must be true or false")
+        if api == "openai" and body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+            raise _Reject(400, "stream_options must be an object")
+        try:
+            admission = admit(body, api, model.policy, model.upstream.forward_cache_control)
+        except InvalidCacheControl as exc:
+            self.metrics.markers_rejected.labels(exc.rule).inc()
+            raise _Reject(400, str(exc), exc.code) from None
+        except BadRequest as exc:
+            raise _Reject(400, str(exc)) from None
+        scope = Scope(principal, alias, runtime.tokenizer_version)
+        exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
+                            admission)
+        return exchange, body
+
+    async def _principal(self, request: web.Request) -> str:
+        auth = self.config.auth
+        if auth.mode == "header":
+            principal = request.headers.get(auth.header, "").strip()
+            if not principal:
+                raise _Reject(401, f"missing trusted principal header {auth.header}")
+            return principal
+        key = request.headers.get("x-api-key", "").strip()
+        bearer = request.headers.get("authorization", "")
+        if not key and bearer.lower().startswith("bearer "):
+            key = bearer[7:].strip()
+        if not key:
+            raise _Reject(401, "missing API key: send Authorization: Bearer <key> or x-api-key")
+        try:
+            known = await self.store.principal_for_key(key)
+        except IndexUnavailable:
+            self.metrics.index_fallbacks.labels("auth_unavailable").inc()
+            raise _Reject(503, "cannot verify API keys right now; retry shortly") from None
+        if known is None:
+            raise _Reject(401, "invalid API key")
+        return known
+
+    @staticmethod
+    async def _body(request: web.Request, limit: int) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > limit:
+            raise _Reject(413, f"request body is larger than the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:  # read() returns what has arrived so far, not n bytes
+            chunk = await request.content.read(limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise _Reject(413, f"request body is larger than the {limit}-byte limit")
+        raw = b"".join(chunks)
+        try:
+            body = jsonio.loads_text(raw)
+        except jsonio.UnpairedSurrogate as exc:
+            raise _Reject(400, f"request body {exc}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _Reject(400, "request body is nested too deeply") from None
+        if not isinstance(body, dict):
+            raise _Reject(400, "request body must be a JSON object")
+        return body
+
+    # -- classification, concurrent with the upstream call ----------------------------------
+
+    def _start_classification(self, ex: Exchange) -> None:
+        counter = ex.runtime.counter
+        if counter is None:
+            self.metrics.index_fallbacks.labels("no_tokenizer").inc()
+            return
+        ex.classification = asyncio.create_task(self._classify(ex))
+
+    async def _classify(self, ex: Exchange) -> Classification | None:
+        """The cache split, or None (list price) when the index fails or the deadline passes."""
+        counter = ex.runtime.counter
+        assert counter is not None
+        # Hashing takes a core: start it a moment after the forward, so it overlaps the model's latency
+        # instead of competing with the request's upload or the upstream reading it, and in steps, so
+        # a large body still uploading is not held up.
+        await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
+        start = time.perf_counter()  # classify_seconds: the work (hash, count, look up), not the wait for it
+        prepared = await run_async(ex.admission.preparing(counter))
+        ex.chain, ex.sent = prepared.chain or [], prepared.sent
+        policy = ex.model.policy
+        wanted = candidates(ex.chain, policy)
+        if not wanted:
+            return classify(ex.chain, {}, policy, ex.started_at)
+        deadline = self.config.limits.classify_deadline_seconds - (time.perf_counter() - ex.t0)
+        lookup_start = time.perf_counter()
+        # Shielded, and cancelled without waiting on it: a cancelled query's connection clean-up
+        # (asyncpg waits for the server to acknowledge the cancel) must not hold the bill past the deadline.
+        lookup = asyncio.ensure_future(self.store.lookup(ex.scope, wanted, ex.started_at))
+        try:
+            async with asyncio.timeout(max(deadline, 0.0)):
+                found = await asyncio.shield(lookup)
+        except TimeoutError:
+            self.metrics.index_fallbacks.labels("deadline").inc()
+            return None
+        except IndexUnavailable as exc:
+            self.metrics.index_fallbacks.labels(exc.reason).inc()
+            return None
+        finally:
+            lookup.cancel()
+        self.metrics.lookup_seconds.observe(time.perf_counter() - lookup_start)
+        result = classify(ex.chain, found, policy, ex.started_at)
+        self.metrics.classify_seconds.observe(time.perf_counter() - start)
+        return result
+
+    # -- upstream ----------------------------------------------------------------------------
+
+    def _upstream_request(self, ex: Exchange, request: web.Request, body: dict[str, Any]) -> Any:
+        up = ex.model.upstream
+        headers = {"content-type": "application/json"}
+        secret = os.environ.get(up.api_key_env) if up.api_key_env else None
+        if up.api == "anthropic":
+            headers["anthropic-version"] = request.headers.get("anthropic-version", ANTHROPIC_VERSION)
+            if "anthropic-beta" in request.headers:
+                headers["anthropic-beta"] = request.headers["anthropic-beta"]
+            if secret:
+                headers["x-api-key"] = secret
+        elif secret:
+            headers["authorization"] = f"Bearer {secret}"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                        sock_read=self.config.limits.upstream_timeout_seconds)
+        assert self.http is not None
+        return self.http.post(up.endpoint, data=jsonio.dumps(body), headers=headers,
+                              timeout=timeout)
+
+    def _forward_body(self, ex: Exchange) -> dict[str, Any]:
+        body = dict(ex.admission.forward)
+        body["model"] = ex.model.upstream.model
+        if ex.api == "openai" and body.get("stream") is True:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    async def _upstream_failed(self, ex: Exchange, status: int, message: str) -> web.Response:
+        self._finish(ex, status, None, "upstream_" + str(status))
+        return error_response(ex.api, status, message, None, ex.request_id)
+
+    async def _complete(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        forward = self._forward_body(ex)
+        self._start_classification(ex)
+        try:
+            async with self._upstream_request(ex, request, forward) as upstream:
+                raw = await upstream.read()
+                status = upstream.status
+        except TimeoutError:
+            return await self._upstream_failed(ex, 504, "the upstream model timed out")
+        except aiohttp.ClientError as exc:
+            return await self._upstream_failed(ex, 502, f"the upstream model is unreachable: {exc}")
+        self.metrics.upstream_seconds.labels(ex.model.alias).observe(time.perf_counter() - ex.t0)
+        if status >= 300:
+            return await self._relay_error(ex, status, raw)
+        try:
+            data = jsonio.loads(raw)
+        except ValueError:
+            return await self._upstream_failed(ex, 502, "the upstream model answered with invalid JSON")
+        totals = upstream_totals(data.get("usage") if isinstance(data, dict) else None, ex.api)
+        if totals is None:
+            self._finish(ex, 502, None, "no_usage")
+            return error_response(ex.api, 502, "the upstream model reported no usage", None, ex.request_id)
+        split = reconcile(*totals, await ex.settled())
+        data["usage"] = rewrite(split, data["usage"], ex.api)
+        if request.transport is None or request.transport.is_closing():
+            self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
+            return web.Response(status=CLIENT_CLOSED)
+        response = web.Response(body=jsonio.dumps(data), content_type="application/json",
+                                headers={"x-request-id": ex.request_id})
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
+            return response
+        self._finish(ex, 200, split, "ok")  # after the answer is out: the commit never delays it
+        return response
+
+    async def _relay_error(self, ex: Exchange, status: int, raw: bytes) -> web.Response:
+        """An upstream 4xx is the client's business (passed through); a 5xx is a bad gateway."""
+        if ex.classification is not None:
+            ex.classification.cancel()
+        if status < 500:
+            self._finish(ex, status, None, "upstream_" + str(status))
+            return web.Response(status=status, body=raw, content_type="application/json",
+                                headers={"x-request-id": ex.request_id})
+        detail = raw[:500].decode("utf-8", errors="replace")
+        return await self._upstream_failed(ex, 502, f"the upstream model failed with HTTP {status}: {detail}")
+
+    async def _stream(self, request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        forward = self._forward_body(ex)
+        response: web.StreamResponse | None = None
+        status, split, outcome = 502, None, "upstream_disconnect"
+        self._start_classification(ex)
+        try:
+            async with self._upstream_request(ex, request, forward) as upstream:
+                self.metrics.upstream_seconds.labels(ex.model.alias).observe(time.perf_counter() - ex.t0)
+                if upstream.status >= 300:
+                    return await self._relay_error(ex, upstream.status, await upstream.read())
+                if request.transport is None or request.transport.is_closing():  # gone before the first byte
+                    self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
+                    return web.Response(status=CLIENT_CLOSED)
+                response = web.StreamResponse(headers={
+                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": ex.request_id})
+                await response.prepare(request)
+                rewriter = _StreamRewriter(ex, wants_usage)
+                async for event in events(upstream.content):
+                    out = await rewriter.rewrite(event)
+                    if out:
+                        try:
+                            await response.write(out)
+                        except (ConnectionError, aiohttp.ClientConnectionResetError):
+                            status, outcome = CLIENT_CLOSED, "client_disconnect"
+                            break
+                else:
+                    if rewriter.complete:
+                        status, split, outcome = 200, rewriter.split, "ok"
+        except TimeoutError:
+            status, outcome = 504, "upstream_timeout"
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            if response is None:
+                return await self._upstream_failed(ex, 502, f"the upstream model is unreachable: {exc}")
+        if response is None:
+            return await self._upstream_failed(ex, status, "the upstream model timed out")
+        if status != 200 and status != CLIENT_CLOSED:
+            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                await response.write(_stream_error(ex.api, "the upstream stream ended before it completed"))
+        self._finish(ex, status, split, outcome)
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await response.write_eof()
+        return response
+
+    # -- settling ----------------------------------------------------------------------------
+
+    def _finish(self, ex: Exchange, status: int, split: Split | None, outcome: str) -> None:
+        """Record the outcome and commit in the background: billed only for a complete 2xx with usage."""
+        model = ex.model.alias
+        self.metrics.requests.labels(ex.api, model, outcome).inc()
+        classification: Classification | None = None
+        if split is None:
+            split = Split(0, 0)
+            if ex.classification is not None and not ex.classification.done():
+                ex.classification.cancel()
+        elif ex.classification is not None and ex.classification.done() and not ex.classification.cancelled():
+            classification = ex.classification.result()
+        record = RequestRecord(
+            request_id=ex.request_id, started_at=ex.started_at, scope=ex.scope, api=ex.api, status=status,
+            split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.sent if ex.chain else None,
+            classification=classification if split.cache_valid else None,
+            latency_ms=(time.perf_counter() - ex.t0) * 1000,
+        )
+        if record.billable:
+            self.metrics.read_tokens.labels(model).inc(split.read)
+            for tier, tokens in split.creation.items():
+                if tokens:
+                    self.metrics.creation_tokens.labels(model, tier).inc(tokens)
+            self.metrics.billed_cost.labels(model).inc(float(record.cost))
+            self.metrics.list_cost.labels(model).inc(float(record.list_cost))
+        _log.info("request", extra={
+            "request_id": ex.request_id, "principal": ex.scope.principal_id, "model": model, "status": status,
+            "outcome": outcome, "prompt_tokens": split.prompt, "read_tokens": split.read,
+            "creation_tokens": split.creation_tokens, "cost": str(record.cost) if record.billable else None,
+        })
+        task = self.store.submit(record)
+        self.commits.add(task)
+        task.add_done_callback(self.commits.discard)
+
+
+class _StreamRewriter:
+    """Rewrites the usage-bearing events of a stream; everything else passes byte for byte."""
+
+    def __init__(self, ex: Exchange, wants_usage: bool) -> None:
+        self.ex = ex
+        self.wants_usage = wants_usage
+        self.prompt: int | None = None
+        self.split: Split | None = None
+        self.complete = False
+
+    async def rewrite(self, event: Any) -> bytes | None:
+        if self.ex.api == "openai":
+            return await self._openai(event)
+        return await self._anthropic(event)
+
+    async def _openai(self, event: Any) -> bytes | None:
+        if event.data == "[DONE]":
+            self.complete = self.split is not None
+            return bytes(event.raw)
+        if event.data is None or '"usage"' not in event.data:
+            return bytes(event.raw)
+        chunk = event.json()
+        if not isinstance(chunk, dict) or not chunk.get("usage"):
+            return bytes(event.raw)
+        totals = upstream_totals(chunk["usage"], "openai")
+        if totals is None:
+            return bytes(event.raw)
+        self.split = reconcile(*totals, await self.ex.settled())
+        if not self.wants_usage:
+            if not chunk.get("choices"):
+                return None
+            chunk.pop("usage")
+            return encode(event.name, chunk)
+        chunk["usage"] = rewrite(self.split, chunk["usage"], "openai")
+        return encode(event.name, chunk)
+
+    async def _anthropic(self, event: Any) -> bytes | None:
+        if event.name == "message_stop":
+            self.complete = self.split is not None
+            return bytes(event.raw)
+        if event.name not in ("message_start", "message_delta"):
+            return bytes(event.raw)
+        payload = event.json()
+        if not isinstance(payload, dict):
+            return bytes(event.raw)
+        if event.name == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            totals = upstream_totals(usage, "anthropic")
+            if totals is None or not isinstance(message, dict):
+                return bytes(event.raw)
+            self.prompt = totals[0]
+            task = self.ex.classification
+            ready = task is not None and task.done() and not task.cancelled()
+            early = reconcile(totals[0], totals[1], task.result() if ready and task is not None else None)
+            message["usage"] = rewrite(early, usage, "anthropic")
+            if not ready:
+                # Not held back for the lookup: the split follows in message_delta. Its per-tier breakdown
+                # is left out here, since the SDK keeps message_start's and would show zeros.
+                message["usage"]["cache_creation"] = None
+            return encode(event.name, payload)
+        usage = payload.get("usage")
+        if self.prompt is None or not isinstance(usage, dict):
+            return bytes(event.raw)
+        completion = usage.get("output_tokens")
+        if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
+            return bytes(event.raw)
+        self.split = reconcile(self.prompt, completion, await self.ex.settled())
+        payload["usage"] = rewrite(self.split, usage, "anthropic")
+        return encode(event.name, payload)
+
+
+def _stream_error(api: Api, message: str) -> bytes:
+    if api == "anthropic":
+        return encode("error", {"type": "error", "error": {"type": "api_error", "message": message}})
+    return encode(None, {"error": {"message": message, "type": "server_error", "param": None, "code": None}})

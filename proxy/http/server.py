@@ -1,0 +1,275 @@
+"""``promptcache proxy``: wire config, storage and the app together, and reload on change."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import uvloop
+from aiohttp import web
+
+from promptcache.proxy import policybus
+from promptcache.proxy.config import ConfigError, ProxyConfig, load_config
+from promptcache.proxy.domain.entries import IndexUnavailable
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.domain.pricing import Tariff
+from promptcache.proxy.http.app import Proxy
+from promptcache.proxy.metrics import Metrics
+from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.redis import RedisAccelerator
+from promptcache.proxy.storage.store import Store
+
+_log = logging.getLogger("promptcache.server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with whatever ``extra`` fields (request id, model…) a record carries."""
+
+    _skip = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(), "level": record.levelname,
+               "logger": record.name, "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+@dataclass
+class ProxyOptions:
+    config_path: Path
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "promptcache:"
+    manage_tariffs: bool = True
+    degraded_ok: bool = False
+    reload_interval: float = 1.0
+    tariff_refresh: float = 10.0
+
+
+async def sync_tariffs(config: ProxyConfig, pg: PostgresIndex | None, manage: bool) -> dict[str, Tariff]:
+    """The tariff in force for each model: written from config when we manage them, else read."""
+    now = datetime.now(UTC)
+    out: dict[str, Tariff] = {}
+    for alias, model in config.models.items():
+        wanted = Tariff.for_policy(alias, model.input_per_mtok, model.output_per_mtok, model.policy)
+        stored: Tariff | None = None
+        if pg is not None:
+            try:
+                stored = await pg.set_tariff(wanted, now) if manage else await pg.tariff_at(alias, now)
+            except IndexUnavailable as exc:
+                _log.warning("tariffs unavailable, billing %s from config until Postgres is back: %s", alias, exc)
+        out[alias] = stored or wanted
+    return out
+
+
+class ProxyServer:
+    """The proxy process: a :class:`Proxy` plus the loops that keep its config and tariffs current."""
+
+    def __init__(self, options: ProxyOptions, config: ProxyConfig, proxy: Proxy) -> None:
+        self.options = options
+        self.proxy = proxy
+        self.file_config = config
+        self.policies: dict[str, CachePolicy] = {}
+        """Policies published on Redis since the file was written, by ``namespace/name``."""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bus: aioredis.Redis | None = None
+        self._config_bytes = b""
+
+    @classmethod
+    async def create(cls, options: ProxyOptions) -> ProxyServer:
+        config = load_config(options.config_path)
+        metrics = Metrics()
+        pg: PostgresIndex | None = None
+        if options.database_url:
+            pg = await PostgresIndex.connect(options.database_url, min_size=0, connect_timeout=1.0)
+        redis = RedisAccelerator.from_url(options.redis_url, options.redis_prefix) if options.redis_url else None
+        store = Store(pg, redis, metrics)
+        proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok)
+        proxy.apply_config(config, await sync_tariffs(config, pg, options.manage_tariffs))
+        server = cls(options, config, proxy)
+        server._config_bytes = options.config_path.read_bytes()
+        return server
+
+    def app(self) -> web.Application:
+        app = self.proxy.app()
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _: web.Application) -> None:
+        gc.freeze()  # tokenizer vocabularies are large and immortal: keep them out of every collection
+        self.proxy.store.start()
+        self._tasks = [asyncio.create_task(self._watch_config()), asyncio.create_task(self._refresh_tariffs())]
+        if self.options.redis_url:
+            self._bus = aioredis.Redis.from_url(self.options.redis_url)
+            self._tasks.append(asyncio.create_task(
+                policybus.follow(self._bus, self.options.redis_prefix, self._policy_names, self._policy_published)))
+
+    async def _stop(self, _: web.Application) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.proxy.store.stop()
+        if self._bus is not None:
+            await self._bus.aclose()
+        if self.proxy.store.pg is not None:
+            await self.proxy.store.pg.close()
+        if self.proxy.store.redis is not None:
+            await self.proxy.store.redis.close()
+
+    async def reload(self) -> bool:
+        """Apply the config file if it changed; a broken file keeps the last good config."""
+        try:
+            raw = self.options.config_path.read_bytes()
+        except OSError as exc:
+            _log.error("cannot read config, keeping the last good one: %s", exc)
+            self.proxy.metrics.config_reloads.labels("error").inc()
+            return False
+        if raw == self._config_bytes:
+            return False
+        self._config_bytes = raw
+        try:
+            config = load_config(self.options.config_path)
+        except ConfigError as exc:
+            _log.error("invalid config, keeping the last good one: %s", exc)
+            self.proxy.metrics.config_reloads.labels("error").inc()
+            return False
+        await self._apply(config)
+        self.proxy.metrics.config_reloads.labels("ok").inc()
+        _log.info("config reloaded", extra={"digest": config.digest[:12], "models": sorted(config.models)})
+        return True
+
+    async def _apply(self, config: ProxyConfig) -> None:
+        self.file_config = config
+        effective = self._with_published_policies(config)
+        tariffs = await sync_tariffs(effective, self.proxy.store.pg, self.options.manage_tariffs)
+        self.proxy.apply_config(effective, tariffs)
+
+    def _with_published_policies(self, config: ProxyConfig) -> ProxyConfig:
+        models = {
+            alias: replace(model, policy=self.policies[model.cache_policy])
+            if model.cache_policy in self.policies else model
+            for alias, model in config.models.items()
+        }
+        return replace(config, models=models)
+
+    def _policy_names(self) -> list[str]:
+        return [m.cache_policy for m in self.file_config.models.values() if m.cache_policy]
+
+    async def _policy_published(self, name: str, policy: CachePolicy) -> None:
+        """Apply the policy and re-read tariffs: the operator announces again after writing a new version."""
+        if name not in self._policy_names():
+            return
+        self.policies[name] = policy
+        await self._apply(self.file_config)
+        _log.info("cache policy updated from Redis", extra={"policy": name})
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.reload_interval)
+            await self.reload()
+
+    async def _refresh_tariffs(self) -> None:
+        """Pick up tariff versions written by the operator, and retry ones Postgres missed."""
+        while True:
+            await asyncio.sleep(self.options.tariff_refresh)
+            await self._apply(self.file_config)
+
+    @property
+    def tariffs(self) -> Mapping[str, Tariff]:
+        return {alias: rt.tariff for alias, rt in self.proxy.runtimes.models.items()}
+
+
+def options_from_env(config_path: str, **overrides: object) -> ProxyOptions:
+    options = ProxyOptions(
+        config_path=Path(config_path),
+        database_url=os.environ.get("PROMPTCACHE_DATABASE_URL"),
+        redis_url=os.environ.get("PROMPTCACHE_REDIS_URL"),
+        redis_prefix=os.environ.get("PROMPTCACHE_REDIS_PREFIX", "promptcache:"),
+        manage_tariffs=os.environ.get("KUBERNETES_SERVICE_HOST") is None,
+    )
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(options, key, value)
+    return options
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Run ``app`` on this event loop (a free port by default) and yield its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    try:
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield f"http://{bound_host}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+def serve(options: ProxyOptions, host: str, port: int) -> None:
+    async def build() -> web.Application:
+        return (await ProxyServer.create(options)).app()
+
+    web.run_app(build(), host=host, port=port, print=lambda msg: _log.info(msg), access_log=None,
+                loop=uvloop.new_event_loop())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="proxy config YAML (reloaded when it changes)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--database", help="Postgres DSN (default: $PROMPTCACHE_DATABASE_URL)")
+    p.add_argument("--redis", help="Redis URL for the accelerator (default: $PROMPTCACHE_REDIS_URL)")
+    p.add_argument("--manage-tariffs", action=argparse.BooleanOptionalAction, default=None,
+                   help="write tariff versions from the config (default: on outside a cluster)")
+    p.add_argument("--degraded-ok", action="store_true",
+                   help="report ready even when Postgres is down (requests are then billed at list price)")
+    p.add_argument("--reload-interval", type=float, default=None, help="seconds between config file checks")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    options = options_from_env(
+        args.config, database_url=args.database, redis_url=args.redis, manage_tariffs=args.manage_tariffs,
+        degraded_ok=args.degraded_ok or None, reload_interval=args.reload_interval,
+    )
+    try:
+        serve(options, args.host, args.port)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
+    except IndexUnavailable as exc:
+        print(f"database unavailable: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m promptcache.proxy", description="the promptcache proxy")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

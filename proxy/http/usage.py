@@ -1,0 +1,72 @@
+"""Usage as each API reports it (SPEC §6): read the upstream's totals, write back our split.
+
+Provider cache fields from upstream are never passed through: the totals are taken from them
+and the cache fields are replaced by the split we bill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from promptcache.proxy.domain.blocks import Api
+from promptcache.proxy.domain.pricing import Split
+from promptcache.proxy.domain.tiers import TIERS
+
+_ANTHROPIC_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation")
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def upstream_totals(usage: Any, api: Api) -> tuple[int, int] | None:
+    """(prompt, completion) from an upstream usage object, or None when it is missing or malformed."""
+    if not isinstance(usage, Mapping):
+        return None
+    if api == "openai":
+        prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    else:
+        parts = [_int(usage.get(k, 0)) for k in ("input_tokens", "cache_read_input_tokens",
+                                                  "cache_creation_input_tokens")]
+        prompt = None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
+        completion = _int(usage.get("output_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion
+
+
+def _creation(split: Split) -> dict[str, int]:
+    return {f"ephemeral_{tier}_input_tokens": split.creation.get(tier, 0) for tier in TIERS}
+
+
+def openai_usage(split: Split, upstream: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    out = {k: v for k, v in (upstream or {}).items() if k not in _ANTHROPIC_CACHE_KEYS}
+    details = dict(out.get("prompt_tokens_details") or {})
+    details["cached_tokens"] = split.read
+    out.update(
+        prompt_tokens=split.prompt,
+        completion_tokens=split.completion,
+        total_tokens=split.prompt + split.completion,
+        prompt_tokens_details=details,
+        cache_read_input_tokens=split.read,
+        cache_creation_input_tokens=split.creation_tokens,
+        cache_creation=_creation(split),
+    )
+    return out
+
+
+def anthropic_usage(split: Split, upstream: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    out = dict(upstream or {})
+    out.update(
+        input_tokens=split.uncached,
+        cache_read_input_tokens=split.read,
+        cache_creation_input_tokens=split.creation_tokens,
+        cache_creation=_creation(split),
+        output_tokens=split.completion,
+    )
+    return out
+
+
+def rewrite(split: Split, upstream: Mapping[str, Any] | None, api: Api) -> dict[str, Any]:
+    return openai_usage(split, upstream) if api == "openai" else anthropic_usage(split, upstream)

@@ -1,0 +1,377 @@
+"""SPEC §9: the request log as JSON Lines, the one format export writes and import and replay read.
+
+A line is a request's billing facts and its prefix chain, never prompt text. Reading is strict
+(exact keys, exact types, decimals as strings) and every error names its line and field, so a
+bad file is fixed, not half-imported: replay's numbers are only as good as this input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, NoReturn, TypeGuard
+
+import asyncpg
+
+from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.tiers import TIERS
+
+_MAX_INT = 2**31 - 1
+"""Token counts are Postgres ``integer`` columns: a larger value is refused on read, not on insert."""
+
+_TIMESTAMP = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_HEX = re.compile(r"[0-9a-fA-F]{2,64}")
+"""With an even length: 1 to 32 bytes."""
+
+_KEYS = (
+    "id", "ts", "principal", "model", "tokenizer_version", "api", "status", "prompt_tokens", "completion_tokens",
+    "read_tokens", "creation_tokens", "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost", "chain",
+)  # fmt: skip
+_CHAIN_KEYS = ("h", "t", "r", "m")
+_MONEY = ("input_per_mtok", "output_per_mtok", "billed_cost", "list_cost")
+_KEY_SETS = {keys: frozenset(keys) for keys in (_KEYS, _CHAIN_KEYS, TIERS)}
+
+_COLUMNS = (
+    "request_id", "ts", "principal_id", "virtual_model", "tokenizer_version", "api", "status",
+    "prompt_tokens", "completion_tokens", "read_tokens", "creation_5m", "creation_1h", "creation_24h",
+    "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost",
+    "chain_hashes", "chain_tokens", "chain_roles", "chain_tiers",
+)  # fmt: skip
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM request_log"
+# COLLATE "C" orders ids by code point, as Python does, whatever the database's collation.
+_ORDER = ' ORDER BY ts, request_id COLLATE "C"'
+_IMPORT_TABLE = "request_log_import"
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRequest:
+    """One logged request, field for field the §9 keys; ``chain`` is ready for ``classify``."""
+
+    id: str
+    ts: datetime
+    principal: str
+    model: str
+    tokenizer_version: str
+    api: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    read_tokens: int
+    creation_tokens: Mapping[str, int]
+    """Tokens written per tier, every tier present."""
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    billed_cost: Decimal
+    list_cost: Decimal
+    chain: tuple[ChainBlock, ...]
+    """Per block: the first bytes of its prefix hash, cumulative tokens, role and marker tier."""
+
+
+class LogFormatError(ValueError):
+    """A line that is not §9 JSON Lines; the message names the line and field to fix."""
+
+    def __init__(self, lineno: int, field: str | None, detail: str) -> None:
+        self.lineno = lineno
+        self.field = field
+        self.detail = detail
+        super().__init__(f"line {lineno}: {field}: {detail}" if field else f"line {lineno}: {detail}")
+
+
+class _Invalid(Exception):
+    """A field's problem, before the line number is known."""
+
+    def __init__(self, field: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
+        self.detail = detail
+
+
+def format_timestamp(ts: datetime) -> str:
+    """RFC 3339 in UTC with ``Z``; microseconds only when there are any."""
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 timestamp (an offset is required) as an aware UTC datetime; ValueError otherwise."""
+    if not _TIMESTAMP.fullmatch(text):
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp such as 2025-03-01T12:00:00Z")
+    return datetime.fromisoformat(text.upper()).astimezone(UTC)
+
+
+def to_json_line(request: LoggedRequest) -> str:
+    """One line of the format, without its newline: keys in documented order, decimals as plain strings."""
+    document = {
+        "id": request.id,
+        "ts": format_timestamp(request.ts),
+        "principal": request.principal,
+        "model": request.model,
+        "tokenizer_version": request.tokenizer_version,
+        "api": request.api,
+        "status": request.status,
+        "prompt_tokens": request.prompt_tokens,
+        "completion_tokens": request.completion_tokens,
+        "read_tokens": request.read_tokens,
+        "creation_tokens": {tier: request.creation_tokens[tier] for tier in TIERS},
+        **{key: format(getattr(request, key), "f") for key in _MONEY},
+        "chain": [{"h": b.hash.hex(), "t": b.tokens, "r": b.role, "m": b.tier} for b in request.chain],
+    }
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_json_line(line: str, lineno: int = 1) -> LoggedRequest:
+    """Read one line; anything off the format raises :class:`LogFormatError` naming ``lineno``."""
+    try:
+        return _request(json.loads(line.rstrip("\r\n"), object_pairs_hook=_no_duplicates))
+    except json.JSONDecodeError as exc:
+        raise LogFormatError(lineno, None, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except _Invalid as exc:
+        raise LogFormatError(lineno, exc.field, exc.detail) from None
+
+
+def read_jsonl(source: str | os.PathLike[str] | Iterable[str] | Iterable[bytes]) -> Iterator[LoggedRequest]:
+    """Requests from a file path or an open stream (text or binary), lazily; blank lines are skipped."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as stream:
+            yield from read_jsonl(stream)
+        return
+    lines: Iterable[str | bytes] = source
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise LogFormatError(lineno, None, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if line.strip():
+            yield parse_json_line(line, lineno)
+
+
+async def export_rows(
+    conn: asyncpg.Connection[asyncpg.Record],
+    since: datetime | None = None,
+    until: datetime | None = None,
+    models: Sequence[str] | None = None,
+) -> AsyncIterator[LoggedRequest]:
+    """Logged requests with ``since <= ts < until`` for ``models`` (None: no bound), in (ts, id) order.
+
+    Streams through a cursor in one read-only snapshot, so a long export neither holds the whole
+    log in memory nor mixes in rows committed while it runs.
+    """
+    where, args = _where(since, until, models)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        async for row in conn.cursor(_SELECT + where + _ORDER, *args, prefetch=1000):
+            yield _from_row(row)
+
+
+async def count_rows(
+    conn: asyncpg.Connection[asyncpg.Record],
+    since: datetime | None = None,
+    until: datetime | None = None,
+    models: Sequence[str] | None = None,
+) -> int:
+    """How many 2xx requests :func:`export_rows` would yield for the same bounds: the ones replay simulates.
+
+    One count, so a caller can size the work (and see an empty window) before streaming anything.
+    """
+    where, args = _where(since, until, models, ["status BETWEEN 200 AND 299"])
+    return int(await conn.fetchval("SELECT count(*) FROM request_log" + where, *args))
+
+
+def _where(since: datetime | None, until: datetime | None, models: Sequence[str] | None,
+           conditions: Sequence[str] = ()) -> tuple[str, list[object]]:
+    """The WHERE clause (with a leading space, or empty) and its arguments for the export bounds."""
+    terms = list(conditions)
+    args: list[object] = []
+    if since is not None:
+        args.append(since)
+        terms.append(f"ts >= ${len(args)}")
+    if until is not None:
+        args.append(until)
+        terms.append(f"ts < ${len(args)}")
+    if models is not None:
+        args.append(list(models))
+        terms.append(f"virtual_model = ANY(${len(args)})")
+    return (f" WHERE {' AND '.join(terms)}" if terms else ""), args
+
+
+async def import_rows(conn: asyncpg.Connection[asyncpg.Record], rows: Iterable[LoggedRequest]) -> int:
+    """Log every request whose id is not logged yet; returns how many were new.
+
+    All or nothing: rows stream by COPY into a temporary table inside one transaction, so an
+    exception from ``rows`` (a malformed line) imports nothing. Latency is not part of the
+    format, so imported rows carry 0.
+    """
+    columns = ", ".join(_COLUMNS)
+    async with conn.transaction():
+        await conn.execute(f"CREATE TEMPORARY TABLE {_IMPORT_TABLE} AS {_SELECT} WITH NO DATA")
+        await conn.copy_records_to_table(_IMPORT_TABLE, records=(_to_row(r) for r in rows), columns=_COLUMNS)
+        status = await conn.execute(
+            f"INSERT INTO request_log ({columns}, latency_ms) SELECT {columns}, 0 FROM {_IMPORT_TABLE}"
+            " ON CONFLICT (request_id) DO NOTHING"
+        )
+        await conn.execute(f"DROP TABLE {_IMPORT_TABLE}")
+    return int(status.split()[-1])
+
+
+def _from_row(row: asyncpg.Record) -> LoggedRequest:
+    chain = zip(row["chain_hashes"], row["chain_tokens"], row["chain_roles"], row["chain_tiers"], strict=True)
+    return LoggedRequest(
+        id=row["request_id"],
+        ts=row["ts"],
+        principal=row["principal_id"],
+        model=row["virtual_model"],
+        tokenizer_version=row["tokenizer_version"],
+        api=row["api"],
+        status=row["status"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        read_tokens=row["read_tokens"],
+        creation_tokens={tier: row[f"creation_{tier}"] for tier in TIERS},
+        input_per_mtok=row["input_per_mtok"],
+        output_per_mtok=row["output_per_mtok"],
+        billed_cost=row["billed_cost"],
+        list_cost=row["list_cost"],
+        chain=tuple(ChainBlock(*block) for block in chain),
+    )
+
+
+def _to_row(r: LoggedRequest) -> tuple[object, ...]:
+    """``r`` in :data:`_COLUMNS` order."""
+    return (
+        r.id, r.ts, r.principal, r.model, r.tokenizer_version, r.api, r.status,
+        r.prompt_tokens, r.completion_tokens, r.read_tokens, *(r.creation_tokens[tier] for tier in TIERS),
+        r.input_per_mtok, r.output_per_mtok, r.billed_cost, r.list_cost,
+        [b.hash for b in r.chain], [b.tokens for b in r.chain], [b.role for b in r.chain], [b.tier for b in r.chain],
+    )  # fmt: skip
+
+
+# --- reading one line ---------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A repeated key would silently keep its last value; in a billing record that is an error."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise _Invalid(key, "key appears twice")
+        document[key] = value
+    return document
+
+
+def _request(document: object) -> LoggedRequest:
+    fields = _exact_keys(document, _KEYS, None)
+    status = fields["status"]
+    if not _is_int(status) or not 100 <= status <= 599:
+        _invalid("status", "must be an HTTP status (an integer from 100 to 599)", status)
+    creation = _exact_keys(fields["creation_tokens"], TIERS, "creation_tokens")
+    chain = fields["chain"]
+    if not isinstance(chain, list):
+        _invalid("chain", "must be an array", chain)
+    return LoggedRequest(
+        id=_text(fields, "id"),
+        ts=_timestamp(fields["ts"]),
+        principal=_text(fields, "principal"),
+        model=_text(fields, "model"),
+        tokenizer_version=_text(fields, "tokenizer_version"),
+        api=_text(fields, "api"),
+        status=status,
+        prompt_tokens=_count(fields["prompt_tokens"], "prompt_tokens"),
+        completion_tokens=_count(fields["completion_tokens"], "completion_tokens"),
+        read_tokens=_count(fields["read_tokens"], "read_tokens"),
+        creation_tokens={tier: _count(creation[tier], f"creation_tokens.{tier}") for tier in TIERS},
+        input_per_mtok=_money(fields, "input_per_mtok"),
+        output_per_mtok=_money(fields, "output_per_mtok"),
+        billed_cost=_money(fields, "billed_cost"),
+        list_cost=_money(fields, "list_cost"),
+        chain=_chain(chain),
+    )
+
+
+def _chain(items: list[Any]) -> tuple[ChainBlock, ...]:
+    blocks: list[ChainBlock] = []
+    for i, item in enumerate(items):
+        block = _exact_keys(item, _CHAIN_KEYS, "chain", i)
+        digest = block["h"]
+        if not isinstance(digest, str) or not _HEX.fullmatch(digest) or len(digest) % 2:
+            _invalid(f"chain[{i}].h", "must be a hex string of 1 to 32 bytes", digest)
+        tokens = block["t"]
+        if not _counted(tokens):
+            _invalid(f"chain[{i}].t", _COUNT_RULE, tokens)
+        if blocks and tokens < blocks[-1].tokens:
+            _invalid(f"chain[{i}].t", f"cumulative tokens must not decrease (previous block: {blocks[-1].tokens})",
+                     tokens)
+        tier = block["m"]
+        if tier is not None and tier not in TIERS:
+            _invalid(f"chain[{i}].m", f"must be null or one of {', '.join(TIERS)}", tier)
+        blocks.append(ChainBlock(bytes.fromhex(digest), tokens, _text(block, "r", "chain", i), tier))
+    return tuple(blocks)
+
+
+def _exact_keys(value: object, keys: tuple[str, ...], where: str | None, index: int | None = None) -> dict[str, Any]:
+    """``value`` as an object with exactly ``keys``; the first missing key is reported in ``keys`` order.
+
+    ``where`` (and ``index``, for an array item) name it in errors; the name is only built for one.
+    """
+    if isinstance(value, dict):
+        if value.keys() == _KEY_SETS[keys]:
+            return value
+        missing = next((key for key in keys if key not in value), None)
+    named = where if index is None else f"{where}[{index}]"
+    if not isinstance(value, dict):
+        _invalid(named, "must be a JSON object", value)
+    if missing is not None:
+        raise _Invalid(f"{named}.{missing}" if named else missing, "missing")
+    raise _Invalid(named, f"unexpected key {sorted(set(value) - set(keys))[0]!r}")
+
+
+def _text(fields: Mapping[str, Any], key: str, where: str | None = None, index: int | None = None) -> str:
+    value = fields[key]
+    if not isinstance(value, str) or not value:
+        named = where if index is None else f"{where}[{index}]"
+        _invalid(f"{named}.{key}" if named else key, "must be a non-empty string", value)
+    return value
+
+
+def _timestamp(value: object) -> datetime:
+    if not isinstance(value, str):
+        _invalid("ts", "must be an RFC 3339 timestamp string", value)
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise _Invalid("ts", str(exc)) from None
+
+
+_COUNT_RULE = f"must be an integer from 0 to {_MAX_INT}"
+
+
+def _counted(value: object) -> TypeGuard[int]:
+    return _is_int(value) and 0 <= value <= _MAX_INT
+
+
+def _count(value: object, field: str) -> int:
+    if not _counted(value):
+        _invalid(field, _COUNT_RULE, value)
+    return value
+
+
+def _money(fields: Mapping[str, Any], key: str) -> Decimal:
+    """Money is a non-negative decimal string: a JSON number would pass through a float and lose cents."""
+    value = fields[key]
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        _invalid(key, 'must be a non-negative decimal string such as "0.0045"', value)
+    return Decimal(value)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _invalid(field: str | None, rule: str, value: object) -> NoReturn:
+    shown = json.dumps(value, ensure_ascii=False)
+    raise _Invalid(field, f"{rule}, got {shown if len(shown) <= 40 else shown[:37] + '...'}")
