@@ -60,6 +60,7 @@ from kube import (
 import promptcache.operator.main  # noqa: F401  (registers the handlers)
 from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.manifests import OperatorSettings, names
+from promptcache.operator.handlers.state import OperatorMemo
 from promptcache.proxy.storage.schema import migrate
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -282,7 +283,7 @@ async def bench(n: int, worker_limit: int | None, within: float, lean: bool) -> 
         async with scratch_database() as dsn, redis_prefix() as prefix, \
                 emulated_cluster(namespaces=("default", NS)) as cluster:
             manifests = OperatorSettings(proxy_image="promptcache:bench", redis_url=REDIS_URL, redis_prefix=prefix)
-            memo = kopf.Memo(config=OperatorConfig(database_url=dsn, redis_url=REDIS_URL, manifests=manifests))
+            memo = OperatorMemo(config=OperatorConfig(database_url=dsn, redis_url=REDIS_URL, manifests=manifests))
             async with running_operator(cluster, memo=memo, namespaces=[NS], configure=configure,
                                         watching=(DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)):
                 await cluster.create(policy())

@@ -44,20 +44,20 @@ import kopf
 import yaml
 from kmock import Response  # type: ignore[attr-defined]  # exported, but missing from __all__
 
+from promptcache.operator.constants import API_VERSION, GROUP, MODELS, POLICIES, REPLAYS, VERSION
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Obj = dict[str, Any]
 ObjKey = tuple[kmock.resource, str | None, str]
 
-GROUP = "promptcache.io"
-VERSION = "v1alpha1"
-GROUP_VERSION = f"{GROUP}/{VERSION}"
+GROUP_VERSION = API_VERSION
 
 # Resource keys as kmock spells them: "group/version/plural", or "v1/plural" for the core group.
-DEPLOYED_MODELS = f"{GROUP_VERSION}/deployedmodels"
-CACHE_POLICIES = f"{GROUP_VERSION}/cachepolicies"
-PLAN_REPLAYS = f"{GROUP_VERSION}/planreplays"
+DEPLOYED_MODELS = f"{GROUP_VERSION}/{MODELS}"
+CACHE_POLICIES = f"{GROUP_VERSION}/{POLICIES}"
+PLAN_REPLAYS = f"{GROUP_VERSION}/{REPLAYS}"
 CONFIGMAPS = "v1/configmaps"
 SERVICES = "v1/services"
 SECRETS = "v1/secrets"

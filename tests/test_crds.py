@@ -36,15 +36,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
+from promptcache.operator.constants import API_VERSION, GROUP, VERSION
 from promptcache.proxy.domain.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
 from promptcache.proxy.domain.tiers import TIERS
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples"
-GROUP = "promptcache.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
 CRD_FILES = {
     "DeployedModel": "promptcache.io_deployedmodels.yaml",
     "CachePolicy": "promptcache.io_cachepolicies.yaml",

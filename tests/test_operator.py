@@ -12,7 +12,6 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import kopf
 import pytest
 import yaml
 from harness import unique
@@ -29,14 +28,16 @@ from kube import (
     running_operator,
 )
 
-import promptcache.operator.main as operator_main
+import promptcache.operator.main  # noqa: F401  (registers the handlers)
+from promptcache.operator.constants import CHECKSUM_ANNOTATION, FINALIZER
 from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import CHECKSUM_ANNOTATION, OperatorSettings
+from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
 from promptcache.proxy.config import parse_config
 
 NS = "llm"
 WATCHING = (DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)
-assert operator_main.FINALIZER == "promptcache.io/finalizer"
+assert FINALIZER == "promptcache.io/finalizer"
 
 
 def policy(name: str, **spec: Any) -> dict[str, Any]:
@@ -102,7 +103,7 @@ async def make_available(cluster: EmulatedCluster, name: str) -> None:
 async def test_model_lifecycle_create_update_status_only_delete(
         cluster: EmulatedCluster, config: OperatorConfig, pg_dsn: str) -> None:
     alias = unique("llama")
-    memo = kopf.Memo(config=config)
+    memo = OperatorMemo(config=config)
     async with running_operator(cluster, memo=memo, namespaces=[NS], watching=WATCHING):
         await cluster.create(policy("standard"))
         await cluster.create(model("llama", alias, "standard"))
@@ -210,7 +211,7 @@ async def _has_status(cluster: EmulatedCluster, name: str) -> bool:
 
 async def test_missing_policy_stalls_then_recovers_and_invalid_spec_stalls(
         cluster: EmulatedCluster, config: OperatorConfig) -> None:
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await cluster.create(model("orphan", unique("orphan"), "later"))
 
         async def stalled(name: str, reason: str) -> bool:
@@ -244,7 +245,7 @@ async def test_sidecar_mode_points_the_proxy_at_the_server_over_localhost(
               "ports": [{"containerPort": 8000}]}
     spec = model("side", unique("side"), "standard", server=server)
     del spec["spec"]["upstream"]["url"]
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await cluster.create(policy("standard"))
         await cluster.create(spec)
         await eventually(lambda: _has_status(cluster, "side"), what="the sidecar model's reconcile")
@@ -260,13 +261,13 @@ async def test_sidecar_mode_points_the_proxy_at_the_server_over_localhost(
 async def test_operator_killed_mid_reconcile_converges_without_duplicates(
         cluster: EmulatedCluster, config: OperatorConfig, pg_dsn: str) -> None:
     alias = unique("crash")
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING) as op:
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING) as op:
         await cluster.create(policy("standard"))
         await cluster.create(model("crash", alias, "standard"))
         await eventually(lambda: cluster.get_or_none("v1", "configmaps", NS, "crash-proxy-config"),
                          what="the reconcile to have started")
         await op.kill()
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await eventually(lambda: _has_status(cluster, "crash"), what="the restarted operator to converge")
         for resource, name in ((CONFIGMAPS, "crash-proxy-config"), (DEPLOYMENTS, "crash-proxy"),
                                (SERVICES, "crash-proxy")):
@@ -279,7 +280,7 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates(
 async def test_startup_applies_migrations_to_an_empty_database(
         cluster: EmulatedCluster, empty_pg_dsn: str, redis_url: str) -> None:
     config = OperatorConfig(database_url=empty_pg_dsn, redis_url=redis_url)
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS]):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS]):
         conn = await asyncpg.connect(empty_pg_dsn)
         try:
             assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == [1]
@@ -290,7 +291,7 @@ async def test_startup_applies_migrations_to_an_empty_database(
 async def test_deleting_the_policy_stalls_its_models_and_forgets_their_tariffs(
         cluster: EmulatedCluster, config: OperatorConfig) -> None:
     alias = unique("gone")
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await cluster.create(policy("doomed"))
         await cluster.create(model("bound", alias, "doomed"))
 

@@ -14,7 +14,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import kopf
 import openai
 import pytest
 import yaml
@@ -34,6 +33,7 @@ from test_operator import NS, condition, model, policy, tariffs
 
 from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
 from promptcache.proxy.domain.tokens import TiktokenTokenizer
 from promptcache.proxy.http.server import serving
 from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
@@ -71,7 +71,7 @@ async def test_policy_edits_append_tariffs_rerender_models_and_configure_redis(
     alias = unique("llama")
     try:
         config = operator_config(pg_dsn, redis.url)
-        async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+        async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
             await cluster.create(policy("standard", redis={"maxMemory": "64mb", "evictionPolicy": "volatile-ttl"}))
             await cluster.create(model("llama", alias, "standard"))
             await eventually(lambda: observed(cluster, "deployedmodels", "llama"), what="the model's reconcile")
@@ -117,7 +117,7 @@ async def test_redis_refusing_config_is_a_condition_not_a_crash(cluster: Emulate
     await redis.start()
     try:
         config = operator_config(pg_dsn, redis.url)
-        async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+        async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
             await cluster.create(policy("locked", redis={"maxMemory": "64mb"}))
             obj = await eventually(lambda: observed(cluster, "cachepolicies", "locked"), what="the policy's reconcile")
             assert obj is not None
@@ -143,7 +143,7 @@ async def test_running_proxy_bills_a_multiplier_change_within_two_seconds(
     config = operator_config(pg_dsn, redis_url)
     simulator = Simulator(SimulatorSettings(TiktokenTokenizer("cl100k_base")))
     async with serving(simulator.app()) as upstream, \
-            running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+            running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await cluster.create(policy("live", minPrefixTokens=16))
         spec = model("live", alias, "live")
         spec["spec"]["upstream"]["url"] = upstream + "/v1"

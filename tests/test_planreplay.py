@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import kopf
 import openai
 import pytest
 from harness import model_config, new_key, running_proxy, settle, unique
@@ -36,9 +35,11 @@ from test_operator import condition, model
 from test_proxy_billing import openai_turns
 
 from promptcache.operator import cli
+from promptcache.operator.constants import GENERATION_ANNOTATION, WINDOW_ANNOTATION
 from promptcache.operator.handlers import planreplay
 from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import GENERATION_ANNOTATION, WINDOW_ANNOTATION, OperatorSettings
+from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
 from promptcache.proxy.storage.requestlog import format_timestamp
 from promptcache.proxy.testing.simulator import Simulator
 
@@ -151,7 +152,7 @@ async def test_in_process_replay_runs_once_per_generation(
         cluster: EmulatedCluster, traffic: Traffic, pg_dsn: str) -> None:
     policy = {"apiVersion": GROUP_VERSION, "kind": "CachePolicy", "metadata": {"name": "same", "namespace": NS},
               "spec": {**SERVED_WITH, "redis": {"maxMemory": "64mb"}}}
-    async with running_operator(cluster, memo=kopf.Memo(config=operator_config(pg_dsn)), namespaces=[NS],
+    async with running_operator(cluster, memo=OperatorMemo(config=operator_config(pg_dsn)), namespaces=[NS],
                                 watching=WATCHING):
         await cluster.create(deployed(traffic.alias))
         await cluster.create(policy)
@@ -239,7 +240,7 @@ async def test_bad_specs_fail_with_a_reason(cluster: EmulatedCluster, pg_dsn: st
         "two-windows": (replay("two-windows", [alias], window=window, lastHours=1, policy={}), "InvalidSpec",
                         "exactly one of window and lastHours"),
     }
-    async with running_operator(cluster, memo=kopf.Memo(config=operator_config(pg_dsn)), namespaces=[NS],
+    async with running_operator(cluster, memo=OperatorMemo(config=operator_config(pg_dsn)), namespaces=[NS],
                                 watching=WATCHING):
         await cluster.create(deployed(alias))
         for obj, _, _ in cases.values():
@@ -265,7 +266,8 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
         cluster: EmulatedCluster, traffic: Traffic, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = {"window": traffic.window, "policy": SERVED_WITH, "tierOverride": {"5m": "1h"}}
     # Ten requests are logged, but only the nine that succeeded count towards the threshold.
-    async with running_operator(cluster, memo=kopf.Memo(config=operator_config(pg_dsn, inline_replay_max_requests=9)),
+    async with running_operator(cluster, memo=OperatorMemo(
+            config=operator_config(pg_dsn, inline_replay_max_requests=9)),
                                 namespaces=[NS], watching=WATCHING):
         await cluster.create(deployed(traffic.alias))
         await cluster.create(replay("here", [traffic.alias], **spec))
@@ -275,7 +277,7 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
     assert await cluster.get_or_none("batch/v1", "jobs", NS, "here-replay") is None
 
     config = operator_config(pg_dsn, inline_replay_max_requests=0)
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await cluster.create(replay("there", [traffic.alias], **spec))
         there = await running_in_job(cluster, "there")
         job = await cluster.get("batch/v1", "jobs", NS, "there-replay")
@@ -318,7 +320,7 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
 async def test_a_new_generation_replaces_the_job_and_a_failed_job_fails_the_replay(
         cluster: EmulatedCluster, traffic: Traffic, pg_dsn: str) -> None:
     config = operator_config(pg_dsn, inline_replay_max_requests=0)
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=[NS], watching=WATCHING):
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
         await cluster.create(deployed(traffic.alias))
         await cluster.create(replay("doomed", [traffic.alias], window=traffic.window, policy=SERVED_WITH))
         await running_in_job(cluster, "doomed")

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import kmock
-import kopf
 import pytest
 import redis.asyncio as aioredis
 import yaml
@@ -37,6 +36,7 @@ from kube import (
 import promptcache.operator.main  # noqa: F401  (registers the handlers)
 from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
 
 RULES = Path(__file__).resolve().parents[1] / "charts" / "promptcache" / "files" / "rbac-rules.yaml"
 NS = "rbac"
@@ -199,7 +199,7 @@ EXERCISED: set[Access] = {
 async def test_rules_allow_every_request_the_operator_makes(
         cluster: EmulatedCluster, config: OperatorConfig, clusterwide: bool) -> None:
     start = len(list(cluster.emulator))
-    async with running_operator(cluster, memo=kopf.Memo(config=config), namespaces=None if clusterwide else [NS],
+    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=None if clusterwide else [NS],
                                 configure=lambda s: setattr(s.scanning, "disabled", False), watching=WATCHING):
         await _life_of_a_model(cluster)
     requests = [r for r in list(cluster.emulator)[start:] if r.headers.get("User-Agent") != HARNESS_AGENT]

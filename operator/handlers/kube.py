@@ -17,10 +17,10 @@ from typing import Any, cast
 import kubernetes
 from kubernetes.client import ApiClient, ApiException, AppsV1Api, BatchV1Api, CoreV1Api, CustomObjectsApi
 
-GROUP = "promptcache.io"
+from promptcache.operator.constants import GROUP, VERSION
+
 _KINDS = {"ConfigMap": ("core", "config_map"), "Service": ("core", "service"), "Deployment": ("apps", "deployment"),
           "Job": ("batch", "job")}
-VERSION = "v1alpha1"
 
 
 def load_configuration() -> kubernetes.client.Configuration:

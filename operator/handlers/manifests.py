@@ -12,21 +12,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from promptcache.operator.constants import (
+    CHECKSUM_ANNOTATION,
+    GENERATION_ANNOTATION,
+    INSTANCE_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODEL_LABEL,
+    NAME_LABEL,
+    PROXY_APP,
+    REPLAY_APP,
+    WINDOW_ANNOTATION,
+)
 from promptcache.operator.handlers.render import CONFIG_DIR, CONFIG_FILE, TOKENIZER_DIR, UPSTREAM_KEY_ENV, Rendered
 
-PREFIX = "promptcache.io"
-CHECKSUM_ANNOTATION = f"{PREFIX}/config-checksum"
-MODEL_LABEL = f"{PREFIX}/deployedmodel"
 PROXY_PORT = 8080
 SERVICE_PORT = 80
 PROXY_UID = 10001
 DEFAULT_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
-GENERATION_ANNOTATION = f"{PREFIX}/generation"
-"""On a replay Job and report: the PlanReplay generation it was started for."""
-WINDOW_ANNOTATION = f"{PREFIX}/window"
-"""On a replay report: the window replayed, as an RFC 3339 interval ``start/end``."""
 REPORT_KEY = "result.json"
-REPLAY_APP = "promptcache-replay"
 REPLAY_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
 _NAME_LIMIT = 63
 """A Job's name is also a label value on its pods."""
@@ -49,15 +53,15 @@ def names(model: str) -> dict[str, str]:
 
 def labels(model: str) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "promptcache-proxy",
-        "app.kubernetes.io/instance": model,
-        "app.kubernetes.io/managed-by": "promptcache-operator",
+        NAME_LABEL: PROXY_APP,
+        INSTANCE_LABEL: model,
+        MANAGED_BY_LABEL: MANAGED_BY,
         MODEL_LABEL: model,
     }
 
 
 def selector(model: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "promptcache-proxy", MODEL_LABEL: model}
+    return {NAME_LABEL: PROXY_APP, MODEL_LABEL: model}
 
 
 def endpoint(model: str, namespace: str, api: str) -> str:
@@ -182,7 +186,7 @@ def replay_job(replay: str, namespace: str, generation: int, settings: OperatorS
     A failed pod is retried twice (the database may be back), and the finished Job is kept for a day
     so its logs can be read.
     """
-    labels = {"app.kubernetes.io/name": REPLAY_APP, "app.kubernetes.io/managed-by": "promptcache-operator"}
+    labels = {NAME_LABEL: REPLAY_APP, MANAGED_BY_LABEL: MANAGED_BY}
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "fsGroup": PROXY_UID, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -222,7 +226,7 @@ def replay_report(replay: str, namespace: str, generation: int, window: str, res
         "metadata": {
             "name": replay_names(replay)["configmap"],
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": REPLAY_APP, "app.kubernetes.io/managed-by": "promptcache-operator"},
+            "labels": {NAME_LABEL: REPLAY_APP, MANAGED_BY_LABEL: MANAGED_BY},
             "annotations": {GENERATION_ANNOTATION: str(generation), WINDOW_ANNOTATION: window},
         },
         "data": {REPORT_KEY: result},

@@ -10,33 +10,27 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
 from promptcache.operator.handlers import manifests
-from promptcache.operator.handlers.conditions import Condition, merge, stalled
+from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
+from promptcache.operator.handlers.outcome import Outcome, Stalled
 from promptcache.operator.handlers.render import SpecError, policy_key, render
 from promptcache.proxy import policybus
 from promptcache.proxy.domain.entries import IndexUnavailable
 from promptcache.proxy.domain.pricing import Tariff
 from promptcache.proxy.storage.postgres import PostgresIndex
 
-_log = logging.getLogger("promptcache.operator.handlers.models")
-
-
-@dataclass
-class Outcome:
-    """The status to write, and the one event a user should see (None when nothing changed)."""
-
-    status: dict[str, Any]
-    event: tuple[str, str, str] | None = None
-    conditions: list[Condition] = field(default_factory=list)
+_log = logging.getLogger(__name__)
+STALLED_REASONS = ("CachePolicyNotFound", "InvalidSpec")
+"""A stalled model's Ready is about its spec, not its pods: Deployment events leave it alone."""
 
 
 def deployment_ready(deployment: Mapping[str, Any] | None) -> Condition:
@@ -67,20 +61,14 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: PostgresIndex | None, redis
     generation = body.metadata.get("generation")
     current = body.status.get("conditions")
     policy_ref = policy_name(spec)
-    policy_obj = await kube.get_resource("cachepolicies", namespace, policy_ref) if policy_ref else None
+    policy_obj = await kube.get_resource(POLICIES, namespace, policy_ref) if policy_ref else None
     policy = (policy_obj or {}).get("spec") if policy_obj else None
-
-    def stop(reason: str, message: str) -> Outcome:
-        conditions = stalled(reason, message)
-        return Outcome({"observedGeneration": generation, "conditions": merge(current, conditions, generation)},
-                       ("Warning", reason, message), conditions)
-
     if policy is None:
-        return stop("CachePolicyNotFound", f"CachePolicy {namespace}/{policy_ref} does not exist")
+        raise Stalled("CachePolicyNotFound", f"CachePolicy {namespace}/{policy_ref} does not exist")
     try:
         rendered = render(namespace, spec, policy_ref, policy)
     except SpecError as exc:
-        return stop(exc.reason, str(exc))
+        raise Stalled(exc.reason, str(exc)) from exc
     objects = [manifests.config_map(name, namespace, rendered), manifests.service(name, namespace),
                manifests.deployment(name, namespace, spec, rendered, settings)]
     kopf.adopt(objects, owner=body)
@@ -95,7 +83,7 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: PostgresIndex | None, redis
             raise kopf.TemporaryError(f"cannot record the tariff, Postgres unavailable: {exc}", delay=10) from exc
         known = ((policy_obj or {}).get("status") or {}).get("tariffVersions") or {}
         if known.get(model.alias) != tariff_version:
-            await kube.patch_resource_status("cachepolicies", namespace, policy_ref,
+            await kube.patch_resource_status(POLICIES, namespace, policy_ref,
                                              {"tariffVersions": {model.alias: tariff_version}})
     if redis is not None:
         with contextlib.suppress(RedisError, OSError):  # proxies re-read tariffs on their own timer too
@@ -113,17 +101,44 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: PostgresIndex | None, redis
     }
     if tariff_version is not None:
         status["tariffVersion"] = tariff_version
-    event = None
+    outcome = Outcome(status, conditions=conditions)
     if "created" in changes or "updated" in changes or body.status.get("configChecksum") != rendered.checksum:
-        event = ("Normal", "Rendered", f"proxy config {rendered.checksum[:12]} applied ({status['mode']} mode)")
-    return Outcome(status, event, conditions)
+        outcome.events.append(
+            ("Normal", "Rendered", f"proxy config {rendered.checksum[:12]} applied ({status['mode']} mode)"))
+    return outcome
+
+
+async def deployment_changed(deployment: kopf.Body, kube: Kube) -> None:
+    """Ready and Reconciling follow the owned Deployment, unless the model is stalled on its spec."""
+    namespace, model = deployment.metadata.namespace or "default", deployment.metadata.labels[MODEL_LABEL]
+    owner = await kube.get_resource(MODELS, namespace, model)
+    if owner is None or (owner.get("status") or {}).get("observedGeneration") is None:
+        return
+    current = owner["status"].get("conditions") or []
+    ready = deployment_ready(dict(deployment))
+    before = next((c for c in current if c.get("type") == "Ready"), None)
+    unchanged = before is not None and before.get("reason") == ready.reason and \
+        before.get("status") == ("True" if ready.status else "False")
+    if unchanged or (before is not None and before.get("reason") in STALLED_REASONS):
+        return
+    generation = owner["metadata"].get("generation")
+    reconciling = Condition("Reconciling", not ready.status, ready.reason, ready.message)
+    conditions = merge(current, [ready, reconciling], generation)
+    await kube.patch_resource_status(MODELS, namespace, model, {"conditions": conditions})
+    kopf.event(kopf.Body(cast(kopf.RawBody, owner)), type="Normal", reason="Ready" if ready.status else "NotReady",
+               message=ready.message)
+
+
+async def deleted(kube: Kube, pg: PostgresIndex | None, namespace: str, spec: Mapping[str, Any]) -> None:
+    await close_tariff(pg, spec)
+    await forget_tariff(kube, namespace, spec)
 
 
 async def forget_tariff(kube: Kube, namespace: str, spec: Mapping[str, Any]) -> None:
     """Remove a deleted model's entry from its policy's ``status.tariffVersions`` (merge patch: null deletes)."""
     ref, alias = policy_name(spec), spec.get("alias")
-    if ref and alias and await kube.get_resource("cachepolicies", namespace, ref) is not None:
-        await kube.patch_resource_status("cachepolicies", namespace, ref, {"tariffVersions": {alias: None}})
+    if ref and alias and await kube.get_resource(POLICIES, namespace, ref) is not None:
+        await kube.patch_resource_status(POLICIES, namespace, ref, {"tariffVersions": {alias: None}})
 
 
 async def close_tariff(pg: PostgresIndex | None, spec: Mapping[str, Any]) -> None:

@@ -24,6 +24,7 @@ import kopf
 import kubernetes
 from kubernetes.client import ApiException
 
+from promptcache.operator.constants import GENERATION_ANNOTATION, REPLAY_APP
 from promptcache.operator.handlers import manifests
 from promptcache.operator.handlers.conditions import Condition, merge, now_rfc3339, stalled
 from promptcache.operator.handlers.config import OperatorConfig
@@ -320,7 +321,7 @@ async def reconcile(obj: Mapping[str, Any], kube: Kube, config: OperatorConfig) 
     status = _Status(kube, obj)
     job_name = manifests.replay_names(status.name)["job"]
     job = await kube.job(status.namespace, job_name)
-    job_generation = ((job or {}).get("metadata", {}).get("annotations") or {}).get(manifests.GENERATION_ANNOTATION)
+    job_generation = ((job or {}).get("metadata", {}).get("annotations") or {}).get(GENERATION_ANNOTATION)
     if _done(obj) or (current.get("observedGeneration") == status.generation and current.get("phase") == "Running"
                       and job_generation == str(status.generation)):
         return None
@@ -378,7 +379,7 @@ async def job_failed(job: Mapping[str, Any], kube: Kube) -> tuple[kopf.Body, Eve
     if obj is None or obj["metadata"].get("uid") != owner.get("uid"):
         return None
     current = obj.get("status") or {}
-    generation = (meta.get("annotations") or {}).get(manifests.GENERATION_ANNOTATION)
+    generation = (meta.get("annotations") or {}).get(GENERATION_ANNOTATION)
     if current.get("phase") != "Running" or str(current.get("observedGeneration")) != generation:
         return None
     detail = ": ".join(str(part) for part in (failed.get("reason"), failed.get("message")) if part)
@@ -438,7 +439,7 @@ async def _run_job(namespace: str, name: str) -> int:
         if event is None:
             print(f"{where}: the spec changed while it ran; the result was dropped")
             return 0
-        await kube.post_event(obj, *event, component=manifests.REPLAY_APP)
+        await kube.post_event(obj, *event, component=REPLAY_APP)
         print(f"{where}: {event[1]}: {event[2]}")
         return 0
     except DB_ERRORS as exc:

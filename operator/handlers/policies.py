@@ -7,28 +7,23 @@ so proxies re-read it) and re-renders its ConfigMap for proxies that start later
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
+import kopf
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from promptcache.operator.handlers.conditions import Condition, merge, stalled
+from promptcache.operator.constants import MODELS, REVISION_ANNOTATION
+from promptcache.operator.handlers.conditions import Condition, merge
+from promptcache.operator.handlers.kube import Kube
+from promptcache.operator.handlers.outcome import Outcome, Stalled
 from promptcache.operator.handlers.render import policy_key
 from promptcache.proxy import policybus
 from promptcache.proxy.domain.policy import CachePolicy, PolicyError
 
-REVISION_ANNOTATION = "policy.promptcache.io/revision"
-"""Set on bound DeployedModels when their policy changes, so kopf re-runs their reconcile. Outside the
-``promptcache.io/`` prefix on purpose: kopf keeps its own state there and leaves it out of the diffs."""
-
-
-@dataclass
-class PolicyOutcome:
-    status: dict[str, Any]
-    events: list[tuple[str, str, str]]
-    valid: bool
+ModelsByPolicy = kopf.Index[tuple[str | None, str], tuple[str, dict[str, Any]]]
+"""kopf's index of DeployedModels by the policy they name: ``(namespace, policy) -> (model, spec)``."""
 
 
 async def configure_redis(client: aioredis.Redis, redis_spec: Mapping[str, Any]) -> tuple[bool, str]:
@@ -50,20 +45,45 @@ async def configure_redis(client: aioredis.Redis, redis_spec: Mapping[str, Any])
     return True, ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
-async def reconcile(namespace: str, name: str, spec: Mapping[str, Any], generation: int | None,
-                    current: Iterable[Mapping[str, Any]] | None, bound: Mapping[str, Mapping[str, Any]],
-                    redis: aioredis.Redis | None, redis_prefix: str) -> PolicyOutcome:
-    """``bound`` maps each bound DeployedModel's name to its spec.
+async def reconcile(body: kopf.Body, models_by_policy: ModelsByPolicy, kube: Kube, redis: aioredis.Redis | None,
+                    redis_prefix: str) -> Outcome:
+    """Apply the policy, then touch every bound model so it reconciles against it.
 
     Tariffs are written by the bound models' own reconciles (which this change triggers), one
-    writer per model, so versions follow the policy's generations in order.
+    writer per model, so versions follow the policy's generations in order. A bad spec stalls the
+    policy, and its models are touched all the same: each stalls on the policy it can no longer render.
     """
+    namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
+    generation = body.metadata.get("generation")
+    bound = dict(models_by_policy.get((namespace, name), []))
+    try:
+        return await _apply(namespace, name, dict(body.spec), generation, body.status.get("conditions"), bound,
+                            redis, redis_prefix)
+    finally:
+        await touch(kube, namespace, bound, str(generation))
+
+
+async def deleted(event_type: str, body: kopf.Body, models_by_policy: ModelsByPolicy, kube: Kube) -> None:
+    """A deleted policy's models reconcile again, and find it missing."""
+    if event_type != "DELETED":
+        return
+    namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
+    await touch(kube, namespace, dict(models_by_policy.get((namespace, name), [])), f"deleted-{body.metadata.uid}")
+
+
+async def touch(kube: Kube, namespace: str, bound: Mapping[str, Any], revision: str) -> None:
+    for model in sorted(bound):
+        annotations = {REVISION_ANNOTATION: revision}
+        await kube.patch_resource(MODELS, namespace, model, {"metadata": {"annotations": annotations}})
+
+
+async def _apply(namespace: str, name: str, spec: Mapping[str, Any], generation: int | None,
+                 current: Any, bound: Mapping[str, Mapping[str, Any]], redis: aioredis.Redis | None,
+                 redis_prefix: str) -> Outcome:
     try:
         CachePolicy.from_spec(spec)
     except PolicyError as exc:
-        conditions = stalled("InvalidSpec", str(exc))
-        return PolicyOutcome({"observedGeneration": generation, "conditions": merge(current, conditions, generation)},
-                             [("Warning", "InvalidSpec", str(exc))], False)
+        raise Stalled("InvalidSpec", str(exc)) from exc
     events: list[tuple[str, str, str]] = []
     status: dict[str, Any] = {"observedGeneration": generation, "boundModels": sorted(bound)}
     conditions = [Condition("Ready", True, "Applied", f"bound to {len(bound)} model(s)"),
@@ -81,4 +101,4 @@ async def reconcile(namespace: str, name: str, spec: Mapping[str, Any], generati
             message = f"proxies will see the change on their next config reload: {exc}"
             events.append(("Warning", "PublishFailed", message))
     status["conditions"] = merge(current, conditions, generation)
-    return PolicyOutcome(status, events, True)
+    return Outcome(status, events, conditions)

@@ -1,0 +1,34 @@
+"""The names the operator shares with the API server, the chart and the tests: one home for each.
+
+The CRDs under ``crds/`` declare the same group, version and plurals; ``tests`` check they agree.
+"""
+
+from __future__ import annotations
+
+GROUP = "promptcache.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MODELS = "deployedmodels"
+POLICIES = "cachepolicies"
+REPLAYS = "planreplays"
+
+PREFIX = GROUP
+"""Our annotations, labels and finalizer live under it; so do kopf's progress and diff-base annotations."""
+FINALIZER = f"{PREFIX}/finalizer"
+CHECKSUM_ANNOTATION = f"{PREFIX}/config-checksum"
+GENERATION_ANNOTATION = f"{PREFIX}/generation"
+"""On a replay Job and report: the PlanReplay generation it was started for."""
+WINDOW_ANNOTATION = f"{PREFIX}/window"
+"""On a replay report: the window replayed, as an RFC 3339 interval ``start/end``."""
+REVISION_ANNOTATION = f"policy.{PREFIX}/revision"
+"""Set on bound DeployedModels when their policy changes, so kopf re-runs their reconcile. Outside the
+``promptcache.io/`` prefix on purpose: kopf keeps its own state there and leaves it out of the diffs."""
+
+MODEL_LABEL = f"{PREFIX}/deployedmodel"
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "promptcache-operator"
+PROXY_APP = "promptcache-proxy"
+REPLAY_APP = "promptcache-replay"
