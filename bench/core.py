@@ -27,8 +27,9 @@ from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.prepare import prepare
 from promptcache.proxy.domain.pricing import Split, Tariff
 from promptcache.proxy.domain.tokens import BlockCounter, TiktokenTokenizer
-from promptcache.proxy.storage.ledger import RequestRecord
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.index import PrefixIndex
+from promptcache.proxy.storage.ledger import Ledger, RequestRecord
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -99,7 +100,8 @@ async def bench_lookup() -> None:
     dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
     try:
         await migrate(dsn)
-        index = await PostgresIndex.connect(dsn)
+        pg = await Database.connect(dsn)
+        index, ledger = PrefixIndex(pg), Ledger(pg)
         now = datetime.now(UTC)
         rng = random.Random(3)
         scopes = [Scope(f"tenant-{i}", "bench", "tiktoken:cl100k_base") for i in range(50)]
@@ -109,7 +111,7 @@ async def bench_lookup() -> None:
             writes = tuple(Write(i, h, 1000 * (i + 1), "1h", now + timedelta(hours=1)) for i, h in enumerate(hashes))
             record = RequestRecord(f"seed-{n}", now, scope, "openai", 200, Split(0, 0),
                                    tariff, [], Classification(None, writes))
-            await index.commit(record)
+            await ledger.commit(record)
         latencies = []
         for i in range(3000):
             scope = scopes[i % len(scopes)]
@@ -123,7 +125,7 @@ async def bench_lookup() -> None:
         latencies = latencies[200:]
         print(f"postgres lookup, 20 candidates, 10k entries: p50 {statistics.median(latencies):.3f} ms "
               f"(target <= 1 ms), p99 {percentile(latencies, 0.99):.3f} ms")
-        await index.close()
+        await pg.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

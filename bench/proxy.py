@@ -33,7 +33,8 @@ import yaml
 from aiohttp import web
 
 from promptcache.proxy.domain.tokens import TiktokenTokenizer
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.keys import ApiKeys
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
@@ -160,9 +161,9 @@ async def main(args: argparse.Namespace) -> int:
     proxy: asyncio.subprocess.Process | None = None
     try:
         await migrate(dsn)
-        index = await PostgresIndex.connect(dsn)
-        key = (await index.create_api_key("bench"))[1]
-        await index.close()
+        pg = await Database.connect(dsn)
+        key = (await ApiKeys(pg).create("bench"))[1]
+        await pg.close()
         workdir = Path(tempfile.mkdtemp(prefix="promptcache-bench-"))
         config = workdir / "proxy.yaml"
         config.write_text(yaml.safe_dump({"models": [{

@@ -57,10 +57,10 @@ from promptcache.operator.replay.engine import (
     READ,
     REQUESTS,
     STATISTICS,
-    Proposal,
     report,
     simulate,
 )
+from promptcache.operator.replay.proposal import Proposal
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.storage.requestlog import LoggedRequest, read_jsonl, to_json_line

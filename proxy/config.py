@@ -1,4 +1,4 @@
-"""The proxy's configuration file (SPEC §8): models, auth and limits.
+"""The proxy's configuration file (docs/design.md#the-request-path): models, auth and limits.
 
 The operator renders this file into a ConfigMap and the proxy reloads it when it changes;
 both go through :func:`parse_config`, so there is one schema, not two.

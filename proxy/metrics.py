@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC §8), one registry per proxy so tests can run several side by side."""
+"""Prometheus metrics (docs/design.md#the-request-path), one registry per proxy so tests can run several side by
+side."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared fixtures for tests that need real backing services (SPEC §13: a fresh database per session)."""
+"""Shared fixtures for tests that need real backing services (docs/design.md#testing: a fresh database per session)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
 from promptcache.proxy.http.server import serving
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
@@ -59,12 +59,13 @@ async def empty_pg_dsn() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def pg_index(pg_dsn: str) -> AsyncIterator[PostgresIndex]:
-    index = await PostgresIndex.connect(pg_dsn)
+async def pg(pg_dsn: str) -> AsyncIterator[Database]:
+    """A pool on the session's database; the storage modules (index, ledger, tariffs…) are built over it."""
+    db = await Database.connect(pg_dsn)
     try:
-        yield index
+        yield db
     finally:
-        await index.close()
+        await db.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from promptcache.proxy.http.server import ProxyOptions, ProxyServer, serving
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.keys import ApiKeys
+from promptcache.proxy.storage.postgres import Database
 
 
 def write_word_tokenizer(path: Path) -> Path:
@@ -34,11 +35,11 @@ def unique(name: str) -> str:
 
 
 async def new_key(pg_dsn: str, principal: str) -> str:
-    index = await PostgresIndex.connect(pg_dsn)
+    pg = await Database.connect(pg_dsn)
     try:
-        return (await index.create_api_key(principal))[1]
+        return (await ApiKeys(pg).create(principal))[1]
     finally:
-        await index.close()
+        await pg.close()
 
 
 async def ledger(pg_dsn: str, request_id: str) -> asyncpg.Record:

@@ -107,7 +107,8 @@ def crd_resources(crds: Iterable[Mapping[str, Any]]) -> dict[str, kmock.Resource
 
 
 def default_resources(crds: Iterable[Mapping[str, Any]] = ()) -> dict[str, kmock.ResourceInfo]:
-    """The kinds the operator and its tests use: the three CRDs (SPEC §10; from ``crds`` where given) and the
+    """The kinds the operator and its tests use: the three CRDs (docs/design.md#custom-resources; from ``crds`` where
+    given) and the
     builtins the operator owns, reads or posts."""
     info = _info
     return {

@@ -1,4 +1,4 @@
-"""The Argo CD health checks (Lua) run with a real Lua runtime on sample objects (SPEC §12)."""
+"""The Argo CD health checks (Lua) run with a real Lua runtime on sample objects (docs/design.md#packaging)."""
 
 from __future__ import annotations
 

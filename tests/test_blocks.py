@@ -1,4 +1,4 @@
-"""SPEC §2 (blocks, canonical bytes, cumulative hashes) and §3 marker stripping."""
+"""docs/design.md#blocks-and-prefix-hashes (blocks, canonical bytes, cumulative hashes) and §3 marker stripping."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_canonical_bytes_and_cumulative_hash_by_hand() -> None:
     second = b"user\x00" + '{"text":"héllo ☃","type":"text"}'.encode()
     assert blocks[0].canonical == b'{"text":"You are terse.","type":"text"}'
     assert blocks[1].canonical == '{"text":"héllo ☃","type":"text"}'.encode()
-    # The same bytes through the serialiser SPEC §2 names.
+    # The same bytes through the serialiser docs/design.md#blocks-and-prefix-hashes names.
     dumped = json.dumps(
         {"type": "text", "text": "héllo ☃"}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )

@@ -1,4 +1,5 @@
-"""SPEC §9: the cluster bootstrap's intervals are calibrated, reproducible, and agree with the point estimate.
+"""docs/design.md#replay: the cluster bootstrap's intervals are calibrated, reproducible, and agree with the point
+estimate.
 
 Calibration (issue item 3): 400 synthetic datasets of 200 clusters are drawn from a population whose ratios
 are known; the 95% interval of ``resample`` (500 resamples) with the engine's own ``STATISTICS`` must cover

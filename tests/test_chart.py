@@ -1,4 +1,5 @@
-"""The Helm chart, rendered and linted with helm-python-sdk, validated with kubernetes-validate (SPEC §12)."""
+"""The Helm chart, rendered and linted with helm-python-sdk, validated with kubernetes-validate
+(docs/design.md#packaging)."""
 
 from __future__ import annotations
 

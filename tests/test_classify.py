@@ -1,4 +1,4 @@
-"""SPEC §5: candidates, read, writes, creation segments, liveness, expiry sliding and episodes."""
+"""docs/design.md#classification: candidates, read, writes, creation segments, liveness, expiry sliding and episodes."""
 
 from __future__ import annotations
 

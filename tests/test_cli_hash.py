@@ -120,3 +120,39 @@ def test_hash_unknown_api_is_a_usage_error() -> None:
     result = run("hash", "--api", "gemini", "-", stdin="{}")
     assert result.returncode == 2
     assert "invalid choice: 'gemini'" in result.stderr
+
+
+def test_hash_into_a_pipe_closed_early_exits_quietly() -> None:
+    """``promptcache hash … | head -1``: the reader goes away mid-output, which ends the output, not in a traceback."""
+    body = {"messages": [{"role": "user", "content": f"message {i}"} for i in range(3000)]}
+    process = subprocess.Popen([PROMPTCACHE, "hash", "--api", "anthropic", "-"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    process.stdin.write(json.dumps(body).encode())  # larger than a pipe's buffer, as is the output
+    process.stdin.close()
+    assert process.stdout.read(2) == b"{\n"
+    process.stdout.close()
+    assert (process.wait(timeout=60), process.stderr.read()) == (0, b"")
+
+
+HEAVY = ("aiohttp", "asyncpg", "redis", "kopf")
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules ``python -X importtime`` reports importing."""
+    return {line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_the_parser_loads_no_role() -> None:
+    """Every subcommand's options are declared without importing the server, the database or kopf."""
+    help_run = subprocess.run([sys.executable, "-X", "importtime", PROMPTCACHE, "hash", "--help"],
+                              capture_output=True, text=True, timeout=60)
+    assert help_run.returncode == 0 and help_run.stdout.startswith("usage: promptcache hash")
+    assert "promptcache.operator.cli" in imported(help_run.stderr)
+    assert imported(help_run.stderr).isdisjoint(HEAVY)
+    script = "import sys; from promptcache.operator import cli; cli.build_parser(); print(*sorted(sys.modules))"
+    built = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    loaded = set(built.stdout.split())
+    assert "promptcache.operator.cli.replay" in loaded
+    assert loaded.isdisjoint(HEAVY)

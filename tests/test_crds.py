@@ -1,4 +1,5 @@
-"""The CRDs in crds/ (SPEC §10): structural schemas, the examples validated against them, and every CEL rule.
+"""The CRDs in crds/ (docs/design.md#custom-resources): structural schemas, the examples validated against them, and
+every CEL rule.
 
 No API server runs here, so the checks an API server would make are made by hand:
 

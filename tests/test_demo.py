@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import redis.asyncio as aioredis
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 
@@ -49,3 +52,21 @@ def test_demo_runs_on_embedded_postgres_and_leaves_nothing_running() -> None:
     assert demo_processes(tmpdir) == []
     assert [name for name in os.listdir(tmpdir) if name.startswith("promptcache-demo-")] == []
     shutil.rmtree(tmpdir)
+
+
+async def test_demo_keeps_its_redis_keys_under_the_configured_prefix(empty_pg_dsn: str, redis_url: str) -> None:
+    """With Redis configured, the demo's proxy writes under ``PROMPTCACHE_REDIS_PREFIX``, as the proxy's own does."""
+    prefix = f"pctest:{secrets.token_hex(4)}:"
+    env = {**os.environ, "PROMPTCACHE_DATABASE_URL": empty_pg_dsn, "PROMPTCACHE_REDIS_URL": redis_url,
+           "PROMPTCACHE_REDIS_PREFIX": prefix}
+    result = await asyncio.to_thread(subprocess.run, [PROMPTCACHE, "demo"], capture_output=True, text=True,
+                                     timeout=120, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert "database:  PROMPTCACHE_DATABASE_URL" in result.stdout
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        written = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        assert written, "the demo wrote no cache entries under its prefix"
+        await client.delete(*written)
+    finally:
+        await client.aclose()

@@ -14,8 +14,8 @@ from promptcache.proxy.domain.classify import ChainBlock, Classification, Write
 from promptcache.proxy.domain.entries import Scope
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Split, Tariff
-from promptcache.proxy.storage.ledger import RequestRecord
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.ledger import Ledger, RequestRecord
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -31,24 +31,24 @@ def record(rid: str, at: datetime, writes: tuple[Write, ...] = ()) -> RequestRec
 
 
 @pytest.fixture
-async def index(empty_pg_dsn: str) -> AsyncIterator[PostgresIndex]:
+async def lone_pg(empty_pg_dsn: str) -> AsyncIterator[Database]:
     await migrate(empty_pg_dsn)
-    pg = await PostgresIndex.connect(empty_pg_dsn)
+    pg = await Database.connect(empty_pg_dsn)
     yield pg
     await pg.close()
 
 
-async def test_run_once_sweeps_beyond_grace_and_purges_beyond_retention(index: PostgresIndex,
+async def test_run_once_sweeps_beyond_grace_and_purges_beyond_retention(lone_pg: Database,
                                                                         empty_pg_dsn: str) -> None:
     expiries = {  # relative to NOW; grace is 1 h
         b"a": -timedelta(hours=3), b"b": -timedelta(hours=1, seconds=1), b"c": -timedelta(minutes=59),
         b"d": timedelta(minutes=5),
     }
     writes = tuple(Write(i, h * 32, 100 * (i + 1), "5m", NOW + d) for i, (h, d) in enumerate(expiries.items()))
-    await index.commit(record("writer", NOW - timedelta(days=40), writes))
-    await index.commit(record("recent", NOW - timedelta(days=29)))
-    await index.commit(record("old", NOW - timedelta(days=31)))
-    swept, purged = await run_once(index, Housekeeping(batch=1), NOW)
+    await Ledger(lone_pg).commit(record("writer", NOW - timedelta(days=40), writes))
+    await Ledger(lone_pg).commit(record("recent", NOW - timedelta(days=29)))
+    await Ledger(lone_pg).commit(record("old", NOW - timedelta(days=31)))
+    swept, purged = await run_once(lone_pg, Housekeeping(batch=1), NOW)
     assert (swept, purged) == (2, 2)  # entries a and b; log rows writer and old
     conn = await asyncpg.connect(empty_pg_dsn)
     try:
@@ -60,4 +60,4 @@ async def test_run_once_sweeps_beyond_grace_and_purges_beyond_retention(index: P
     assert left == [b"c", b"d"]
     assert logs == ["recent"]
     assert ledger == 3  # the ledger is money: retention never touches it
-    assert await run_once(index, Housekeeping(batch=1), NOW) == (0, 0)
+    assert await run_once(lone_pg, Housekeeping(batch=1), NOW) == (0, 0)

@@ -1,8 +1,10 @@
-"""The kube harness itself: kopf's real loop against the kmock emulator (SPEC §13), with a throwaway registry.
+"""The kube harness itself: kopf's real loop against the kmock emulator (docs/design.md#testing), with a throwaway
+registry.
 
 The handlers stand in for the operator's: they write through the ``kubernetes`` client found the way kopf finds
 its cluster (in-cluster, else ``$KUBECONFIG``), patch the status, post events, and keep kopf's progress in
-annotations under ``promptcache.io`` (SPEC §11). The test drives the emulator over plain HTTP and reads it back.
+annotations under ``promptcache.io`` (docs/design.md#reconciliation). The test drives the emulator over plain HTTP and
+reads it back.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ async def test_operator_reconciles_against_the_emulator() -> None:
             assert cm["metadata"]["ownerReferences"][0]["uid"] == m1["metadata"]["uid"]
             assert rec.calls == [("create", "m1")]
 
-            # Our own finalizer and annotation prefix (SPEC §11), none of kopf's defaults.
+            # Our own finalizer and annotation prefix (docs/design.md#reconciliation), none of kopf's defaults.
             assert m1["metadata"]["finalizers"] == ["promptcache.io/finalizer"]
             annotations = m1["metadata"]["annotations"]
             assert "promptcache.io/last-handled-configuration" in annotations

@@ -1,4 +1,5 @@
-"""SPEC §3: breakpoint validation and placement (explicit, top-level automatic, policy automatic)."""
+"""docs/design.md#breakpoints-markers-and-limits: breakpoint validation and placement (explicit, top-level automatic,
+policy automatic)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The operator's real kopf loop against the kmock emulator, with real Postgres and Redis (SPEC §11, §13).
+"""The operator's real kopf loop against the kmock emulator, with real Postgres and Redis
+(docs/design.md#reconciliation, #testing).
 
 Kubernetes has no controllers here: the tests play the Deployment controller by patching a
 Deployment's status, and the emulator garbage-collects owned objects as the API server would.

@@ -1,4 +1,4 @@
-"""CachePolicy reconciliation with the real kopf loop, Postgres and Redis (SPEC §11).
+"""CachePolicy reconciliation with the real kopf loop, Postgres and Redis (docs/design.md#reconciliation).
 
 Tariffs are append-only per bound model; Redis settings land on a real server (a private one, so
 the shared Redis is never reconfigured) or become a condition when the server refuses CONFIG;

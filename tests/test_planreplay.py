@@ -289,7 +289,7 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
         assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "promptcache-replay"
         [container] = pod["containers"]
         assert container["image"] == "promptcache:test"
-        assert container["args"] == ["replay", "--plan-replay", f"{NS}/there"]
+        assert container["args"] == ["replay-job", f"{NS}/there"]
         assert container["env"] == [{"name": "PROMPTCACHE_DATABASE_URL",
                                      "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}}]
         security = container["securityContext"]
@@ -314,7 +314,9 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
             "Normal"]
         assert await asyncio.to_thread(planreplay.run_job, NS, "there") == 0, "a retried pod changes nothing"
         assert phases(cluster, "there") == ["Pending", "Running", "Succeeded"]
-        assert cli.main(["replay", "--plan-replay", "no-slash"]) == 2
+        with pytest.raises(SystemExit) as usage:
+            cli.main(["replay-job", "no-slash"])
+        assert usage.value.code == 2
 
 
 async def test_a_new_generation_replaces_the_job_and_a_failed_job_fails_the_replay(

@@ -1,4 +1,4 @@
-"""Policies published on Redis reach a running proxy without a restart (SPEC §11)."""
+"""Policies published on Redis reach a running proxy without a restart (docs/design.md#reconciliation)."""
 
 from __future__ import annotations
 

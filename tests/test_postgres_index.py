@@ -1,4 +1,4 @@
-"""PostgresIndex against a real Postgres: one-trip lookups, the episode rule, idempotent commits,
+"""The Postgres storage against a real database: one-trip lookups, the episode rule, idempotent commits,
 sweeping, tariffs, API keys, and every failure ending as IndexUnavailable with no partial state.
 
 Requests go through the real pipeline (lookup → classify → reconcile → commit), so what is
@@ -20,13 +20,18 @@ import asyncpg
 import pytest
 
 from promptcache.proxy.domain.classify import ChainBlock, Classification, Write, candidates, classify
-from promptcache.proxy.domain.entries import IndexEntry, IndexUnavailable, Scope
+from promptcache.proxy.domain.entries import IndexEntry, Scope
 from promptcache.proxy.domain.policy import DEFAULT_WRITE_MULTIPLIERS, CachePolicy
 from promptcache.proxy.domain.pricing import Tariff, reconcile
-from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.errors import IndexUnavailable
+from promptcache.proxy.storage.index import PrefixIndex
+from promptcache.proxy.storage.keys import ApiKeys
+from promptcache.proxy.storage.ledger import Ledger, RequestRecord
 from promptcache.proxy.storage.memory import merge_write
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.postgres import Database
+from promptcache.proxy.storage.retention import Retention
 from promptcache.proxy.storage.schema import migrate
+from promptcache.proxy.storage.tariffs import Tariffs
 
 if TYPE_CHECKING:
     from asyncpg.transaction import Transaction
@@ -55,7 +60,7 @@ def chain(*blocks: tuple[str, int, str | None]) -> list[ChainBlock]:
 
 
 async def request(
-    index: PostgresIndex,
+    pg: Database,
     scope: Scope,
     now: datetime,
     blocks: Sequence[ChainBlock],
@@ -66,7 +71,7 @@ async def request(
     request_id: str | None = None,
 ) -> RequestRecord:
     """What the proxy builds for a request: look up its candidates, classify, reconcile with usage."""
-    found = await index.lookup(scope, candidates(blocks, POLICY))
+    found = await PrefixIndex(pg).lookup(scope, candidates(blocks, POLICY))
     classification = classify(blocks, found, POLICY, now)
     return RequestRecord(
         request_id=request_id or f"req-{secrets.token_hex(6)}",
@@ -83,10 +88,10 @@ async def request(
 
 
 async def served(
-    index: PostgresIndex, scope: Scope, now: datetime, blocks: Sequence[ChainBlock]
+    pg: Database, scope: Scope, now: datetime, blocks: Sequence[ChainBlock]
 ) -> RequestRecord:
-    record = await request(index, scope, now, blocks)
-    assert await index.commit(record) is True
+    record = await request(pg, scope, now, blocks)
+    assert await Ledger(pg).commit(record) is True
     return record
 
 
@@ -131,22 +136,22 @@ async def test_lookup_of_twenty_candidates_is_one_query(pg_dsn: str) -> None:
     async def log_queries(conn: Conn) -> None:
         conn.add_query_logger(lambda q: queries.append((q.query, q.args)))
 
-    index = await PostgresIndex.connect(pg_dsn, max_size=1, init=log_queries)
+    pg = await Database.connect(pg_dsn, max_size=1, init=log_queries)
     try:
         scope = new_scope()
         blocks = chain(*((f"t20-{i}", 1024 + 100 * i, "5m" if i in (4, 9) else None) for i in range(19)))
         # Serving a first request also lets asyncpg introspect bytea[], which it does once per connection.
-        await served(index, scope, T0, blocks[:10])
+        await served(pg, scope, T0, blocks[:10])
         blocks.append(ChainBlock(hh("t20-last"), 4000, "user", "5m"))
         wanted = candidates(blocks, POLICY)
         assert len(wanted) == 20
         await asyncio.sleep(0)  # query loggers are called soon after a query, not inline
         queries.clear()
 
-        found = await index.lookup(scope, wanted)
+        found = await PrefixIndex(pg).lookup(scope, wanted)
         await asyncio.sleep(0)
     finally:
-        await index.close()
+        await pg.close()
 
     [(query, args)] = queries
     assert "FROM cache_entries" in query and args[3] == wanted
@@ -154,43 +159,43 @@ async def test_lookup_of_twenty_candidates_is_one_query(pg_dsn: str) -> None:
     assert found[hh("t20-9")] == IndexEntry(hh("t20-9"), 1924, "5m", T0, T0 + 5 * MIN)
 
 
-async def test_lookup_returns_expired_entries_and_only_asked_hashes(pg_index: PostgresIndex) -> None:
+async def test_lookup_returns_expired_entries_and_only_asked_hashes(pg: Database) -> None:
     scope = new_scope()
-    await served(pg_index, scope, T0, chain(("x1", 2000, "5m"), ("x2", 3000, "5m")))
+    await served(pg, scope, T0, chain(("x1", 2000, "5m"), ("x2", 3000, "5m")))
 
-    found = await pg_index.lookup(scope, [hh("x2"), hh("unknown")])
+    found = await PrefixIndex(pg).lookup(scope, [hh("x2"), hh("unknown")])
 
     assert found == {hh("x2"): IndexEntry(hh("x2"), 3000, "5m", T0, T0 + 5 * MIN)}
     assert not found[hh("x2")].live(T0 + 5 * MIN)
-    assert await pg_index.lookup(scope, []) == {}
+    assert await PrefixIndex(pg).lookup(scope, []) == {}
 
 
-async def test_scope_isolation(pg_index: PostgresIndex) -> None:
+async def test_scope_isolation(pg: Database) -> None:
     owner = new_scope()
-    await served(pg_index, owner, T0, chain(("shared-prompt", 2000, "1h")))
+    await served(pg, owner, T0, chain(("shared-prompt", 2000, "1h")))
 
-    assert list(await pg_index.lookup(owner, [hh("shared-prompt")])) == [hh("shared-prompt")]
+    assert list(await PrefixIndex(pg).lookup(owner, [hh("shared-prompt")])) == [hh("shared-prompt")]
     for other in (
         owner._replace(principal_id="someone-else"),
         owner._replace(virtual_model="model-b"),
         owner._replace(tokenizer_version="o200k_base@test"),
     ):
-        assert await pg_index.lookup(other, [hh("shared-prompt")]) == {}
+        assert await PrefixIndex(pg).lookup(other, [hh("shared-prompt")]) == {}
 
 
 # --- commit -------------------------------------------------------------------------------------
 
 
-async def test_commit_bills_once_and_writes_once(pg_index: PostgresIndex, db: Conn) -> None:
+async def test_commit_bills_once_and_writes_once(pg: Database, db: Conn) -> None:
     scope = new_scope()
-    tariff = await pg_index.set_tariff(replace(TARIFF, model=f"priced-{secrets.token_hex(4)}"), T0 - MIN)
-    await served(pg_index, scope, T0, chain(("sys", 2048, "1h"), ("q1", 2500, None)))
+    tariff = await Tariffs(pg).set(replace(TARIFF, model=f"priced-{secrets.token_hex(4)}"), T0 - MIN)
+    await served(pg, scope, T0, chain(("sys", 2048, "1h"), ("q1", 2500, None)))
     blocks = chain(("sys", 2048, "1h"), ("doc", 3548, "5m"), ("q2", 5000, None))
-    record = await request(pg_index, scope, T0 + 10 * MIN, blocks, completion=200, tariff=tariff)
+    record = await request(pg, scope, T0 + 10 * MIN, blocks, completion=200, tariff=tariff)
 
-    assert await pg_index.commit(record) is True
+    assert await Ledger(pg).commit(record) is True
     versions = await row_versions(db, scope)
-    assert await pg_index.commit(record) is False
+    assert await Ledger(pg).commit(record) is False
 
     [row] = await ledger_rows(db, record.request_id)
     # uncached 1452·3 + read 2048·3·0.1 + creation 1500·3·1.25 + completion 200·15, per million
@@ -207,11 +212,11 @@ async def test_commit_bills_once_and_writes_once(pg_index: PostgresIndex, db: Co
     assert await db.fetchval("SELECT count(*) FROM request_log WHERE request_id = $1", record.request_id) == 1
 
 
-async def test_request_log_row(pg_index: PostgresIndex, db: Conn) -> None:
+async def test_request_log_row(pg: Database, db: Conn) -> None:
     scope = new_scope()
     blocks = chain(("log-sys", 1500, "1h"), ("log-q", 1800, None))
-    record = await request(pg_index, scope, T0, blocks, completion=7)
-    await pg_index.commit(record)
+    record = await request(pg, scope, T0, blocks, completion=7)
+    await Ledger(pg).commit(record)
 
     row = await db.fetchrow("SELECT * FROM request_log WHERE request_id = $1", record.request_id)
 
@@ -244,13 +249,13 @@ async def test_request_log_row(pg_index: PostgresIndex, db: Conn) -> None:
 
 
 async def test_failed_request_is_logged_but_neither_billed_nor_cached(
-    pg_index: PostgresIndex, db: Conn
+    pg: Database, db: Conn
 ) -> None:
     scope = new_scope()
-    record = await request(pg_index, scope, T0, chain(("err", 3000, "5m")), status=500)
+    record = await request(pg, scope, T0, chain(("err", 3000, "5m")), status=500)
 
-    assert await pg_index.commit(record) is True
-    assert await pg_index.commit(record) is False
+    assert await Ledger(pg).commit(record) is True
+    assert await Ledger(pg).commit(record) is False
 
     assert await ledger_rows(db, record.request_id) == []
     assert await entry(db, scope, "err") is None
@@ -260,13 +265,13 @@ async def test_failed_request_is_logged_but_neither_billed_nor_cached(
     assert tuple(logged or ()) == (500, Decimal(0))
 
 
-async def test_corrupt_split_bills_list_price_and_writes_nothing(pg_index: PostgresIndex, db: Conn) -> None:
+async def test_corrupt_split_bills_list_price_and_writes_nothing(pg: Database, db: Conn) -> None:
     scope = new_scope()
-    record = await request(pg_index, scope, T0, chain(("big", 3000, "5m")))
+    record = await request(pg, scope, T0, chain(("big", 3000, "5m")))
     # The upstream says the prompt was 1000 tokens; our split creates 3000.
     corrupt = replace(record, split=reconcile(1000, 100, record.classification))
 
-    assert await pg_index.commit(corrupt) is True
+    assert await Ledger(pg).commit(corrupt) is True
 
     [row] = await ledger_rows(db, record.request_id)
     assert (row["cost"], row["list_cost"], row["read_tokens"], row["creation_5m"]) == (
@@ -315,7 +320,7 @@ WRITE_5M = Write(0, hh("ep"), 2000, "5m", T0 + 65 * MIN)
     ],
 )
 async def test_write_follows_the_episode_rule(
-    pg_index: PostgresIndex,
+    pg: Database,
     db: Conn,
     existing: IndexEntry,
     write: Write,
@@ -345,52 +350,52 @@ async def test_write_follows_the_episode_rule(
         classification,
     )
 
-    assert await pg_index.commit(record) is True
+    assert await Ledger(pg).commit(record) is True
 
     assert merge_write(existing, write, now) == expected
     assert await entry(db, scope, "ep") == expected
 
 
-async def test_concurrent_writers_of_one_prefix_share_an_episode(pg_index: PostgresIndex, db: Conn) -> None:
+async def test_concurrent_writers_of_one_prefix_share_an_episode(pg: Database, db: Conn) -> None:
     scope = new_scope()
-    first = await request(pg_index, scope, T0, chain(("conc", 2000, "5m")))
-    second = await request(pg_index, scope, T0 + MIN, chain(("conc", 2000, "1h")))
+    first = await request(pg, scope, T0, chain(("conc", 2000, "5m")))
+    second = await request(pg, scope, T0 + MIN, chain(("conc", 2000, "1h")))
     # Both were classified before either committed, so both write the same prefix.
     assert first.split.creation_tokens == second.split.creation_tokens == 2000
 
-    assert await pg_index.commit(first) is True
-    assert await pg_index.commit(second) is True
+    assert await Ledger(pg).commit(first) is True
+    assert await Ledger(pg).commit(second) is True
 
     assert await entry(db, scope, "conc") == IndexEntry(hh("conc"), 2000, "1h", T0, T0 + 61 * MIN)
 
 
 async def test_read_slides_expiry_and_late_commits_never_shorten_it(
-    pg_index: PostgresIndex, db: Conn
+    pg: Database, db: Conn
 ) -> None:
     scope = new_scope()
-    await served(pg_index, scope, T0, chain(("slide", 2000, "1h")))
+    await served(pg, scope, T0, chain(("slide", 2000, "1h")))
     blocks = chain(("slide", 2000, "1h"), ("slide-q", 2100, None))
-    early = await request(pg_index, scope, T0 + 10 * MIN, blocks)
-    late = await request(pg_index, scope, T0 + 30 * MIN, blocks)
+    early = await request(pg, scope, T0 + 10 * MIN, blocks)
+    late = await request(pg, scope, T0 + 30 * MIN, blocks)
     assert early.split.read == late.split.read == 2000
 
-    assert await pg_index.commit(late) is True
+    assert await Ledger(pg).commit(late) is True
     assert await entry(db, scope, "slide") == IndexEntry(hh("slide"), 2000, "1h", T0, T0 + 90 * MIN)
-    assert await pg_index.commit(early) is True
+    assert await Ledger(pg).commit(early) is True
     assert await entry(db, scope, "slide") == IndexEntry(hh("slide"), 2000, "1h", T0, T0 + 90 * MIN)
 
 
-async def test_write_behind_commit_leaves_the_read_to_refresh_many(pg_index: PostgresIndex, db: Conn) -> None:
+async def test_write_behind_commit_leaves_the_read_to_refresh_many(pg: Database, db: Conn) -> None:
     scope, other = new_scope(), new_scope()
-    await served(pg_index, scope, T0, chain(("wb", 2000, "5m")))
-    await served(pg_index, other, T0, chain(("wb", 2000, "1h")))
-    record = await request(pg_index, scope, T0 + MIN, chain(("wb", 2000, "5m"), ("wb-next", 2500, "5m")))
+    await served(pg, scope, T0, chain(("wb", 2000, "5m")))
+    await served(pg, other, T0, chain(("wb", 2000, "1h")))
+    record = await request(pg, scope, T0 + MIN, chain(("wb", 2000, "5m"), ("wb-next", 2500, "5m")))
 
-    assert await pg_index.commit(record, refresh_read=False) is True
+    assert await Ledger(pg).commit(record, refresh_read=False) is True
     assert await entry(db, scope, "wb") == IndexEntry(hh("wb"), 2000, "5m", T0, T0 + 5 * MIN)
     assert await entry(db, scope, "wb-next") == IndexEntry(hh("wb-next"), 2500, "5m", T0 + MIN, T0 + 6 * MIN)
 
-    moved = await pg_index.refresh_many(
+    moved = await PrefixIndex(pg).refresh_many(
         [
             (scope, hh("wb"), T0 + 6 * MIN),
             (scope, hh("wb"), T0 + 8 * MIN),  # a later refresh of the same entry in the same batch wins
@@ -402,29 +407,29 @@ async def test_write_behind_commit_leaves_the_read_to_refresh_many(pg_index: Pos
     assert moved == 1
     assert await entry(db, scope, "wb") == IndexEntry(hh("wb"), 2000, "5m", T0, T0 + 8 * MIN)
     assert await entry(db, other, "wb") == IndexEntry(hh("wb"), 2000, "1h", T0, T0 + 60 * MIN)
-    assert await pg_index.refresh_many([]) == 0
+    assert await PrefixIndex(pg).refresh_many([]) == 0
 
 
 # --- retention ----------------------------------------------------------------------------------
 
 
 @pytest.fixture
-async def lone_index(empty_pg_dsn: str) -> AsyncIterator[tuple[PostgresIndex, Conn]]:
+async def lone_pg(empty_pg_dsn: str) -> AsyncIterator[tuple[Database, Conn]]:
     """An index on a database of its own, for tests that delete across all scopes."""
     await migrate(empty_pg_dsn)
-    index = await PostgresIndex.connect(empty_pg_dsn)
+    pg = await Database.connect(empty_pg_dsn)
     conn = await asyncpg.connect(empty_pg_dsn)
     try:
-        yield index, conn
+        yield pg, conn
     finally:
         await conn.close()
-        await index.close()
+        await pg.close()
 
 
 async def test_sweep_deletes_only_entries_expired_beyond_grace(
-    lone_index: tuple[PostgresIndex, Conn],
+    lone_pg: tuple[Database, Conn],
 ) -> None:
-    index, conn = lone_index
+    pg, conn = lone_pg
     grace = 10 * MIN
     expiries = {f"old-{i}": T0 - grace - (i + 1) * MIN for i in range(5)}
     expiries |= {"within-grace": T0 - grace + MIN, "at-cutoff": T0 - grace, "live": T0 + MIN}
@@ -433,23 +438,23 @@ async def test_sweep_deletes_only_entries_expired_beyond_grace(
         [(hh(name), expires - 5 * MIN, expires) for name, expires in expiries.items()],
     )
 
-    assert await index.sweep_expired(grace, batch=2, now=T0) == 5
+    assert await Retention(pg).sweep_expired(grace, batch=2, now=T0) == 5
 
     left = await conn.fetch("SELECT prefix_hash FROM cache_entries")
     assert sorted(r["prefix_hash"] for r in left) == sorted([hh("within-grace"), hh("at-cutoff"), hh("live")])
-    assert await index.sweep_expired(grace, batch=2, now=T0) == 0
+    assert await Retention(pg).sweep_expired(grace, batch=2, now=T0) == 0
 
 
-async def test_request_log_purge_in_batches(lone_index: tuple[PostgresIndex, Conn]) -> None:
-    index, conn = lone_index
+async def test_request_log_purge_in_batches(lone_pg: tuple[Database, Conn]) -> None:
+    pg, conn = lone_pg
     scope = new_scope()
     for minutes in range(-4, 2):
         record = await request(
-            index, scope, T0 + minutes * MIN, chain(("p", 10, None)), request_id=f"r{minutes}"
+            pg, scope, T0 + minutes * MIN, chain(("p", 10, None)), request_id=f"r{minutes}"
         )
-        await index.commit(record)
+        await Ledger(pg).commit(record)
 
-    assert await index.purge_request_log(T0, batch=3) == 4
+    assert await Retention(pg).purge_request_log(T0, batch=3) == 4
 
     left = await conn.fetch("SELECT request_id FROM request_log ORDER BY ts")
     assert [r["request_id"] for r in left] == ["r0", "r1"]
@@ -459,9 +464,9 @@ async def test_request_log_purge_in_batches(lone_index: tuple[PostgresIndex, Con
 # --- API keys -----------------------------------------------------------------------------------
 
 
-async def test_api_keys_are_stored_only_as_hashes(pg_index: PostgresIndex, db: Conn) -> None:
-    principal = f"team-{secrets.token_hex(4)}"
-    key_id, key = await pg_index.create_api_key(principal)
+async def test_api_keys_are_stored_only_as_hashes(pg: Database, db: Conn) -> None:
+    keys, principal = ApiKeys(pg), f"team-{secrets.token_hex(4)}"
+    key_id, key = await keys.create(principal)
 
     stored = await db.fetchrow("SELECT k::text AS whole, k.* FROM api_keys k WHERE key_id = $1", key_id)
     assert stored is not None
@@ -471,81 +476,81 @@ async def test_api_keys_are_stored_only_as_hashes(pg_index: PostgresIndex, db: C
     assert key_id == stored["key_hash"].hex()[:12]
     assert (stored["principal_id"], stored["revoked_at"]) == (principal, None)
 
-    assert await pg_index.principal_for_key(key) == principal
-    assert await pg_index.principal_for_key(key + "x") is None
-    assert await pg_index.revoke_api_key(key_id) is True
-    assert await pg_index.principal_for_key(key) is None
-    assert await pg_index.revoke_api_key(key_id) is False
-    assert await pg_index.revoke_api_key("000000000000") is False
+    assert await keys.principal_for(key) == principal
+    assert await keys.principal_for(key + "x") is None
+    assert await keys.revoke(key_id) is True
+    assert await keys.principal_for(key) is None
+    assert await keys.revoke(key_id) is False
+    assert await keys.revoke("000000000000") is False
 
 
 # --- tariffs ------------------------------------------------------------------------------------
 
 
-async def test_tariffs_are_append_only(pg_index: PostgresIndex) -> None:
-    model = f"tariffed-{secrets.token_hex(4)}"
+async def test_tariffs_are_append_only(pg: Database) -> None:
+    tariffs, model = Tariffs(pg), f"tariffed-{secrets.token_hex(4)}"
     exact = Decimal("0.123456789012345678901234567890")
     first = Tariff(model, exact, Decimal("15.000"), DEFAULT_WRITE_MULTIPLIERS, Decimal("0.10"))
     day = timedelta(days=1)
 
-    v1 = await pg_index.set_tariff(first, T0)
+    v1 = await tariffs.set(first, T0)
     assert v1 == replace(first, version=v1.version, valid_from=T0)
     assert str(v1.input_per_mtok) == "0.123456789012345678901234567890"
     assert (str(v1.output_per_mtok), str(v1.write_multipliers["1h"])) == ("15.000", "2.0")
-    assert await pg_index.set_tariff(replace(first, read_multiplier=Decimal("0.1")), T0 + day) == v1
+    assert await tariffs.set(replace(first, read_multiplier=Decimal("0.1")), T0 + day) == v1
 
-    v2 = await pg_index.set_tariff(replace(first, input_per_mtok=Decimal("2.5")), T0 + 2 * day)
+    v2 = await tariffs.set(replace(first, input_per_mtok=Decimal("2.5")), T0 + 2 * day)
     closed = replace(v1, valid_until=T0 + 2 * day)
     assert v2.version > v1.version and (v2.valid_from, v2.valid_until) == (T0 + 2 * day, None)
-    assert await pg_index.tariffs(model) == [closed, v2]
+    assert await tariffs.history(model) == [closed, v2]
 
-    assert await pg_index.tariff_at(model, T0 - timedelta(microseconds=1)) is None
-    assert await pg_index.tariff_at(model, T0) == closed
-    assert await pg_index.tariff_at(model, T0 + 2 * day - timedelta(microseconds=1)) == closed
-    assert await pg_index.tariff_at(model, T0 + 2 * day) == v2
+    assert await tariffs.at(model, T0 - timedelta(microseconds=1)) is None
+    assert await tariffs.at(model, T0) == closed
+    assert await tariffs.at(model, T0 + 2 * day - timedelta(microseconds=1)) == closed
+    assert await tariffs.at(model, T0 + 2 * day) == v2
 
     with pytest.raises(ValueError, match="precedes the active version"):
-        await pg_index.set_tariff(first, T0 + day)
+        await tariffs.set(first, T0 + day)
 
-    await pg_index.close_tariff(model, T0 + 3 * day)
-    assert await pg_index.tariff_at(model, T0 + 3 * day) is None
-    assert await pg_index.tariffs(model) == [closed, replace(v2, valid_until=T0 + 3 * day)]
+    await tariffs.close(model, T0 + 3 * day)
+    assert await tariffs.at(model, T0 + 3 * day) is None
+    assert await tariffs.history(model) == [closed, replace(v2, valid_until=T0 + 3 * day)]
 
 
-async def test_concurrent_first_tariffs_both_land(pg_index: PostgresIndex) -> None:
-    model = f"raced-{secrets.token_hex(4)}"
+async def test_concurrent_first_tariffs_both_land(pg: Database) -> None:
+    tariffs, model = Tariffs(pg), f"raced-{secrets.token_hex(4)}"
     a = Tariff(model, Decimal(1), Decimal(2), DEFAULT_WRITE_MULTIPLIERS, Decimal("0.1"))
 
     await asyncio.gather(
-        pg_index.set_tariff(a, T0), pg_index.set_tariff(replace(a, input_per_mtok=Decimal(9)), T0)
+        tariffs.set(a, T0), tariffs.set(replace(a, input_per_mtok=Decimal(9)), T0)
     )
 
-    history = await pg_index.tariffs(model)
+    history = await tariffs.history(model)
     assert len(history) == 2 and [t.valid_until for t in history] == [T0, None]
 
 
 # --- failures -----------------------------------------------------------------------------------
 
 
-async def test_ping(pg_index: PostgresIndex) -> None:
-    await pg_index.ping()
+async def test_ping(pg: Database) -> None:
+    await pg.ping()
 
 
 async def test_dead_database_is_unavailable_at_connect() -> None:
     with pytest.raises(IndexUnavailable) as failure:
-        await PostgresIndex.connect(DEAD_DSN, connect_timeout=2.0)
+        await Database.connect(DEAD_DSN, connect_timeout=2.0)
     assert failure.value.reason == "connect"
 
 
 async def test_pool_exhaustion_is_not_retried(pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
-    index = PostgresIndex(pool, acquire_timeout=0.05)
+    pg = Database(pool, acquire_timeout=0.05)
     try:
         async with pool.acquire():
             with pytest.raises(IndexUnavailable) as failure:
-                await index.lookup(new_scope(), [hh("any")])
+                await PrefixIndex(pg).lookup(new_scope(), [hh("any")])
     finally:
-        await index.close()
+        await pg.close()
     assert failure.value.reason == "pool_exhausted"
     assert RETRY_LOG not in caplog.text
 
@@ -553,19 +558,19 @@ async def test_pool_exhaustion_is_not_retried(pg_dsn: str, caplog: pytest.LogCap
 async def test_a_commit_waits_longer_for_a_connection_than_a_lookup(pg_dsn: str, db: Conn) -> None:
     """A commit is off the response path: it outlasts a burst on the pool that makes a lookup give up."""
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
-    index = PostgresIndex(pool, acquire_timeout=0.05, commit_acquire_timeout=5.0)
+    pg = Database(pool, acquire_timeout=0.05, commit_acquire_timeout=5.0)
     scope = new_scope()
     try:
-        record = await request(index, scope, T0, chain(("w1", 2000, "5m")))
+        record = await request(pg, scope, T0, chain(("w1", 2000, "5m")))
         async with pool.acquire():
             with pytest.raises(IndexUnavailable) as failure:
-                await index.lookup(scope, [hh("w1")])
-            commit = asyncio.ensure_future(index.commit(record))
+                await PrefixIndex(pg).lookup(scope, [hh("w1")])
+            commit = asyncio.ensure_future(Ledger(pg).commit(record))
             await asyncio.sleep(0.3)  # six lookup timeouts
             assert not commit.done()
         assert await commit is True
     finally:
-        await index.close()
+        await pg.close()
     assert failure.value.reason == "pool_exhausted"
     assert len(await ledger_rows(db, record.request_id)) == 1
     assert await entry(db, scope, "w1") is not None
@@ -620,12 +625,12 @@ class LockedRead:
         assert await entry(self.db, self.scope, "held") == self.before
 
 
-async def locked_read(index: PostgresIndex, db: Conn, pg_dsn: str) -> LockedRead:
+async def locked_read(pg: Database, db: Conn, pg_dsn: str) -> LockedRead:
     scope = new_scope()
-    await served(index, scope, T0, chain(("held", 2000, "5m")))
+    await served(pg, scope, T0, chain(("held", 2000, "5m")))
     before = await entry(db, scope, "held")
     blocks = chain(("held", 2000, "5m"), ("after", 2600, "5m"), ("tail", 2700, None))
-    record = await request(index, scope, T0 + MIN, blocks)
+    record = await request(pg, scope, T0 + MIN, blocks)
     assert record.classification is not None and record.classification.read is not None
     locker = await asyncpg.connect(pg_dsn)
     lock = locker.transaction()
@@ -646,12 +651,12 @@ async def test_backend_killed_mid_commit_twice_leaves_nothing_then_commit_succee
     pg_dsn: str, db: Conn, admin: Conn
 ) -> None:
     app = app_name()
-    index = await PostgresIndex.connect(pg_dsn, application_name=app)
+    pg = await Database.connect(pg_dsn, application_name=app)
     try:
-        case = await locked_read(index, db, pg_dsn)
+        case = await locked_read(pg, db, pg_dsn)
         record = case.record
         try:
-            commit = asyncio.create_task(index.commit(record))
+            commit = asyncio.create_task(Ledger(pg).commit(record))
             first = await blocked_backend(admin, app)
             await admin.execute("SELECT pg_terminate_backend($1)", first)
             second = await blocked_backend(admin, app, besides=[first])
@@ -663,23 +668,23 @@ async def test_backend_killed_mid_commit_twice_leaves_nothing_then_commit_succee
         finally:
             await case.release()
 
-        assert await index.commit(record) is True
+        assert await Ledger(pg).commit(record) is True
         assert len(await ledger_rows(db, record.request_id)) == 1
         assert await entry(db, case.scope, "held") == IndexEntry(hh("held"), 2000, "5m", T0, T0 + 6 * MIN)
     finally:
-        await index.close()
+        await pg.close()
 
 
 async def test_one_kill_mid_commit_is_survived_by_the_retry(
     pg_dsn: str, db: Conn, admin: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = app_name()
-    index = await PostgresIndex.connect(pg_dsn, application_name=app)
+    pg = await Database.connect(pg_dsn, application_name=app)
     try:
-        case = await locked_read(index, db, pg_dsn)
+        case = await locked_read(pg, db, pg_dsn)
         record = case.record
         try:
-            commit = asyncio.create_task(index.commit(record))
+            commit = asyncio.create_task(Ledger(pg).commit(record))
             first = await blocked_backend(admin, app)
             await admin.execute("SELECT pg_terminate_backend($1)", first)
             await blocked_backend(admin, app, besides=[first])
@@ -687,7 +692,7 @@ async def test_one_kill_mid_commit_is_survived_by_the_retry(
             await case.release()
         assert await commit is True
     finally:
-        await index.close()
+        await pg.close()
     assert len(await ledger_rows(db, record.request_id)) == 1
     assert RETRY_LOG in caplog.text
 
@@ -695,33 +700,33 @@ async def test_one_kill_mid_commit_is_survived_by_the_retry(
 async def test_statement_timeout_is_unavailable_and_rolled_back(
     pg_dsn: str, db: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    index = await PostgresIndex.connect(pg_dsn, command_timeout=0.2)
+    pg = await Database.connect(pg_dsn, command_timeout=0.2)
     try:
-        case = await locked_read(index, db, pg_dsn)
+        case = await locked_read(pg, db, pg_dsn)
         record = case.record
         try:
             with pytest.raises(IndexUnavailable) as failure:
-                await index.commit(record)
+                await Ledger(pg).commit(record)
             assert failure.value.reason == "timeout"
             await case.assert_untouched()
         finally:
             await case.release()
     finally:
-        await index.close()
+        await pg.close()
     assert RETRY_LOG not in caplog.text
 
 
 async def test_idle_connection_killed_between_requests_is_survived(pg_dsn: str, admin: Conn) -> None:
     app = app_name()
-    index = await PostgresIndex.connect(pg_dsn, min_size=1, max_size=1, application_name=app)
+    pg = await Database.connect(pg_dsn, min_size=1, max_size=1, application_name=app)
     try:
         scope = new_scope()
-        await served(index, scope, T0, chain(("idle", 2000, "1h")))
+        await served(pg, scope, T0, chain(("idle", 2000, "1h")))
         killed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", app
         )
         assert killed == 1
 
-        assert list(await index.lookup(scope, [hh("idle")])) == [hh("idle")]
+        assert list(await PrefixIndex(pg).lookup(scope, [hh("idle")])) == [hh("idle")]
     finally:
-        await index.close()
+        await pg.close()

@@ -1,4 +1,4 @@
-"""SPEC §6: exact Decimal costs, list price, the two caps of reconcile, and tariff versions."""
+"""docs/design.md#billing: exact Decimal costs, list price, the two caps of reconcile, and tariff versions."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from decimal import Decimal
 
 import pytest
 from helpers import T0, h
+from hypothesis import given
+from hypothesis import strategies as st
 
 from promptcache.proxy.domain.classify import NO_CACHE, Classification, Read
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Split, Tariff, cost, list_cost, reconcile, tariff_at
+from promptcache.proxy.domain.tiers import TIERS
 
 D = Decimal
 DEFAULT = CachePolicy()
@@ -199,3 +202,42 @@ def test_tariff_for_policy_and_same_prices() -> None:
     assert not t.same_prices(tariff("3.00", "15.00"))
     assert not t.same_prices(tariff("3.01", "15.00", CUSTOM))
     assert not t.same_prices(tariff("3.00", "15.01", CUSTOM))
+
+
+# --- the integer formula is the Decimal formula --------------------------------------------------
+
+
+def _decimal_formula(split: Split, t: Tariff) -> tuple[Decimal, Decimal]:
+    """cost and list_cost as the cost formula writes them (docs/design.md#cost-formula), in Decimal arithmetic."""
+    inp = t.input_per_mtok
+    total = D(split.uncached) * inp + D(split.read) * inp * t.read_multiplier
+    for tier, tokens in split.creation.items():
+        total += D(tokens) * inp * t.write_multipliers[tier]
+    total += D(split.completion) * t.output_per_mtok
+    return total / D(1_000_000), (D(split.prompt) * inp + D(split.completion) * t.output_per_mtok) / D(1_000_000)
+
+
+_money = st.one_of(st.integers(0, 40).map(D), st.decimals(0, 1000, allow_nan=False, allow_infinity=False, places=4),
+                   st.sampled_from([D("3.00"), D("0.10"), D("1E+1"), D("2.50"), D(0)]))
+
+
+@given(inp=_money, out=_money, writes=st.tuples(_money, _money, _money), read_multiplier=_money,
+       prompt=st.integers(0, 10**8), completion=st.integers(0, 10**6), shares=st.lists(st.floats(0, 1), min_size=4,
+                                                                                      max_size=4))
+def test_cost_is_the_decimal_formula_digit_for_digit(inp: Decimal, out: Decimal, writes: tuple[Decimal, ...],
+                                                     read_multiplier: Decimal, prompt: int, completion: int,
+                                                     shares: list[float]) -> None:
+    """The bill (replay's integers) equals the formula's Decimal, value and exponent: the ledger and logs print it."""
+    t = Tariff("m", inp, out, dict(zip(TIERS, writes, strict=True)), read_multiplier)
+    read = int(prompt * shares[0])
+    left = prompt - read
+    split_creation = {}
+    for tier, share in zip(TIERS, shares[1:], strict=True):
+        split_creation[tier] = int(left * share)
+        left -= split_creation[tier]
+    split = Split(prompt, completion, read, split_creation)
+    expected_cost, expected_list = _decimal_formula(split, t)
+    assert cost(split, t).as_tuple() == expected_cost.as_tuple()
+    assert list_cost(split, t).as_tuple() == expected_list.as_tuple()
+    rates = t.rates
+    assert rates.cost(split) / rates.scale == float(expected_cost)

@@ -1,4 +1,4 @@
-"""The proxy's HTTP surface (SPEC §8): bad input, auth, operations, config reload, no tokenizer.
+"""The proxy's HTTP surface (docs/design.md#the-request-path): bad input, auth, operations, config reload, no tokenizer.
 
 Counts are by hand as in test_proxy_billing: with the word tokenizer ``words(p, n)`` is n tokens,
 the simulated upstream adds 3 template tokens per message (and per Anthropic system field) and
@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from promptcache.proxy.http.server import JsonFormatter
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.keys import ApiKeys
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.testing.simulator import REPLY, Simulator
 
 MAX_BODY = 65536
@@ -154,7 +155,8 @@ async def post_raw(http: aiohttp.ClientSession, url: str, data: Any,
         return response.status, body, response.headers.get("x-request-id")
 
 
-# -- bad input (SPEC §8): 400 / 404 / 413 in the calling API's shape, never a 5xx ---------------
+# -- bad input (docs/design.md#the-request-path): 400 / 404 / 413 in the calling API's shape, never a 5xx
+# ---------------
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
@@ -557,12 +559,13 @@ async def test_keys_cli_create_store_only_the_hash_and_revoke(proxy: RunningProx
 
 async def test_revoked_key_is_rejected_by_a_fresh_proxy(tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator],
                                                         word_tokenizer: Path) -> None:
-    index = await PostgresIndex.connect(pg_dsn)
+    pg = await Database.connect(pg_dsn)
     try:
-        key_id, key = await index.create_api_key(unique("revoked"))
-        assert await index.revoke_api_key(key_id)
+        keys = ApiKeys(pg)
+        key_id, key = await keys.create(unique("revoked"))
+        assert await keys.revoke(key_id)
     finally:
-        await index.close()
+        await pg.close()
     async with running_proxy(api_config(simulator[0], word_tokenizer), tmp_path, pg_dsn) as running:
         with pytest.raises(openai.AuthenticationError):
             await oa(running, key).chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
@@ -628,7 +631,8 @@ async def test_readyz_with_the_database_unreachable(tmp_path: Path, simulator: t
             assert response.status == (200 if degraded_ok else 503)
         assert body["status"] == ("ready" if degraded_ok else "not ready")
         assert body["degraded"] is True and body["postgres"].startswith("down")
-        # Requests still succeed, at list price and without caching (SPEC §6/§7); the bill is queued.
+        # Requests still succeed, at list price and without caching (docs/design.md#billing, #storage); the bill is
+        # queued.
         completion = await oa(running, "unused", default_headers={"x-tenant": unique("t")}).chat.completions \
             .create(model="chat", messages=first_turn_openai())  # type: ignore[arg-type]
         usage = completion.usage

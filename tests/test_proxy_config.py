@@ -1,4 +1,5 @@
-"""The proxy config loader (SPEC §8): every malformed file is refused with the key named; good files parse whole."""
+"""The proxy config loader (docs/design.md#the-request-path): every malformed file is refused with the key named; good
+files parse whole."""
 
 from __future__ import annotations
 
@@ -262,11 +263,11 @@ def test_full_config_parses_to_the_expected_values() -> None:
     assert (q.min_prefix_tokens, q.max_breakpoints, q.lookback_blocks) == (1024, 4, 20)
 
 
-# Every key SPEC §8 names, and our one addition, as dotted paths ("models.*" for each model).
-SPEC_KEYS = {
+# Every key docs/design.md#the-request-path names, and our one addition, as dotted paths ("models.*" for each model).
+CONFIG_KEYS = {
     "auth", "auth.mode", "auth.header",
     "limits", "limits.maxBodyBytes", "limits.classifyDeadlineSeconds", "limits.upstreamTimeoutSeconds",
-    "limits.classifyStartDelaySeconds",  # ours: not in SPEC §8's minimum
+    "limits.classifyStartDelaySeconds",  # ours: not in docs/design.md#the-request-path's minimum
     "models", "models.*.alias", "models.*.imageTokens",
     "models.*.upstream", "models.*.upstream.url", "models.*.upstream.model", "models.*.upstream.api",
     "models.*.upstream.apiKeyEnv", "models.*.upstream.forwardCacheControl",
@@ -293,7 +294,7 @@ def key_paths(node: Any, prefix: str = "") -> Iterator[str]:
 
 def test_example_config_uses_every_key_and_parses() -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
-    assert set(key_paths(doc)) == SPEC_KEYS
+    assert set(key_paths(doc)) == CONFIG_KEYS
     config = load_config(EXAMPLE)
     assert config.auth == AuthConfig("apiKeys", "x-promptcache-principal")
     assert config.limits == Limits(10485760, 0.25, 300.0, 0.002)
@@ -313,7 +314,7 @@ def test_example_config_uses_every_key_and_parses() -> None:
 
 
 def test_every_spec_key_is_accepted_and_nothing_else() -> None:
-    """The loader's unknown-key check and SPEC_KEYS agree: adding any other key at any level fails."""
+    """The loader's unknown-key check and CONFIG_KEYS agree: adding any other key at any level fails."""
     doc = yaml.safe_load(EXAMPLE.read_text())
     parents = [doc, doc["auth"], doc["limits"], *(m for model in doc["models"] for m in (
         model, model["upstream"], model["tokenizer"], model["pricing"], model["cache"], model["cache"]["automatic"]))]

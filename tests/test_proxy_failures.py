@@ -1,4 +1,5 @@
-"""Failures end to end (SPEC §6 to §8): only a complete 2xx is billed or written; Redis and Postgres outages.
+"""Failures end to end (docs/design.md#billing to §8): only a complete 2xx is billed or written; Redis and Postgres
+outages.
 
 Counts are worked by hand in ``e2e``: turn 0 writes 1h 20 and 5m 10 of a 36-token prompt, turn 1
 reads 30 (turn 0's user message) and writes 5m 18 of 60. The shared Postgres and Redis are never
@@ -337,15 +338,15 @@ async def hold_background(store: Store) -> None:
 
 def count_pg_lookups(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Postgres lookups from now on, as the number of hashes each asked for."""
-    assert store.pg is not None
+    assert store.index is not None
     calls: list[int] = []
-    original = store.pg.lookup
+    original = store.index.lookup
 
     async def lookup(scope: Scope, hashes: Sequence[bytes]) -> Any:
         calls.append(len(hashes))
         return await original(scope, hashes)
 
-    monkeypatch.setattr(store.pg, "lookup", lookup)
+    monkeypatch.setattr(store.index, "lookup", lookup)
     return calls
 
 

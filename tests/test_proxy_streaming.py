@@ -1,4 +1,5 @@
-"""Streaming through the official SDKs (SPEC §6, §8): our split in the stream, and nothing held back for it.
+"""Streaming through the official SDKs (docs/design.md#billing, #the-request-path): our split in the stream, and
+nothing held back for it.
 
 Counts are worked by hand in ``e2e`` (the worked conversation of test_proxy_billing): turn 0
 writes 1h 20 and 5m 10 of a 36-token prompt, turn 1 reads 30 and writes 5m 18 of 60.

@@ -1,4 +1,5 @@
-"""The operator's RBAC rules (SPEC §11): no wildcards, and every request the operator makes is allowed.
+"""The operator's RBAC rules (docs/design.md#reconciliation): no wildcards, and every request the operator makes is
+allowed.
 
 What the operator needs is not listed by hand: the real operator runs against the emulator through a model's and a
 policy's whole life, cluster-wide (as the chart deploys it) and namespaced (``--namespace``), with kopf's scanning

@@ -24,7 +24,8 @@ import openai
 import pytest
 from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
-from promptcache.operator.replay.engine import REQUESTS, Proposal, ReplayError, canonical, report, simulate
+from promptcache.operator.replay.engine import REQUESTS, ReplayError, canonical, report, simulate
+from promptcache.operator.replay.proposal import Proposal
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.tiers import TIERS
@@ -449,7 +450,8 @@ def synthetic_log(principals: int = 40, seed: int = 1) -> list[LoggedRequest]:
 
 REPLAY_SCRIPT = """
 import json, sys
-from promptcache.operator.replay.engine import Proposal, canonical, report, simulate
+from promptcache.operator.replay.engine import canonical, report, simulate
+from promptcache.operator.replay.proposal import Proposal
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.storage.requestlog import read_jsonl
 

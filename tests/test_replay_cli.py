@@ -24,7 +24,8 @@ import pytest
 from conftest import scratch_database
 
 from promptcache.operator.cli import main
-from promptcache.operator.replay.engine import Proposal, canonical, report, simulate
+from promptcache.operator.replay.engine import canonical, report, simulate
+from promptcache.operator.replay.proposal import Proposal
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.storage.requestlog import LoggedRequest, import_rows, read_jsonl, to_json_line

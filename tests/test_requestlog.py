@@ -1,6 +1,6 @@
-"""SPEC §9: the request log's JSON Lines export and import, through the installed ``promptcache``.
+"""docs/design.md#request-log: the request log's JSON Lines export and import, through the installed ``promptcache``.
 
-Rows are logged the real way (lookup → classify → reconcile → ``PostgresIndex.commit``), exported
+Rows are logged the real way (lookup → classify → reconcile → ``Ledger.commit``), exported
 by the CLI, checked against hand-written JSON, imported into a second fresh database and exported
 again, which must give the same bytes.
 """
@@ -25,8 +25,9 @@ from promptcache.proxy.domain.classify import ChainBlock, candidates, classify
 from promptcache.proxy.domain.entries import Scope
 from promptcache.proxy.domain.policy import DEFAULT_WRITE_MULTIPLIERS, CachePolicy
 from promptcache.proxy.domain.pricing import Tariff, reconcile
-from promptcache.proxy.storage.ledger import RequestRecord
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.index import PrefixIndex
+from promptcache.proxy.storage.ledger import Ledger, RequestRecord
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.requestlog import LogFormatError, LoggedRequest, parse_json_line, to_json_line
 from promptcache.proxy.storage.schema import migrate
 
@@ -98,7 +99,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 
 
 async def commit(
-    index: PostgresIndex,
+    pg: Database,
     request_id: str,
     now: datetime,
     scope: Scope,
@@ -107,7 +108,7 @@ async def commit(
     status: int,
 ) -> None:
     """What the proxy does for a finished request: look up, classify, reconcile with usage, commit."""
-    found = await index.lookup(scope, candidates(chain, POLICY))
+    found = await PrefixIndex(pg).lookup(scope, candidates(chain, POLICY))
     classification = classify(chain, found, POLICY, now)
     record = RequestRecord(
         request_id=request_id,
@@ -121,7 +122,7 @@ async def commit(
         classification=classification,
         latency_ms=42.0,
     )
-    assert await index.commit(record) is True
+    assert await Ledger(pg).commit(record) is True
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +130,12 @@ async def source_dsn() -> AsyncIterator[str]:
     """A database of its own holding exactly :data:`REQUESTS`, so exports are fully predictable."""
     async with scratch_database("promptcache_log") as dsn:
         await migrate(dsn)
-        index = await PostgresIndex.connect(dsn)
+        pg = await Database.connect(dsn)
         try:
             for request in REQUESTS:
-                await commit(index, *request)
+                await commit(pg, *request)
         finally:
-            await index.close()
+            await pg.close()
         yield dsn
 
 

@@ -16,7 +16,7 @@ from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Tariff, reconcile
 from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.storage.ledger import RequestRecord
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.store import Store
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -36,10 +36,10 @@ def record(tokens: int) -> RequestRecord:
 
 
 async def test_refused_row_is_set_aside_and_logged_and_the_queue_moves_on(
-    pg_index: PostgresIndex, pg_dsn: str, caplog: pytest.LogCaptureFixture
+    pg: Database, pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = Metrics()
-    store = Store(pg_index, None, metrics)
+    store = Store(pg, None, metrics)
     bad = record(2**40)  # a cumulative count beyond Postgres integer: a row the database refuses
     with caplog.at_level(logging.ERROR, logger="promptcache.store"):
         await store.commit(bad)

@@ -1,4 +1,4 @@
-"""SPEC §4: tokenizers (offline tiktoken, Hugging Face tokenizer.json) and incremental block counts."""
+"""docs/design.md#tokens: tokenizers (offline tiktoken, Hugging Face tokenizer.json) and incremental block counts."""
 
 from __future__ import annotations
 

@@ -4,10 +4,14 @@ It starts an embedded Postgres (unless ``PROMPTCACHE_DATABASE_URL`` names one), 
 upstream model, and the real proxy; drives a multi-turn agent conversation through the official
 ``openai`` SDK; and prints what each request was billed, straight from the ledger. Everything it
 started is stopped before it returns.
+
+Its dependencies (the proxy, the simulator, asyncpg, openai) load when it runs, not when
+``promptcache``'s parser is built.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -17,17 +21,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
-import openai
-import yaml
-
-from promptcache.proxy.domain.tokens import TiktokenTokenizer
-from promptcache.proxy.http.server import ProxyOptions, ProxyServer, serving
-from promptcache.proxy.storage.postgres import PostgresIndex
-from promptcache.proxy.storage.schema import migrate
-from promptcache.proxy.testing.simulator import REPLY, Simulator, SimulatorSettings
+if TYPE_CHECKING:
+    from promptcache.operator.cli.options import Commands
 
 MODEL = "support-agent"
 PRICES = {"inputPerMTok": "3.00", "outputPerMTok": "15.00"}
@@ -54,6 +51,15 @@ TOOLS = [
 ]
 
 
+def register(commands: Commands) -> None:
+    p = commands.add_parser("demo", help="run the proxy against a simulated upstream and print what it billed")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(run_demo())
+
+
 def system_prompt() -> str:
     """A support handbook long enough (about 1,500 tokens) to be worth caching."""
     sections = [f"Section {n + 1}. {rule} " * 3 for n, rule in enumerate(HANDBOOK * 2)]
@@ -62,6 +68,8 @@ def system_prompt() -> str:
 
 def conversation() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """The agent's requests in order: (tenant, messages), each marking the newest message 5m."""
+    from promptcache.proxy.testing.simulator import REPLY
+
     system = {"role": "system",
               "content": [{"type": "text", "text": system_prompt(), "cache_control": {"type": "ephemeral",
                                                                                        "ttl": "1h"}}]}
@@ -115,6 +123,16 @@ def _money(value: Decimal) -> str:
 
 
 async def run_demo() -> int:
+    import openai
+    import yaml
+
+    from promptcache.proxy.domain.tokens import TiktokenTokenizer
+    from promptcache.proxy.http.server import ProxyServer, options_from_env, serving
+    from promptcache.proxy.storage.keys import ApiKeys
+    from promptcache.proxy.storage.postgres import Database
+    from promptcache.proxy.storage.schema import migrate
+    from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
+
     tokenizer = TiktokenTokenizer("cl100k_base")
     async with database() as (dsn, where):
         await migrate(dsn)
@@ -132,14 +150,16 @@ async def run_demo() -> int:
                 "pricing": PRICES,
                 "cache": {"enabledTtls": ["5m", "1h"], "minPrefixTokens": 1024},
             }]}))
-            server = await ProxyServer.create(ProxyOptions(config_path=config_path, database_url=dsn,
-                                                           redis_url=os.environ.get("PROMPTCACHE_REDIS_URL")))
+            # The proxy's own reading of the environment (Redis URL and key prefix); the database and the
+            # tariffs are the demo's.
+            server = await ProxyServer.create(options_from_env(str(config_path), database_url=dsn,
+                                                               manage_tariffs=True))
             proxy_url = await stack.enter_async_context(serving(server.app()))
             print(f"proxy:     {proxy_url}  (model {MODEL!r}: $3.00 in / $15.00 out per MTok, "
                   "writes 1h x2.0, 5m x1.25, reads x0.1)\n")
-            index = await PostgresIndex.connect(dsn)
-            keys = {tenant: (await index.create_api_key(tenant))[1] for tenant in ("acme", "globex")}
-            await index.close()
+            pg = await Database.connect(dsn)
+            keys = {tenant: (await ApiKeys(pg).create(tenant))[1] for tenant in ("acme", "globex")}
+            await pg.close()
             request_ids = []
             for tenant, messages in conversation():
                 client = openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=keys[tenant], max_retries=0)
@@ -155,6 +175,8 @@ async def run_demo() -> int:
 
 
 async def print_ledger(dsn: str, request_ids: list[tuple[str, str]]) -> None:
+    import asyncpg
+
     conn = await asyncpg.connect(dsn)
     try:
         rows = {r["request_id"]: r for r in await conn.fetch(

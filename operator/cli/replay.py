@@ -18,44 +18,30 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from promptcache.operator.cli import _database, _fail, _open_file, _read_input, _timestamp_option
-from promptcache.proxy.domain.policy import POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
+from promptcache.operator.cli import options
 from promptcache.proxy.domain.tiers import TIERS
 
 if TYPE_CHECKING:
-    import asyncpg
-
-    from promptcache.operator.replay.engine import Report
+    from promptcache.operator.cli.options import Commands
+    from promptcache.operator.replay.engine import Report, Simulation
+    from promptcache.proxy.domain.policy import CachePolicy
     from promptcache.proxy.storage.requestlog import LoggedRequest
 
-UNITS = ("principal", "day", "request")
 _PRICE = re.compile(r"[0-9]+(\.[0-9]+)?")
-_BATCH = 1000
-"""Rows taken from the database cursor per turn of the event loop."""
 
 
-class _Stop(Exception):
-    """A failure met while the requests stream; reported as one line once the progress line is cleared."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def register(commands: Commands) -> None:
+    p = commands.add_parser("replay", help="project what logged requests would cost under a proposed policy (SPEC §9)")
     source = p.add_argument_group("input (one of)")
     source.add_argument("--log", metavar="FILE", help="JSON Lines request log (SPEC §9), or - for standard input")
-    source.add_argument("--database", metavar="URL",
-                        help="Postgres DSN to read the request log from (default: $PROMPTCACHE_DATABASE_URL)")
-    p.add_argument("--plan-replay", metavar="NAMESPACE/NAME",
-                   help="run that PlanReplay's spec and patch the result into its status, as its Job does "
-                        "(every other option is ignored; the database is $PROMPTCACHE_DATABASE_URL)")
-    p.add_argument("--models", help="comma-separated virtual models (default: all)")
-    p.add_argument("--since", help="RFC 3339 timestamp: requests at or after it")
-    p.add_argument("--until", help="RFC 3339 timestamp: requests before it")
+    options.add_database(source, help="Postgres DSN to read the request log from")
+    options.add_models(p)
+    options.add_window(p)
     p.add_argument("--policy", metavar="FILE",
                    help="the proposed CachePolicy YAML (resource, config with `cache:`, or bare keys)")
     p.add_argument("--tier-override", action="append", default=[], metavar="FROM=TO",
@@ -71,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="json (the canonical result) or table; default: table on a terminal, else json")
     p.add_argument("--plot", metavar="FILE.png", help="draw the bootstrap distribution of savings to a PNG "
                                                       "(needs matplotlib: the `plot` extra)")
+    p.set_defaults(func=cmd_replay)
 
 
 # --- options --------------------------------------------------------------------------------------
@@ -81,9 +68,9 @@ def _integer(args: argparse.Namespace, name: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        _fail(f"invalid --{name}: {text!r} is not an integer")
+        options.fail(f"invalid --{name}: {text!r} is not an integer")
     if value < minimum:
-        _fail(f"invalid --{name}: must be at least {minimum}, got {value}")
+        options.fail(f"invalid --{name}: must be at least {minimum}, got {value}")
     return value
 
 
@@ -91,145 +78,113 @@ def _confidence(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        _fail(f"invalid --confidence: {text!r} is not a number")
+        options.fail(f"invalid --confidence: {text!r} is not a number")
     if not 0 < value < 1:
-        _fail(f"invalid --confidence: must be between 0 and 1 (exclusive), got {text}")
+        options.fail(f"invalid --confidence: must be between 0 and 1 (exclusive), got {text}")
     return value
 
 
-def _models(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    models = [m.strip() for m in text.split(",") if m.strip()]
-    if not models:
-        _fail(f"--models {text!r} names no model")
-    return models
+# --- the proposal: the flags spell the PlanReplay spec's fields, replay.proposal parses them ------------
 
 
 def tier_overrides(items: Sequence[str]) -> dict[str, str]:
-    """``["5m=1h", ...]`` as a mapping; one line on stderr and exit 2 for anything else."""
+    """``["5m=1h", ...]``, the spec's ``tierOverride``; one line on stderr and exit 2 for anything else."""
+    from promptcache.operator.errors import SpecError
+    from promptcache.operator.replay import proposal
+
     out: dict[str, str] = {}
     for item in items:
         recorded, sep, projected = (part.strip() for part in item.partition("="))
-        if not sep or recorded not in TIERS or projected not in TIERS:
-            _fail(f"invalid --tier-override {item!r}: expected FROM=TO with tiers from {', '.join(TIERS)}, "
-                  "e.g. 5m=1h")
+        invalid = (f"invalid --tier-override {item!r}: expected FROM=TO with tiers from {', '.join(TIERS)}, "
+                   "e.g. 5m=1h")
+        if not sep:
+            options.fail(invalid)
+        try:
+            proposal.tier_override({recorded: projected})
+        except SpecError:
+            options.fail(invalid)
         if recorded in out:
-            _fail(f"invalid --tier-override {item!r}: {recorded} is already mapped to {out[recorded]}")
+            options.fail(f"invalid --tier-override {item!r}: {recorded} is already mapped to {out[recorded]}")
         out[recorded] = projected
     return out
 
 
 def price_overrides(items: Sequence[str], models: Sequence[str] | None) -> dict[str, tuple[Decimal, Decimal]]:
-    """``["MODEL=IN:OUT", ...]`` as a mapping of decimal prices; one line on stderr and exit 2 otherwise."""
-    out: dict[str, tuple[Decimal, Decimal]] = {}
+    """``["MODEL=IN:OUT", ...]``, the spec's ``pricingOverrides``; one line on stderr and exit 2 otherwise.
+
+    Prices are plain decimals (``2.5``, not ``25e-1``); without ``--models``, any model may be overridden.
+    """
+    from promptcache.operator.replay import proposal
+
+    out: dict[str, dict[str, str]] = {}
     for item in items:
         model, sep, prices = item.rpartition("=")
         inp, colon, outp = prices.partition(":")
         model = model.strip()
         if not sep or not model or not colon or not _PRICE.fullmatch(inp) or not _PRICE.fullmatch(outp):
-            _fail(f"invalid --price-override {item!r}: expected MODEL=IN:OUT with decimal USD per million tokens, "
-                  "e.g. gpt-4o=2.5:10")
+            options.fail(f"invalid --price-override {item!r}: expected MODEL=IN:OUT with decimal USD per million "
+                         "tokens, e.g. gpt-4o=2.5:10")
         if model in out:
-            _fail(f"invalid --price-override {item!r}: {model} already has a price override")
+            options.fail(f"invalid --price-override {item!r}: {model} already has a price override")
         if models is not None and model not in models:
-            _fail(f"invalid --price-override {item!r}: {model} is not one of --models {','.join(models)}")
-        out[model] = (Decimal(inp), Decimal(outp))
-    return out
+            options.fail(f"invalid --price-override {item!r}: {model} is not one of --models {','.join(models)}")
+        out[model] = {"inputPerMTok": inp, "outputPerMTok": outp}
+    return proposal.price_overrides(out, models)
 
 
 def load_proposal_policy(path: str) -> tuple[CachePolicy, dict[str, Any]]:
-    """The CachePolicy in ``path`` and its camelCase keys as given (echoed in the result's params)."""
+    """The CachePolicy in ``path`` (a resource, a config with ``cache:``, or bare keys) and its keys as given."""
+    import yaml
+
+    from promptcache.operator.errors import SpecError
+    from promptcache.operator.replay import proposal
+
+    where = f"invalid policy file {path}"
     try:
-        document = yaml.safe_load(_read_input(path))
-        policy = policy_from_document(document)
-    except (yaml.YAMLError, PolicyError) as exc:
-        _fail(f"invalid policy file {path}: {' '.join(str(exc).split())}")
-    spec = document
+        spec = yaml.safe_load(options.read_input(path))
+    except yaml.YAMLError as exc:
+        options.fail(f"{where}: {' '.join(str(exc).split())}")
     if isinstance(spec, Mapping) and spec.get("kind") == "CachePolicy":
         spec = spec.get("spec")
     elif isinstance(spec, Mapping) and "cache" in spec:
         spec = spec["cache"]
-    # `redis` is part of a CachePolicy spec but not of what replay projects.
-    echoed = {key: value for key, value in (spec or {}).items() if key in POLICY_KEYS}
-    return policy, echoed
+    try:
+        return proposal.policy(spec, where)
+    except SpecError as exc:
+        options.fail(str(exc))
 
 
 # --- input ----------------------------------------------------------------------------------------
 
 
-def _window(requests: Iterable[LoggedRequest], models: Sequence[str] | None, since: datetime | None,
-            until: datetime | None, counter: list[int]) -> Iterator[LoggedRequest]:
-    """The requests ``export_rows`` would select; ``counter[0]`` counts them."""
-    wanted = None if models is None else frozenset(models)
-    for request in requests:
-        if wanted is not None and request.model not in wanted:
-            continue
-        if (since is not None and request.ts < since) or (until is not None and request.ts >= until):
-            continue
-        counter[0] += 1
-        yield request
-
-
-def _from_file(stream: IO[bytes], name: str) -> Iterator[LoggedRequest]:
-    from promptcache.proxy.storage.requestlog import LogFormatError, read_jsonl
-
-    try:
-        yield from read_jsonl(stream)
-    except LogFormatError as exc:
-        raise _Stop(f"{name}: {exc}") from None
-    except OSError as exc:
-        raise _Stop(f"cannot read {name}: {exc}") from None
-
-
-@contextlib.contextmanager
-def _from_database(dsn: str, since: datetime | None, until: datetime | None,
-                   models: Sequence[str] | None) -> Iterator[Iterator[LoggedRequest]]:
-    """Stream ``export_rows`` into the synchronous engine: the loop runs a batch of rows at a time."""
+def _simulate(args: argparse.Namespace, stream: Callable[[Iterator[LoggedRequest]], Simulation],
+              since: datetime | None, until: datetime | None, models: Sequence[str] | None) -> Simulation:
+    """The log through ``stream`` (the engine), from ``--log`` or from Postgres."""
     import asyncpg
 
-    from promptcache.proxy.storage.requestlog import export_rows
+    from promptcache.operator.replay import rows
 
-    loop = asyncio.new_event_loop()
-    conn: asyncpg.Connection[asyncpg.Record] | None = None
-    rows: AsyncIterator[LoggedRequest] | None = None
+    if args.log is not None:
+        with contextlib.ExitStack() as files:
+            source = sys.stdin.buffer if args.log == "-" else files.enter_context(options.open_file(args.log, "rb"))
+            return stream(rows.from_jsonl(source, "standard input" if args.log == "-" else args.log, since, until,
+                                          models))
+    dsn = options.database(args)
 
-    def call(coroutine: Any) -> Any:
+    async def from_database() -> Simulation:
         try:
-            return loop.run_until_complete(coroutine)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _Stop(f"database error: {(str(exc) or type(exc).__name__).splitlines()[0]}") from None
-
-    async def batch(source: AsyncIterator[LoggedRequest]) -> list[LoggedRequest]:
-        out = []
-        with contextlib.suppress(StopAsyncIteration):
-            for _ in range(_BATCH):
-                out.append(await anext(source))
-        return out
-
-    def stream() -> Iterator[LoggedRequest]:
-        nonlocal rows
-        assert conn is not None
-        rows = export_rows(conn, since, until, models)
-        while True:
-            chunk: list[LoggedRequest] = call(batch(rows))
-            yield from chunk
-            if len(chunk) < _BATCH:
-                return
+            conn = await asyncpg.connect(dsn)
+        except ValueError as exc:  # a DSN asyncpg cannot parse (e.g. a port that is not a number)
+            raise rows.LogError(f"invalid database URL: {exc}") from None
+        try:
+            return await rows.from_postgres(conn, since, until, models, stream)
+        finally:
+            await conn.close()
 
     try:
-        try:
-            conn = call(asyncpg.connect(dsn))
-        except ValueError as exc:  # a DSN asyncpg cannot parse (e.g. a port that is not a number)
-            raise _Stop(f"invalid database URL: {exc}") from None
-        yield stream()
-    finally:
-        with contextlib.suppress(Exception):
-            if rows is not None:
-                loop.run_until_complete(rows.aclose())  # type: ignore[attr-defined]
-            if conn is not None:
-                loop.run_until_complete(conn.close())
-        loop.close()
+        return asyncio.run(from_database())
+    except options.database_errors() as exc:
+        raise rows.LogError(options.database_error(exc)) from None
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -327,7 +282,7 @@ def _check_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        _fail("--plot needs matplotlib, which is not installed: pip install 'promptcache[plot]'")
+        options.fail("--plot needs matplotlib, which is not installed: pip install 'promptcache[plot]'")
 
 
 def plot_savings(report: Report, path: str) -> None:
@@ -372,7 +327,7 @@ def plot_savings(report: Report, path: str) -> None:
         try:
             fig.savefig(path, format="png")
         except OSError as exc:
-            _fail(f"cannot write {path}: {exc}")
+            options.fail(f"cannot write {path}: {exc}")
     finally:
         plt.close(fig)
 
@@ -381,66 +336,54 @@ def plot_savings(report: Report, path: str) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    if args.plan_replay is not None:
-        from promptcache.operator.handlers.planreplay import job_main
-
-        return job_main(args.plan_replay)
-    from promptcache.operator.replay.engine import Proposal, ReplayError, canonical, report, simulate
+    from promptcache.operator.replay.engine import ReplayError, canonical, report, simulate
+    from promptcache.operator.replay.proposal import UNITS, Proposal
+    from promptcache.operator.replay.rows import LogError
 
     if args.log is not None and args.database is not None:
-        _fail("pass one of --log and --database, not both")
-    if args.log is None and not args.database and not os.environ.get("PROMPTCACHE_DATABASE_URL"):
-        _fail("no input: pass --log FILE or --database URL (or set PROMPTCACHE_DATABASE_URL)")
+        options.fail("pass one of --log and --database, not both")
+    if args.log is None and not args.database and not os.environ.get(options.DATABASE_ENV):
+        options.fail(f"no input: pass --log FILE or --database URL (or set {options.DATABASE_ENV})")
     if args.policy is None:
-        _fail("no policy: pass --policy FILE (a CachePolicy YAML)")
+        options.fail("no policy: pass --policy FILE (a CachePolicy YAML)")
     if args.unit not in UNITS:
-        _fail(f"invalid --unit {args.unit!r}: must be one of {', '.join(UNITS)}")
+        options.fail(f"invalid --unit {args.unit!r}: must be one of {', '.join(UNITS)}")
     output = args.output or ("table" if sys.stdout.isatty() else "json")
     if output not in ("json", "table"):
-        _fail(f"invalid --output {output!r}: must be json or table")
+        options.fail(f"invalid --output {output!r}: must be json or table")
     if args.log == "-" and args.policy == "-":
-        _fail("--log and --policy cannot both be standard input")
+        options.fail("--log and --policy cannot both be standard input")
     seed = _integer(args, "seed", 0)
     iterations = _integer(args, "iterations", 1)
     confidence = _confidence(args.confidence)
-    since, until = _timestamp_option(args, "since"), _timestamp_option(args, "until")
-    if since is not None and until is not None and since >= until:
-        _fail(f"--since {args.since} is not before --until {args.until}")
-    models = _models(args.models)
+    since, until = options.window(args)
+    models = options.models(args)
     tiers = tier_overrides(args.tier_override)
     prices = price_overrides(args.price_override, models)
     if args.plot is not None:
         _check_matplotlib()
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(folder):
-            _fail(f"cannot write {args.plot}: no directory {folder}")
+            options.fail(f"cannot write {args.plot}: no directory {folder}")
     policy, spec = load_proposal_policy(args.policy)
     proposal = Proposal(policy, spec, tiers, prices)
 
-    selected = [0]
     progress = _Progress()
     try:
-        with contextlib.ExitStack() as stack:
-            if args.log is not None:
-                stream = sys.stdin.buffer if args.log == "-" else stack.enter_context(_open_file(args.log, "rb"))
-                source = _from_file(stream, "standard input" if args.log == "-" else args.log)
-            else:
-                source = stack.enter_context(_from_database(_database(args), since, until, models))
-            sim = simulate(_window(source, models, since, until, selected), proposal, args.unit, progress)
-        if selected[0] == 0:
-            raise _Stop("no logged requests in the selected window" + _describe(args))
-        progress.note(f"bootstrapping: {iterations:,} resamples of {len(sim.clusters):,} clusters")
-        result = report(sim, proposal, seed=seed, iterations=iterations, unit=args.unit, confidence=confidence)
-    except (_Stop, ReplayError) as exc:
-        progress.clear()
-        _fail(str(exc))
-    finally:
-        progress.clear()
+        try:
+            sim = _simulate(args, lambda requests: simulate(requests, proposal, args.unit, progress), since, until,
+                            models)
+            if sim.read == 0:
+                raise ReplayError("no logged requests in the selected window" + _describe(args))
+            progress.note(f"bootstrapping: {iterations:,} resamples of {len(sim.clusters):,} clusters")
+            result = report(sim, proposal, seed=seed, iterations=iterations, unit=args.unit, confidence=confidence)
+        finally:
+            progress.clear()
+    except (LogError, ReplayError) as exc:
+        options.fail(str(exc))
     if args.plot is not None:
         plot_savings(result, args.plot)
-    with contextlib.suppress(BrokenPipeError):
-        sys.stdout.write(canonical(result.result) + "\n" if output == "json" else render_table(result.result))
-        sys.stdout.flush()
+    options.write_output(canonical(result.result) + "\n" if output == "json" else render_table(result.result))
     return 0
 
 

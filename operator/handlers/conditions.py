@@ -1,4 +1,4 @@
-"""Status conditions (SPEC §10): Ready, Reconciling, Stalled, keyed by type.
+"""Status conditions (docs/design.md#custom-resources): Ready, Reconciling, Stalled, keyed by type.
 
 ``lastTransitionTime`` moves only when a condition's status flips, so a user reading
 ``kubectl describe`` sees when things changed, not when the operator last looked.

@@ -1,4 +1,4 @@
-"""The operator's timers (SPEC §11): sweep expired cache entries, enforce request-log retention.
+"""The operator's timers (docs/design.md#reconciliation): sweep expired cache entries, enforce request-log retention.
 
 Both delete in bounded batches, so a large backlog never holds long locks, and both are safe to
 run from several operators at once (a row is deleted once; the others find nothing).
@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from promptcache.proxy.domain.entries import IndexUnavailable
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.errors import IndexUnavailable
+from promptcache.proxy.storage.postgres import Database
+from promptcache.proxy.storage.retention import Retention
 
 _log = logging.getLogger("promptcache.housekeeping")
 
@@ -26,15 +27,16 @@ class Housekeeping:
     batch: int = 5000
 
 
-async def run_once(pg: PostgresIndex, settings: Housekeeping, now: datetime | None = None) -> tuple[int, int]:
+async def run_once(pg: Database, settings: Housekeeping, now: datetime | None = None) -> tuple[int, int]:
     """(entries swept, log rows purged)."""
     now = now or datetime.now(UTC)
-    swept = await pg.sweep_expired(settings.grace, settings.batch, now)
-    purged = await pg.purge_request_log(now - settings.log_retention, settings.batch)
+    retention = Retention(pg)
+    swept = await retention.sweep_expired(settings.grace, settings.batch, now)
+    purged = await retention.purge_request_log(now - settings.log_retention, settings.batch)
     return swept, purged
 
 
-async def loop(pg: PostgresIndex, settings: Housekeeping) -> None:
+async def loop(pg: Database, settings: Housekeeping) -> None:
     while True:
         try:
             swept, purged = await run_once(pg, settings)

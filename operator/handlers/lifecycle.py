@@ -14,7 +14,7 @@ from promptcache.operator.constants import FINALIZER, PREFIX
 from promptcache.operator.handlers import housekeeping
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.state import OperatorMemo
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 
 
@@ -29,7 +29,7 @@ async def start(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: Any
         applied = await migrate(config.database_url)
         logger.info("schema migrations applied: %s", applied or "none pending")
         # Longer waits than a proxy's: a burst of reconciles may queue for connections, and that is fine here.
-        memo.pg = await PostgresIndex.connect(config.database_url, acquire_timeout=30.0, command_timeout=30.0)
+        memo.pg = await Database.connect(config.database_url, acquire_timeout=30.0, command_timeout=30.0)
         memo.housekeeping = asyncio.create_task(housekeeping.loop(memo.pg, config.housekeeping))
     memo.redis = aioredis.Redis.from_url(config.redis_url) if config.redis_url else None
     memo.kube = Kube.connect()

@@ -181,7 +181,7 @@ def replay_names(replay: str) -> dict[str, str]:
 
 
 def replay_job(replay: str, namespace: str, generation: int, settings: OperatorSettings) -> dict[str, Any]:
-    """``promptcache replay --plan-replay NS/NAME`` in the operator's image; it patches the result itself.
+    """``promptcache replay-job NS/NAME`` in the operator's image; it patches the result itself.
 
     A failed pod is retried twice (the database may be back), and the finished Job is kept for a day
     so its logs can be read.
@@ -194,7 +194,7 @@ def replay_job(replay: str, namespace: str, generation: int, settings: OperatorS
         "containers": [{
             "name": "replay",
             "image": settings.proxy_image,
-            "args": ["replay", "--plan-replay", f"{namespace}/{replay}"],
+            "args": ["replay-job", f"{namespace}/{replay}"],
             "env": _database_env(settings),
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
             "resources": REPLAY_RESOURCES,

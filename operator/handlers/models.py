@@ -1,4 +1,4 @@
-"""Reconcile a DeployedModel (SPEC §11): config, Deployment, Service, tariff, and its status.
+"""Reconcile a DeployedModel (docs/design.md#reconciliation): config, Deployment, Service, tariff, and its status.
 
 Level-based: every run computes the objects that should exist from the spec and the policy,
 converges the live ones onto them and reports what it found, so a run interrupted anywhere
@@ -24,9 +24,10 @@ from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
 from promptcache.operator.handlers.render import SpecError, policy_key, render
 from promptcache.proxy import policybus
-from promptcache.proxy.domain.entries import IndexUnavailable
 from promptcache.proxy.domain.pricing import Tariff
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.errors import IndexUnavailable
+from promptcache.proxy.storage.postgres import Database
+from promptcache.proxy.storage.tariffs import Tariffs
 
 _log = logging.getLogger(__name__)
 STALLED_REASONS = ("CachePolicyNotFound", "InvalidSpec")
@@ -52,7 +53,7 @@ def policy_name(spec: Mapping[str, Any]) -> str:
     return str((spec.get("cachePolicyRef") or {}).get("name") or "")
 
 
-async def reconcile(body: kopf.Body, kube: Kube, pg: PostgresIndex | None, redis: aioredis.Redis | None,
+async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aioredis.Redis | None,
                     settings: manifests.OperatorSettings) -> Outcome:
     """The policy is read from the API, not a cache: reconciles of one model run one after another,
     so each writes a tariff from a policy at least as new as the previous one's."""
@@ -78,7 +79,7 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: PostgresIndex | None, redis
     if pg is not None:
         wanted = Tariff.for_policy(model.alias, model.input_per_mtok, model.output_per_mtok, model.policy)
         try:
-            tariff_version = (await pg.set_tariff(wanted, datetime.now(UTC))).version
+            tariff_version = (await Tariffs(pg).set(wanted, datetime.now(UTC))).version
         except IndexUnavailable as exc:
             raise kopf.TemporaryError(f"cannot record the tariff, Postgres unavailable: {exc}", delay=10) from exc
         known = ((policy_obj or {}).get("status") or {}).get("tariffVersions") or {}
@@ -129,7 +130,7 @@ async def deployment_changed(deployment: kopf.Body, kube: Kube) -> None:
                message=ready.message)
 
 
-async def deleted(kube: Kube, pg: PostgresIndex | None, namespace: str, spec: Mapping[str, Any]) -> None:
+async def deleted(kube: Kube, pg: Database | None, namespace: str, spec: Mapping[str, Any]) -> None:
     await close_tariff(pg, spec)
     await forget_tariff(kube, namespace, spec)
 
@@ -141,6 +142,6 @@ async def forget_tariff(kube: Kube, namespace: str, spec: Mapping[str, Any]) -> 
         await kube.patch_resource_status(POLICIES, namespace, ref, {"tariffVersions": {alias: None}})
 
 
-async def close_tariff(pg: PostgresIndex | None, spec: Mapping[str, Any]) -> None:
+async def close_tariff(pg: Database | None, spec: Mapping[str, Any]) -> None:
     if pg is not None and spec.get("alias"):
-        await pg.close_tariff(str(spec["alias"]), datetime.now(UTC))
+        await Tariffs(pg).close(str(spec["alias"]), datetime.now(UTC))

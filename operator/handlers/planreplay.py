@@ -3,9 +3,9 @@
 The operator replays small windows itself, with the engine in a worker thread that pulls rows from
 the database cursor a chunk at a time through the event loop, so neither the loop nor memory grows
 with the log. Larger windows (more than ``inline_replay_max_requests`` requests) run as a Job of the
-same image, whose ``promptcache replay --plan-replay NS/NAME`` calls :func:`run_job`: the same code,
-patching the same status. A run is for one generation of the spec: the status names it, a new
-generation runs again, and a result finished after the spec moved on is dropped.
+same image, whose ``promptcache replay-job NS/NAME`` calls :func:`run_job`: the same code, patching
+the same status. A run is for one generation of the spec: the status names it, a new generation
+runs again, and a result finished after the spec moved on is dropped.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
@@ -24,39 +23,22 @@ import kopf
 import kubernetes
 from kubernetes.client import ApiException
 
-from promptcache.operator.constants import GENERATION_ANNOTATION, REPLAY_APP
+from promptcache.operator.constants import GENERATION_ANNOTATION, MODELS, POLICIES, REPLAY_APP, REPLAYS
+from promptcache.operator.errors import SpecError
 from promptcache.operator.handlers import manifests
 from promptcache.operator.handlers.conditions import Condition, merge, now_rfc3339, stalled
 from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.kube import Kube
-from promptcache.operator.replay.engine import UNITS, Proposal, ReplayError, Simulation, canonical, report, simulate
-from promptcache.proxy.domain.policy import POLICY_KEYS, CachePolicy, PolicyError, parse_decimal
-from promptcache.proxy.domain.tiers import TIERS
-from promptcache.proxy.storage.requestlog import (
-    LoggedRequest,
-    count_rows,
-    export_rows,
-    format_timestamp,
-    parse_timestamp,
-)
+from promptcache.operator.handlers.outcome import Event
+from promptcache.operator.replay import proposal, rows
+from promptcache.operator.replay.engine import ReplayError, canonical, report, simulate
+from promptcache.operator.replay.proposal import Proposal
+from promptcache.proxy.domain.policy import CachePolicy
+from promptcache.proxy.storage.requestlog import count_rows, format_timestamp
 
-PLURAL = "planreplays"
 TERMINAL = ("Succeeded", "Failed")
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _RESULT_FIELDS = ("summary", "intervals", "digest", "caveats", "reportConfigMap", "startedAt", "finishedAt")
-_CHUNK = 1000
-"""Rows the simulating thread takes from the cursor per turn of the event loop."""
-
-Event = tuple[str, str, str]
-"""(type, reason, message) of the Kubernetes event a user should see."""
-
-
-class Rejected(Exception):
-    """The spec cannot be replayed as written; the PlanReplay is Failed with ``reason`` until it changes."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -80,137 +62,50 @@ class Plan:
 
 
 # --- the spec ------------------------------------------------------------------------------------
-# The CRD's schema and CEL rules say most of this already, but an API server that skips them (an old
-# one, or the emulator in tests) must not get a traceback instead of a reason.
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _models(spec: Mapping[str, Any]) -> tuple[str, ...]:
-    models = spec.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-        raise Rejected("InvalidSpec", "models must be a non-empty list of DeployedModel aliases")
-    return tuple(dict.fromkeys(models))
-
-
-def _window(spec: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
-    window, hours = spec.get("window"), spec.get("lastHours")
-    if (window is None) == (hours is None):
-        raise Rejected("InvalidSpec", "set exactly one of window and lastHours")
-    if hours is not None:
-        if not _is_int(hours) or not 1 <= hours <= 8760:
-            raise Rejected("InvalidSpec", f"lastHours must be an integer from 1 to 8760, got {hours!r}")
-        return now - timedelta(hours=hours), now
-    bounds = []
-    for key in ("start", "end"):
-        value = window.get(key) if isinstance(window, Mapping) else None
-        try:
-            bounds.append(parse_timestamp(value if isinstance(value, str) else ""))
-        except ValueError:
-            raise Rejected("InvalidSpec", f"window.{key} must be an RFC 3339 timestamp, got {value!r}") from None
-    start, end = bounds
-    if start >= end:
-        raise Rejected("EmptyWindow", f"window.start {format_timestamp(start)} is not before window.end "
-                                      f"{format_timestamp(end)}")
-    return start, end
-
-
-def _bootstrap(spec: Mapping[str, Any]) -> tuple[int, int, float, str]:
-    """(seed, iterations, confidence, unit), with the CRD's defaults."""
-    raw = spec.get("bootstrap") or {}
-    if not isinstance(raw, Mapping):
-        raise Rejected("InvalidSpec", "bootstrap must be an object with iterations, confidence, seed and unit")
-    iterations, confidence = raw.get("iterations", 2000), raw.get("confidence", 0.95)
-    seed, unit = raw.get("seed", 0), raw.get("unit", "principal")
-    if not _is_int(iterations) or not 100 <= iterations <= 100_000:
-        raise Rejected("InvalidSpec", f"bootstrap.iterations must be an integer from 100 to 100000, got {iterations!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0.5 < confidence <= 0.999:
-        raise Rejected("InvalidSpec", f"bootstrap.confidence must be in (0.5, 0.999], got {confidence!r}")
-    if not _is_int(seed) or seed < 0:
-        raise Rejected("InvalidSpec", f"bootstrap.seed must be a non-negative integer, got {seed!r}")
-    if unit not in UNITS:
-        raise Rejected("InvalidSpec", f"bootstrap.unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    return seed, iterations, float(confidence), unit
-
-
-def _tier_override(spec: Mapping[str, Any]) -> dict[str, str]:
-    raw = spec.get("tierOverride") or {}
-    if not isinstance(raw, Mapping) or not all(k in TIERS and v in TIERS for k, v in raw.items()):
-        raise Rejected("InvalidSpec", f"tierOverride must map tiers to tiers ({', '.join(TIERS)}), got {raw!r}")
-    return dict(raw)
-
-
-def _price_overrides(spec: Mapping[str, Any], models: Sequence[str]) -> dict[str, tuple[Decimal, Decimal]]:
-    raw = spec.get("pricingOverrides") or {}
-    if not isinstance(raw, Mapping):
-        raise Rejected("InvalidSpec", "pricingOverrides must map model aliases to inputPerMTok and outputPerMTok")
-    out = {}
-    for model, prices in raw.items():
-        if model not in models:
-            raise Rejected("InvalidSpec", f"pricingOverrides names {model!r}, which is not one of models")
-        if not isinstance(prices, Mapping):
-            raise Rejected("InvalidSpec", f"pricingOverrides.{model} must have inputPerMTok and outputPerMTok")
-        try:
-            pair = tuple(parse_decimal(prices.get(key), f"pricingOverrides.{model}.{key}")
-                         for key in ("inputPerMTok", "outputPerMTok"))
-        except PolicyError as exc:
-            raise Rejected("InvalidSpec", str(exc)) from None
-        if min(pair) < 0:
-            raise Rejected("InvalidSpec", f"pricingOverrides.{model}: prices must not be negative")
-        out[model] = (pair[0], pair[1])
-    return out
+# What needs no cluster is parsed by replay.proposal, with ``promptcache replay``'s flags; the
+# policy a spec references and the models it names are looked up here.
 
 
 async def _policy(spec: Mapping[str, Any], namespace: str, kube: Kube) -> tuple[CachePolicy, dict[str, Any]]:
-    """The proposed policy and its keys as given (echoed in the result, so inline and referenced agree)."""
-    inline, ref = spec.get("policy"), spec.get("cachePolicyRef")
-    if (inline is None) == (ref is None):
-        raise Rejected("InvalidSpec", "set exactly one of policy and cachePolicyRef")
-    source, where = inline, "policy"
-    if ref is not None:
-        name = ref.get("name") if isinstance(ref, Mapping) else None
-        if not isinstance(name, str) or not name:
-            raise Rejected("InvalidSpec", "cachePolicyRef.name must name a CachePolicy")
-        found = await kube.get_resource("cachepolicies", namespace, name)
+    """The proposed policy and its keys as given, inline or from the CachePolicy the spec references."""
+    name = proposal.policy_reference(spec)
+    source, where = spec.get("policy"), "policy"
+    if name is not None:
+        found = await kube.get_resource(POLICIES, namespace, name)
         if found is None:
-            raise Rejected("CachePolicyNotFound", f"CachePolicy {namespace}/{name} does not exist")
+            raise SpecError("CachePolicyNotFound", f"CachePolicy {namespace}/{name} does not exist")
         source, where = found.get("spec") or {}, f"CachePolicy {namespace}/{name}"
     if not isinstance(source, Mapping):
-        raise Rejected("InvalidPolicy", f"{where} must be an object with the keys of a CachePolicy spec")
-    try:
-        policy = CachePolicy.from_spec(source)
-    except PolicyError as exc:
-        raise Rejected("InvalidPolicy", f"{where}: {exc}") from None
-    return policy, {key: value for key, value in source.items() if key in POLICY_KEYS}
+        raise SpecError("InvalidPolicy", f"{where} must be an object with the keys of a CachePolicy spec")
+    return proposal.policy(source, where)
 
 
 async def _check_models(models: Sequence[str], namespace: str, kube: Kube) -> None:
     """The request log is shared by every namespace; a PlanReplay may only read its own namespace's models."""
-    aliases = {(m.get("spec") or {}).get("alias") for m in await kube.list_resources("deployedmodels", namespace)}
+    aliases = {(m.get("spec") or {}).get("alias") for m in await kube.list_resources(MODELS, namespace)}
     unknown = [m for m in models if m not in aliases]
     if unknown:
-        raise Rejected("UnknownModel", f"no DeployedModel in namespace {namespace} has the alias "
-                                       f"{', '.join(unknown)}")
+        raise SpecError("UnknownModel", f"no DeployedModel in namespace {namespace} has the alias "
+                                        f"{', '.join(unknown)}")
 
 
 async def resolve(obj: Mapping[str, Any], kube: Kube, conn: asyncpg.Connection[asyncpg.Record],
                   now: datetime) -> Plan:
-    """The spec as a replay; :class:`Rejected` when it cannot be one (``lastHours`` ends at ``now``)."""
+    """The spec as a replay; :class:`SpecError` when it cannot be one (``lastHours`` ends at ``now``)."""
     spec, namespace = obj.get("spec") or {}, obj["metadata"]["namespace"]
-    models = _models(spec)
-    since, until = _window(spec, now)
-    seed, iterations, confidence, unit = _bootstrap(spec)
-    proposal_tiers, prices = _tier_override(spec), _price_overrides(spec, models)
+    models = proposal.models(spec)
+    since, until = proposal.window(spec, now)
+    seed, iterations, confidence, unit = proposal.bootstrap(spec)
+    tiers = proposal.tier_override(spec.get("tierOverride"))
+    prices = proposal.price_overrides(spec.get("pricingOverrides"), models)
     policy, echoed = await _policy(spec, namespace, kube)
     await _check_models(models, namespace, kube)
     requests = await count_rows(conn, since, until, models)
     if requests == 0:
-        raise Rejected("EmptyWindow", f"no 2xx requests of {', '.join(models)} were logged from "
-                                      f"{format_timestamp(since)} to {format_timestamp(until)}")
-    return Plan(Proposal(policy, echoed, proposal_tiers, prices), models, since, until, seed, iterations, confidence,
-                unit, requests)
+        raise SpecError("EmptyWindow", f"no 2xx requests of {', '.join(models)} were logged from "
+                                       f"{format_timestamp(since)} to {format_timestamp(until)}")
+    return Plan(Proposal(policy, echoed, tiers, prices), models, since, until, seed, iterations, confidence, unit,
+                requests)
 
 
 # --- status --------------------------------------------------------------------------------------
@@ -227,7 +122,7 @@ class _Status:
 
     async def write(self, phase: str, conditions: Sequence[Condition], **fields: Any) -> None:
         self.conditions = merge(self.conditions, conditions, self.generation)
-        await self.kube.patch_resource_status(PLURAL, self.namespace, self.name, {
+        await self.kube.patch_resource_status(REPLAYS, self.namespace, self.name, {
             "phase": phase, "observedGeneration": self.generation, "conditions": self.conditions, **fields})
 
     async def progress(self, phase: str, reason: str, message: str, **fields: Any) -> None:
@@ -241,7 +136,7 @@ class _Status:
 
     async def current(self) -> bool:
         """Whether the resource still has this generation: a result for another one describes nothing."""
-        live = await self.kube.get_resource(PLURAL, self.namespace, self.name)
+        live = await self.kube.get_resource(REPLAYS, self.namespace, self.name)
         return live is not None and live["metadata"].get("generation") == self.generation
 
 
@@ -258,40 +153,12 @@ def _done(obj: Mapping[str, Any]) -> bool:
 # --- running -------------------------------------------------------------------------------------
 
 
-async def _simulate(conn: asyncpg.Connection[asyncpg.Record], plan: Plan) -> Simulation:
-    """The engine in a worker thread, pulling rows from the cursor through this event loop a chunk at a time."""
-    loop = asyncio.get_running_loop()
-    rows = export_rows(conn, plan.since, plan.until, plan.models)
-    lock = asyncio.Lock()
-    stopped = False
-
-    async def chunk() -> list[LoggedRequest]:
-        out: list[LoggedRequest] = []
-        async with lock:
-            if not stopped:
-                async for row in rows:
-                    out.append(row)
-                    if len(out) == _CHUNK:
-                        break
-        return out
-
-    def feed() -> Iterator[LoggedRequest]:
-        while batch := asyncio.run_coroutine_threadsafe(chunk(), loop).result():
-            yield from batch
-
-    try:
-        return await asyncio.to_thread(simulate, feed(), plan.proposal, plan.unit)
-    finally:
-        stopped = True  # when this task is cancelled, the thread sees the log end and finishes
-        async with lock:
-            await rows.aclose()  # type: ignore[attr-defined]
-
-
 async def execute(obj: Mapping[str, Any], plan: Plan, kube: Kube, conn: asyncpg.Connection[asyncpg.Record],
                   status: _Status) -> Event | None:
     """Replay, then write the report ConfigMap and the final status; None when the spec moved on meanwhile."""
     try:
-        sim = await _simulate(conn, plan)
+        sim = await rows.from_postgres(conn, plan.since, plan.until, plan.models,
+                                       lambda requests: simulate(requests, plan.proposal, plan.unit))
         result = (await asyncio.to_thread(report, sim, plan.proposal, seed=plan.seed, iterations=plan.iterations,
                                           unit=plan.unit, confidence=plan.confidence)).result
     except ReplayError as exc:  # e.g. every request in the window lacks a prefix chain
@@ -338,7 +205,7 @@ async def reconcile(obj: Mapping[str, Any], kube: Kube, config: OperatorConfig) 
         try:
             try:
                 plan = await resolve(obj, kube, conn, datetime.now(UTC))
-            except Rejected as exc:
+            except SpecError as exc:
                 return await status.fail(exc.reason, str(exc))
             if plan.requests > config.inline_replay_max_requests and config.manifests.database_secret:
                 return await _start_job(obj, plan, kube, config.manifests, status, create=job is None)
@@ -375,7 +242,7 @@ async def job_failed(job: Mapping[str, Any], kube: Kube) -> tuple[kopf.Body, Eve
     owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "PlanReplay"), None)
     if failed is None or owner is None:
         return None
-    obj = await kube.get_resource(PLURAL, meta["namespace"], owner["name"])
+    obj = await kube.get_resource(REPLAYS, meta["namespace"], owner["name"])
     if obj is None or obj["metadata"].get("uid") != owner.get("uid"):
         return None
     current = obj.get("status") or {}
@@ -388,15 +255,6 @@ async def job_failed(job: Mapping[str, Any], kube: Kube) -> tuple[kopf.Body, Eve
 
 
 # --- the Job's side ------------------------------------------------------------------------------
-
-
-def job_main(target: str) -> int:
-    """``promptcache replay --plan-replay NAMESPACE/NAME``."""
-    namespace, sep, name = target.partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        print(f"--plan-replay must be NAMESPACE/NAME, got {target!r}", file=sys.stderr)
-        return 2
-    return run_job(namespace, name)
 
 
 def run_job(namespace: str, name: str) -> int:
@@ -420,7 +278,7 @@ async def _run_job(namespace: str, name: str) -> int:
         return 1
     where = f"PlanReplay {namespace}/{name}"
     try:
-        obj = await kube.get_resource(PLURAL, namespace, name)
+        obj = await kube.get_resource(REPLAYS, namespace, name)
         if obj is None or _done(obj):
             print(f"{where}: {'does not exist' if obj is None else 'already ran'}; nothing to do")
             return 0
@@ -430,7 +288,7 @@ async def _run_job(namespace: str, name: str) -> int:
         try:
             try:
                 plan = await resolve(obj, kube, conn, datetime.now(UTC))
-            except Rejected as exc:
+            except SpecError as exc:
                 event = await status.fail(exc.reason, str(exc))
             else:
                 event = await execute(obj, plan, kube, conn, status)

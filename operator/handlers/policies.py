@@ -1,4 +1,4 @@
-"""Reconcile a CachePolicy (SPEC §11): Redis settings, publication, and the bound models' turn.
+"""Reconcile a CachePolicy (docs/design.md#reconciliation): Redis settings, publication, and the bound models' turn.
 
 The Redis announcement makes a change take effect in running proxies at once; touching the
 bound models makes each reconcile again, which writes its new tariff version (announced again,

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from promptcache.operator.errors import SpecError as SpecError  # the handlers catch it from here
 from promptcache.proxy.config import ConfigError, ProxyConfig, parse_config
 
 CONFIG_DIR = "/etc/promptcache"
@@ -21,14 +22,6 @@ CONFIG_FILE = "proxy.yaml"
 TOKENIZER_DIR = "/etc/promptcache/tokenizer"
 UPSTREAM_KEY_ENV = "PROMPTCACHE_UPSTREAM_API_KEY"
 DEFAULT_TOKENIZER_KEYS = {"huggingface": "tokenizer.json", "tiktoken": "encoding.tiktoken"}
-
-
-class SpecError(ValueError):
-    """A spec the operator cannot turn into a working proxy; ``reason`` is the condition's reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ import redis.asyncio as aioredis
 
 from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.kube import Kube
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.postgres import Database
 
 
 @dataclass
 class OperatorMemo:
     config: OperatorConfig = field(default_factory=OperatorConfig.from_env)
-    pg: PostgresIndex | None = None
+    pg: Database | None = None
     """None without ``PROMPTCACHE_DATABASE_URL``: no tariffs, no housekeeping, replays refuse to run."""
     redis: aioredis.Redis | None = None
     kube: Kube = field(init=False)

@@ -11,25 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
 from promptcache.operator.replay.bootstrap import Totals, resample
-from promptcache.proxy.domain.classify import ChainBlock, classify_marked
+from promptcache.operator.replay.proposal import UNITS, Proposal
+from promptcache.proxy.domain.classify import classify_marked
 from promptcache.proxy.domain.entries import IndexEntry, Scope
-from promptcache.proxy.domain.markers import automatic_target, place_automatic
-from promptcache.proxy.domain.policy import CachePolicy
-from promptcache.proxy.domain.pricing import Tariff, reconcile
-from promptcache.proxy.domain.tiers import TIER_DURATIONS, TIERS
+from promptcache.proxy.domain.markers import automatic_target, out_of_order, place_automatic
+from promptcache.proxy.domain.pricing import Rates, Tariff, reconcile
+from promptcache.proxy.domain.tiers import TIERS
 from promptcache.proxy.storage.memory import MemoryIndex
 from promptcache.proxy.storage.requestlog import LoggedRequest
 
-UNITS = ("principal", "day", "request")
 FEW_CLUSTERS = 30
 # Columns of the per-cluster sums the bootstrap resamples (simulate() writes them by number).
 BASELINE, PROJECTED, LIST, PROMPT, READ, HITS, REQUESTS = range(7)
@@ -38,26 +37,6 @@ COLUMNS = 7
 
 class ReplayError(ValueError):
     """The input or the proposal cannot be replayed; the message says why."""
-
-
-@dataclass(frozen=True)
-class Proposal:
-    policy: CachePolicy
-    spec: Mapping[str, Any] = field(default_factory=dict)
-    """The policy as given (camelCase), echoed in the result's params."""
-    tier_override: Mapping[str, str] = field(default_factory=dict)
-    price_overrides: Mapping[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
-
-    def tiers(self, recorded: Iterable[str | None]) -> list[str | None]:
-        """Recorded tiers mapped by the override, then onto an enabled tier (else the default)."""
-        out: list[str | None] = []
-        for tier in recorded:
-            if tier is not None:
-                tier = self.tier_override.get(tier, tier)
-                if tier not in self.policy.enabled_ttls:
-                    tier = self.policy.default_ttl
-            out.append(tier)
-        return out
 
 
 @dataclass
@@ -81,6 +60,11 @@ class Simulation:
     without_chain: int = 0
     over_limit: int = 0
     order_violations: int = 0
+
+    @property
+    def read(self) -> int:
+        """Every request the log gave, simulated or skipped."""
+        return self.overall.requests + self.skipped_status + self.without_chain
 
 
 def _cluster(request: LoggedRequest, unit: str) -> str:
@@ -116,83 +100,16 @@ SWEEP_EVERY = 100_000
 """Requests between two sweeps of expired index entries."""
 
 
-def _coefficient(*factors: Decimal) -> tuple[int, int]:
-    """The exact product of ``factors`` as (integer, exponent of ten)."""
-    value, exponent = 1, 0
-    for factor in factors:
-        sign, digits, exp = factor.as_tuple()
-        if not isinstance(exp, int):
-            raise ReplayError(f"prices and multipliers must be finite, got {factor}")
-        value *= (-1) ** sign * int("".join(map(str, digits)))
-        exponent += exp
-    return value, exponent
-
-
-@dataclass(frozen=True)
-class _Prices:
-    """A tariff as integers over one power of ten, so a request's cost is an exact integer.
-
-    ``pricing.cost`` is ``(uncached·in + read·in·readMult + Σ creation_t·in·writeMult_t + completion·out)
-    / 10⁶``: with each coefficient an integer over ``10**k``, the cost is ``numerator / scale`` with
-    ``scale = 10**(k + 6)``, exactly. Numerators sum exactly, and ``numerator / scale`` is the correctly
-    rounded float, the same float as ``float(cost(...))``; ``pricing.list_cost`` likewise.
-    """
-
-    exponent: int
-    scale: int
-    input: int
-    read: int
-    write: Mapping[str, int]
-    output: int
-
-    @classmethod
-    def of(cls, tariff: Tariff) -> _Prices:
-        inp = tariff.input_per_mtok
-        terms = {"input": _coefficient(inp), "read": _coefficient(inp, tariff.read_multiplier),
-                 "output": _coefficient(tariff.output_per_mtok),
-                 **{tier: _coefficient(inp, tariff.write_multipliers[tier]) for tier in TIERS}}
-        k = max(0, *(-exp for _, exp in terms.values()))
-        scaled = {name: value * 10 ** (exp + k) for name, (value, exp) in terms.items()}
-        return cls(k + 6, 10 ** (k + 6), scaled["input"], scaled["read"], {t: scaled[t] for t in TIERS},
-                   scaled["output"])
-
-    def decimal(self, numerator: int) -> Decimal:
-        return Decimal(f"{numerator}E-{self.exponent}")
-
-
 class _Group:
     """Requests of one model at one set of prices: their exact projected and creation cost numerators."""
 
-    __slots__ = ("creation", "prices", "projected", "totals")
+    __slots__ = ("creation", "projected", "rates", "totals")
 
-    def __init__(self, prices: _Prices, totals: _Totals) -> None:
-        self.prices = prices
+    def __init__(self, rates: Rates, totals: _Totals) -> None:
+        self.rates = rates
         self.totals = totals
         self.projected = 0
         self.creation = dict.fromkeys(TIERS, 0)
-
-
-class _Roles(Sequence[str]):
-    """A chain's roles, read on demand: automatic placement looks at a few, from the end."""
-
-    __slots__ = ("_chain",)
-
-    def __init__(self, chain: Sequence[ChainBlock]) -> None:
-        self._chain = chain
-
-    def __len__(self) -> int:
-        return len(self._chain)
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[str]: ...
-
-    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
-        if isinstance(i, slice):
-            return [b.role for b in self._chain[i]]
-        return self._chain[i].role
 
 
 def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = "principal",
@@ -204,6 +121,8 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
     index = _Index()
     sim = Simulation()
     groups: dict[tuple[str, Decimal, Decimal], _Group] = {}
+    # Each scope with its entries, by its names: building a Scope costs more than finding it.
+    scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry]]] = {}
     # Per request, only markers can change: a recorded tier maps (once per proposal, not per block)
     # and automatic placement may add one. A chain whose markers all stay is classified as recorded.
     projected_tier: dict[str | None, str | None] = {tier: proposal.tiers([tier])[0] for tier in TIERS}
@@ -231,10 +150,8 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
             sim.without_chain += 1
             continue
         marked = [i for i, b in enumerate(recorded) if b.tier is not None]
-        # Whether every marker stays as recorded, and (if so) whether a longer TTL follows a shorter one.
+        # Whether every marker stays as recorded.
         kept = len(marked) <= max_breakpoints
-        longest = None
-        disordered = False
         breakpoints: list[tuple[int, str]] = []
         for i in marked if kept else ():
             tier = projected_tier.get(recorded[i].tier)
@@ -242,16 +159,10 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
                 kept = False
                 break
             breakpoints.append((i, tier))
-            length = TIER_DURATIONS[tier]
-            disordered = disordered or (longest is not None and length > longest)
-            longest = length
-        target = automatic_target(_Roles(recorded), policy.automatic_mode) if automatic else None
-        if kept and (target is None or recorded[target].tier is not None):
-            # Nothing to map, drop or place (place_automatic leaves a marked target alone).
-            if disordered:
-                sim.order_violations += 1
-        else:
-            # Only marked positions and the automatic target can differ from the recording.
+        target = automatic_target(recorded, policy.automatic_mode) if automatic else None
+        if not kept or (target is not None and recorded[target].tier is None):
+            # A marker maps or drops, or one is placed (place_automatic leaves a marked target alone): only
+            # marked positions and the automatic target can differ from the recording.
             tiers = [b.tier for b in recorded]
             for i in marked:
                 tier = tiers[i]
@@ -265,10 +176,15 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
             if target is not None and tiers[target] is not None and target not in marked:
                 marked = sorted([*marked, target])
             breakpoints = [(i, tier) for i in marked if (tier := tiers[i]) is not None]
-            if len(breakpoints) > 1 and _out_of_order([tier for _, tier in breakpoints]):
-                sim.order_violations += 1
-        scope = Scope(request.principal, request.model, request.tokenizer_version)
-        result = classify_marked(recorded, breakpoints, index.entries(scope), policy, request.ts)
+        if len(breakpoints) > 1 and out_of_order([tier for _, tier in breakpoints]) is not None:
+            sim.order_violations += 1
+        names = (request.principal, request.model, request.tokenizer_version)
+        known = scopes.get(names)
+        if known is None:
+            scope = Scope(*names)
+            known = scopes[names] = (scope, index.entries(scope))
+        scope, entries = known
+        result = classify_marked(recorded, breakpoints, entries, policy, request.ts)
         split = reconcile(request.prompt_tokens, request.completion_tokens, result)
         if split.cache_valid:
             index.apply(scope, result, request.ts)
@@ -280,21 +196,16 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
             totals = sim.per_model.get(model)
             if totals is None:
                 totals = sim.per_model[model] = _Totals()
-            group = groups[model, request.input_per_mtok, request.output_per_mtok] = _Group(
-                _Prices.of(Tariff.for_policy(model, inp, out, policy)), totals)
-        prices = group.prices
-        prompt, read, completion = split.prompt, split.read, split.completion
-        # pricing.cost(split, tariff) and pricing.list_cost(split, tariff), times prices.scale, exactly.
-        uncached = prompt - read
-        numerator = read * prices.read + completion * prices.output
-        for tier, tokens in split.creation.items():
-            if tokens:
-                written = tokens * prices.write[tier]
-                numerator += written
-                group.creation[tier] += written
-                uncached -= tokens
-        numerator += uncached * prices.input
+            try:
+                rates = Tariff.for_policy(model, inp, out, policy).rates
+            except ValueError as exc:
+                raise ReplayError(str(exc)) from None
+            group = groups[model, request.input_per_mtok, request.output_per_mtok] = _Group(rates, totals)
+        rates = group.rates
+        # The proxy's bill (pricing.cost) as its exact numerator over rates.scale.
+        numerator = rates.cost(split, group.creation)
         group.projected += numerator
+        prompt, read = split.prompt, split.read
         hit = read > 0
         totals = group.totals
         totals.baseline += request.billed_cost
@@ -308,19 +219,19 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
         row = clusters.get(cluster)
         if row is None:
             row = clusters[cluster] = [0.0] * COLUMNS
-        scale = prices.scale
+        scale = rates.scale
         row[0] += float(request.billed_cost)  # BASELINE
         row[1] += numerator / scale  # PROJECTED
-        row[2] += (prompt * prices.input + completion * prices.output) / scale  # LIST
+        row[2] += rates.list_cost(split) / scale  # LIST
         row[3] += prompt  # PROMPT
         row[4] += read  # READ
         row[5] += hit  # HITS
         row[6] += 1  # REQUESTS
 
     for group in groups.values():
-        group.totals.projected += group.prices.decimal(group.projected)
+        group.totals.projected += group.rates.decimal(group.projected)
         for tier, written in group.creation.items():
-            group.totals.creation_cost[tier] += group.prices.decimal(written)
+            group.totals.creation_cost[tier] += group.rates.decimal(written)
     overall = sim.overall
     for totals in sim.per_model.values():
         overall.baseline += totals.baseline
@@ -333,18 +244,6 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
         for tier in TIERS:
             overall.creation_cost[tier] += totals.creation_cost[tier]
     return sim
-
-
-def _out_of_order(tiers: list[str | None]) -> bool:
-    """Whether a marker has a longer TTL than one before it."""
-    longest = None
-    for tier in tiers:
-        if tier is not None:
-            length = TIER_DURATIONS[tier]
-            if longest is not None and length > longest:
-                return True
-            longest = length
-    return False
 
 
 def _ratio(a: Decimal | int, b: Decimal | int, places: str) -> str:

@@ -1,6 +1,7 @@
 """Turn a request body into its ordered blocks, their canonical bytes and cumulative prefix hashes.
 
-SPEC §2: tools first, then the Anthropic ``system`` field, then every message's content parts
+docs/design.md#blocks-and-prefix-hashes: tools first, then the Anthropic ``system`` field, then every message's
+content parts
 (a string is one text part) followed by OpenAI ``tool_calls``. A block's canonical bytes are its
 role, a NUL, and its JSON without the top-level ``cache_control`` key in Python's sorted compact
 form, so the hash depends neither on markers nor on which JSON library parsed the body.
@@ -102,7 +103,8 @@ def _has_float(value: Any) -> bool:
 
 
 def extract_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> list[Block]:
-    """All blocks in SPEC order, hashed; blocks matching ``ignore_prefixes`` are marked ignored."""
+    """All blocks in the order the model sees them (docs/design.md#block-order), hashed; blocks matching
+    ``ignore_prefixes`` are marked ignored."""
     blocks = parse_blocks(body, api, ignore_prefixes)
     hash_blocks(blocks)
     return blocks
@@ -113,7 +115,8 @@ _Site = tuple[str, Any, int | None, str, int | None]
 
 
 def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> list[Block]:
-    """All blocks in SPEC order, not yet hashed (hashing is the expensive part: the proxy does it
+    """All blocks in the order the model sees them (docs/design.md#block-order), not yet hashed (hashing is the
+    expensive part: the proxy does it
     while the upstream works)."""
     ignore = tuple(ignore_prefixes)
     return [_block(position, *site, ignore) for position, site in enumerate(_walk(body, api))]
@@ -140,7 +143,8 @@ def scan_markers(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> tu
 
 
 def _walk(body: Any, api: Api) -> Iterator[_Site]:
-    """Every block in SPEC order; raises for every malformed structure, so before anything is forwarded."""
+    """Every block in the order the model sees them (docs/design.md#block-order); raises for every malformed
+    structure, so before anything is forwarded."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     for i, tool in enumerate(_list(body, "tools")):
@@ -203,7 +207,8 @@ def _block(position: int, role: str, part: dict[str, Any] | str, message: int | 
 
 
 def _ignored(role: str, content: dict[str, Any], ignore: tuple[str, ...]) -> bool:
-    """SPEC §2 ignorePrefixes: a system text part starting with one of them is left out of the chain."""
+    """docs/design.md#blocks-and-prefix-hashes ignorePrefixes: a system text part starting with one of them is left
+    out of the chain."""
     if not ignore or role != "system" or content.get("type") != "text":
         return False
     text = content.get("text")

@@ -1,4 +1,4 @@
-"""SPEC §5: which prefix a request reads, which breakpoints it writes, and the token split.
+"""docs/design.md#classification: which prefix a request reads, which breakpoints it writes, and the token split.
 
 One pure function for the proxy (index = Postgres/Redis) and replay (index = memory), so a
 projection and a bill cannot drift apart. Callers look up :func:`candidates` in one round

@@ -1,8 +1,8 @@
-"""The prefix index: what a scope has cached, and the one failure every backend reports.
+"""The prefix index: what a scope has cached.
 
-Backends (``memory`` for replay and tests, ``postgres`` as the source of truth, ``redis`` as
-an accelerator) all speak in :class:`IndexEntry` and raise :class:`IndexUnavailable` for any
-failure, so callers have exactly one rule to follow: no index, no discount.
+Backends (``memory`` for replay and tests, Postgres as the source of truth, Redis as an
+accelerator) all speak in :class:`IndexEntry`; how they fail is storage's business
+(``storage.errors.IndexUnavailable``), not the domain's.
 """
 
 from __future__ import annotations
@@ -31,11 +31,3 @@ class IndexEntry:
     def live(self, now: datetime) -> bool:
         """Live strictly before expiry: a request exactly one TTL later misses."""
         return self.expires_at > now
-
-
-class IndexUnavailable(Exception):
-    """Any index failure (connection, timeout, pool exhaustion, bad state): bill list price."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason

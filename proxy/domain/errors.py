@@ -10,7 +10,8 @@ class BadRequest(ValueError):
 
 
 class InvalidCacheControl(BadRequest):
-    """A ``cache_control`` marker breaks a rule of SPEC §3 (HTTP 400, ``invalid_cache_control``)."""
+    """A ``cache_control`` marker breaks a rule of docs/design.md#breakpoints-markers-and-limits (HTTP 400,
+    ``invalid_cache_control``)."""
 
     code = "invalid_cache_control"
 

@@ -8,7 +8,7 @@ rejects a request: where it would break a rule it is simply not placed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from promptcache.proxy.domain.blocks import NO_MARKER, Block
 from promptcache.proxy.domain.errors import InvalidCacheControl
@@ -71,7 +71,7 @@ def place_breakpoints(
 def with_automatic(blocks: Sequence[Block], sent: Sequence[str | None], policy: CachePolicy) -> list[str | None]:
     """The breakpoints the proxy classifies with: the client's, plus the policy's automatic one."""
     tiers = list(sent)
-    target = automatic_target([b.role for b in blocks], policy.automatic_mode, [b.ignored for b in blocks])
+    target = automatic_target(blocks, policy.automatic_mode, [b.ignored for b in blocks])
     place_automatic(tiers, target, policy)
     return tiers
 
@@ -98,31 +98,53 @@ def _tier(marker: Any, position: int | None, path: str, policy: CachePolicy) -> 
     return str(ttl)
 
 
+def outlives(later: str, earlier: str) -> bool:
+    """Whether a breakpoint of tier ``later`` after one of tier ``earlier`` breaks the TTL order rule
+    (docs/design.md#the-ttl-order-rule): its entry would outlive the shorter-lived prefix it extends.
+    The proxy rejects such markers, automatic placement skips them and replay counts them."""
+    return TIER_DURATIONS[later] > TIER_DURATIONS[earlier]
+
+
+def out_of_order(tiers: Sequence[str | None]) -> int | None:
+    """The index of the first breakpoint that outlives the breakpoint before it, or None; ``tiers`` are in block
+    order, None for a block without one."""
+    previous = None
+    for i, tier in enumerate(tiers):
+        if tier is not None:
+            if previous is not None and outlives(tier, previous):
+                return i
+            previous = tier
+    return None
+
+
 def _check_order(points: Sequence[Block], tiers: list[str | None]) -> None:
-    """No breakpoint may follow a shorter-lived one: ``points`` are the breakpoint blocks."""
-    previous: Block | None = None
-    for block in sorted(points, key=lambda b: b.position):
-        tier = tiers[block.position]
-        assert tier is not None
-        if previous is not None:
-            before = tiers[previous.position]
-            assert before is not None
-            if TIER_DURATIONS[tier] > TIER_DURATIONS[before]:
-                raise InvalidCacheControl(
-                    block.position, block.path, "ttl_order",
-                    f"a {tier} breakpoint may not follow the shorter {before} breakpoint at block "
-                    f"{previous.position}",
-                )
-        previous = block
+    """``points`` are the breakpoint blocks, each with a tier; the first out of order is rejected."""
+    points = sorted(points, key=lambda b: b.position)
+    i = out_of_order([tiers[b.position] for b in points])
+    if i is not None:
+        block, previous = points[i], points[i - 1]
+        raise InvalidCacheControl(
+            block.position, block.path, "ttl_order",
+            f"a {tiers[block.position]} breakpoint may not follow the shorter {tiers[previous.position]} "
+            f"breakpoint at block {previous.position}",
+        )
 
 
-def automatic_target(roles: Sequence[str], mode: str, ignored: Sequence[bool] = ()) -> int | None:
+class _Role(Protocol):
+    @property
+    def role(self) -> str: ...
+
+
+def automatic_target(blocks: Sequence[_Role], mode: str, ignored: Sequence[bool] = ()) -> int | None:
     """Where the policy's automatic breakpoint goes: the last block, or the last block of the last
-    user message (which is the last user-role block: a message's blocks are contiguous)."""
+    user message (which is the last user-role block: a message's blocks are contiguous).
+
+    ``blocks`` are a request's or a recorded chain's; only the last few are looked at.
+    """
     if mode == "off":
         return None
-    for i in range(len(roles) - 1, -1, -1):
-        if not (ignored and ignored[i]) and (mode == "lastBlock" or roles[i] == "user"):
+    for i in range(len(blocks) - 1, -1, -1):
+        if not (ignored and ignored[i]) and (mode == "lastBlock" or blocks[i].role == "user"):
             return i
     return None
 
@@ -137,9 +159,8 @@ def place_automatic(tiers: list[str | None], target: int | None, policy: CachePo
         return
     if sum(t is not None for t in tiers) >= policy.max_breakpoints:
         return
-    length = TIER_DURATIONS[tier]
     before = [t for t in tiers[:target] if t is not None]
     after = [t for t in tiers[target + 1:] if t is not None]
-    if any(TIER_DURATIONS[t] < length for t in before) or any(TIER_DURATIONS[t] > length for t in after):
+    if any(outlives(tier, t) for t in before) or any(outlives(t, tier) for t in after):
         return
     tiers[target] = tier

@@ -19,7 +19,8 @@ POLICY_KEYS = frozenset({
     "enabledTtls", "defaultTtl", "writeMultipliers", "readMultiplier", "minPrefixTokens",
     "maxBreakpoints", "lookbackBlocks", "automatic", "ignorePrefixes",
 })
-"""The ``cache`` keys of SPEC §8; a CachePolicy spec adds ``redis``, which the proxy does not read."""
+"""The ``cache`` keys of docs/design.md#the-request-path; a CachePolicy spec adds ``redis``, which the proxy does not
+read."""
 DEFAULT_WRITE_MULTIPLIERS: Mapping[str, Decimal] = MappingProxyType(
     {"5m": Decimal("1.25"), "1h": Decimal("2.0"), "24h": Decimal("2.5")}
 )

@@ -1,7 +1,8 @@
 """One request, ready to classify: blocks, breakpoints, token counts and the forwarded body.
 
 Two steps, so the proxy forwards as early as it may: :func:`admit` does what must hold before
-anything goes upstream (the body's structure and its markers, SPEC §3) and builds the body to
+anything goes upstream (the body's structure and its markers, docs/design.md#breakpoints-markers-and-limits) and
+builds the body to
 forward; :meth:`Admission.prepare` builds, hashes and counts the blocks, which the proxy runs
 while the upstream works. The hash CLI, the proxy and the tests all go through both, so what
 ``promptcache hash`` prints is exactly what the proxy bills on.
@@ -32,7 +33,7 @@ from promptcache.proxy.domain.tokens import BlockCounter
 @dataclass(frozen=True)
 class Prepared:
     blocks: list[Block]
-    """Every block in SPEC order, including ignored ones."""
+    """Every block in the order the model sees them (docs/design.md#block-order), including ignored ones."""
     hashed: list[Block]
     """The blocks that make up the prefix chain."""
     tiers: list[str | None]

@@ -1,7 +1,9 @@
 """SPEC §6: the exact cost of a request from its token split and the tariff in force.
 
 Money is :class:`~decimal.Decimal` end to end. The upstream's usage is the truth for token
-totals; our split must fit inside it or it is not used at all.
+totals; our split must fit inside it or it is not used at all. The formula is computed once, in
+integers (:class:`Rates`): the proxy bills each request with it, and replay, which prices millions
+of requests, sums its integers and converts once, so the two cannot disagree by a digit.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
 from types import MappingProxyType
 
 from promptcache.proxy.domain.classify import Classification
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.tiers import TIERS
 
-MILLION = Decimal(1_000_000)
 _ZERO_CREATION: Mapping[str, int] = MappingProxyType({tier: 0 for tier in TIERS})
 
 
@@ -39,6 +41,10 @@ class Tariff:
     ) -> Tariff:
         """A not-yet-stored tariff: a model's prices with its policy's multipliers."""
         return cls(model, input_per_mtok, output_per_mtok, policy.write_multipliers, policy.read_multiplier)
+
+    @cached_property
+    def rates(self) -> Rates:
+        return Rates.of(self)
 
     def same_prices(self, other: Tariff) -> bool:
         return (
@@ -91,23 +97,103 @@ def reconcile(prompt: int, completion: int, classification: Classification | Non
         return Split(prompt, completion)
     creation = dict(classification.creation)
     created = sum(creation.values())
-    if created > prompt or any(v < 0 for v in creation.values()):
+    if created > prompt or (creation and min(creation.values()) < 0):
         return Split(prompt, completion, cache_valid=False)
     read = min(classification.read_tokens, prompt - created)
     return Split(prompt, completion, read, MappingProxyType(creation))
 
 
+def _coefficient(*factors: Decimal) -> tuple[int, int]:
+    """The exact product of ``factors`` as (integer, exponent of ten)."""
+    value, exponent = 1, 0
+    for factor in factors:
+        sign, digits, exp = factor.as_tuple()
+        if not isinstance(exp, int):
+            raise ValueError(f"prices and multipliers must be finite, got {factor}")
+        value *= (-1) ** sign * int("".join(map(str, digits)))
+        exponent += exp
+    return value, exponent
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A tariff as integers over one power of ten, so a request's cost is an exact integer numerator.
+
+    :func:`cost` is ``(uncached·in + read·in·readMult + Σ creation_t·in·writeMult_t + completion·out) / 10⁶``:
+    with each coefficient an integer over ``10**k``, it is ``numerator / scale`` with ``scale = 10**(k + 6)``,
+    exactly. Numerators sum exactly, and ``numerator / scale`` is the correctly rounded float, the same
+    float as ``float(cost(...))``; :func:`list_cost` likewise.
+    """
+
+    exponent: int
+    scale: int
+    input: int
+    read: int
+    write: Mapping[str, int]
+    output: int
+    term_exponents: Mapping[str, int]
+    """Per term (``input``, ``read``, ``output``, each tier), the exponent Decimal arithmetic gives it."""
+    cost_exponent: int
+    """The smallest of them: the ideal exponent of :func:`cost` for a split that names every tier."""
+
+    @classmethod
+    def of(cls, tariff: Tariff) -> Rates:
+        """ValueError for a price or multiplier that is not finite."""
+        inp = tariff.input_per_mtok
+        terms = {"input": _coefficient(inp), "read": _coefficient(inp, tariff.read_multiplier),
+                 "output": _coefficient(tariff.output_per_mtok),
+                 **{tier: _coefficient(inp, tariff.write_multipliers[tier]) for tier in TIERS}}
+        k = max(0, *(-exp for _, exp in terms.values()))
+        scaled = {name: value * 10 ** (exp + k) for name, (value, exp) in terms.items()}
+        exponents = {name: exp for name, (_, exp) in terms.items()}
+        return cls(k + 6, 10 ** (k + 6), scaled["input"], scaled["read"], {t: scaled[t] for t in TIERS},
+                   scaled["output"], exponents, min(exponents.values()))
+
+    def cost(self, split: Split, writes: dict[str, int] | None = None) -> int:
+        """:func:`cost` times ``scale``; each tier's cache write share is also added to ``writes``, if given."""
+        uncached = split.prompt - split.read
+        numerator = split.read * self.read + split.completion * self.output
+        for tier, tokens in split.creation.items():
+            if tokens:
+                written = tokens * self.write[tier]
+                numerator += written
+                uncached -= tokens
+                if writes is not None:
+                    writes[tier] += written
+        return numerator + uncached * self.input
+
+    def list_cost(self, split: Split) -> int:
+        """:func:`list_cost` times ``scale``."""
+        return split.prompt * self.input + split.completion * self.output
+
+    def decimal(self, numerator: int, ideal: int | None = None) -> Decimal:
+        """``numerator / scale``, exactly; with ``ideal``, written as Decimal's division writes a quotient whose
+        ideal exponent that is: trailing zeros dropped while the exponent stays at most ``ideal``."""
+        digits, exponent = str(numerator), -self.exponent
+        if ideal is not None:
+            if not numerator:
+                return Decimal(f"0E{ideal}")
+            drop = min(len(digits) - len(digits.rstrip("0")), ideal - exponent)
+            if drop > 0:
+                digits, exponent = digits[:-drop], exponent + drop
+        return Decimal(f"{digits}E{exponent}")
+
+
 def cost(split: Split, tariff: Tariff) -> Decimal:
-    """(uncached·in + read·in·readMult + Σ creation_t·in·writeMult_t + completion·out) / 10⁶."""
-    inp = tariff.input_per_mtok
-    total = Decimal(split.uncached) * inp + Decimal(split.read) * inp * tariff.read_multiplier
-    for tier, tokens in split.creation.items():
-        total += Decimal(tokens) * inp * tariff.write_multipliers[tier]
-    total += Decimal(split.completion) * tariff.output_per_mtok
-    return total / MILLION
+    """(uncached·in + read·in·readMult + Σ creation_t·in·writeMult_t + completion·out) / 10⁶.
+
+    The Decimal that formula gives in Decimal arithmetic, digit for digit (ledger rows and logs print
+    it): the ideal exponent of its quotient is the smallest of its terms'.
+    """
+    rates = tariff.rates
+    ideal = rates.cost_exponent
+    if len(split.creation) < len(TIERS):
+        exponents = rates.term_exponents
+        ideal = min(exponents["input"], exponents["read"], exponents["output"], *(exponents[t] for t in split.creation))
+    return rates.decimal(rates.cost(split), ideal)
 
 
 def list_cost(split: Split, tariff: Tariff) -> Decimal:
-    """What the request would cost with no cache at all."""
-    prompt = Decimal(split.prompt) * tariff.input_per_mtok
-    return (prompt + Decimal(split.completion) * tariff.output_per_mtok) / MILLION
+    """What the request would cost with no cache at all: (prompt·in + completion·out) / 10⁶."""
+    rates = tariff.rates
+    return rates.decimal(rates.list_cost(split), min(rates.term_exponents["input"], rates.term_exponents["output"]))

@@ -1,4 +1,4 @@
-"""Tokenizers and incremental block counting (SPEC §4).
+"""Tokenizers and incremental block counting (docs/design.md#tokens).
 
 A tokenizer's identity (``version``) is part of the cache scope, so it is the name plus a
 hash of the vocabulary it loaded. Counts are taken without special tokens so that block

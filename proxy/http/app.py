@@ -1,4 +1,4 @@
-"""The HTTP surface (SPEC §8): OpenAI and Anthropic endpoints with cache-aware billing.
+"""The HTTP surface (docs/design.md#the-request-path): OpenAI and Anthropic endpoints with cache-aware billing.
 
 For each request: authenticate, parse, validate markers (400 before anything is forwarded),
 then forward upstream at once while the prefix chain is hashed, counted and looked up
@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from promptcache.proxy.config import ModelConfig, ProxyConfig
 from promptcache.proxy.domain.blocks import Api
 from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify
-from promptcache.proxy.domain.entries import IndexUnavailable, Scope
+from promptcache.proxy.domain.entries import Scope
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.prepare import Admission, admit
 from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
@@ -37,6 +37,7 @@ from promptcache.proxy.http.sse import encode, events
 from promptcache.proxy.http.usage import rewrite, upstream_totals
 from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
+from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.ledger import RequestRecord
 from promptcache.proxy.storage.store import Store
 

@@ -2,7 +2,8 @@
 
 orjson rejects a few inputs ``json`` accepts (NaN, integers beyond 64 bits, lone surrogates);
 falling back keeps the accepted language exactly the standard library's, so the parsed values,
-and therefore the prefix hashes (always computed with ``json``, SPEC §2), do not depend on which
+and therefore the prefix hashes (always computed with ``json``, docs/design.md#blocks-and-prefix-hashes), do not
+depend on which
 parser ran.
 """
 

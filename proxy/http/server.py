@@ -22,14 +22,16 @@ from aiohttp import web
 
 from promptcache.proxy import policybus
 from promptcache.proxy.config import ConfigError, ProxyConfig, load_config
-from promptcache.proxy.domain.entries import IndexUnavailable
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Tariff
 from promptcache.proxy.http.app import Proxy
+from promptcache.proxy.http.arguments import add_arguments
 from promptcache.proxy.metrics import Metrics
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.errors import IndexUnavailable
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
 from promptcache.proxy.storage.store import Store
+from promptcache.proxy.storage.tariffs import Tariffs
 
 _log = logging.getLogger("promptcache.server")
 
@@ -68,16 +70,17 @@ class ProxyOptions:
     tariff_refresh: float = 10.0
 
 
-async def sync_tariffs(config: ProxyConfig, pg: PostgresIndex | None, manage: bool) -> dict[str, Tariff]:
+async def sync_tariffs(config: ProxyConfig, pg: Database | None, manage: bool) -> dict[str, Tariff]:
     """The tariff in force for each model: written from config when we manage them, else read."""
     now = datetime.now(UTC)
+    tariffs = Tariffs(pg) if pg is not None else None
     out: dict[str, Tariff] = {}
     for alias, model in config.models.items():
         wanted = Tariff.for_policy(alias, model.input_per_mtok, model.output_per_mtok, model.policy)
         stored: Tariff | None = None
-        if pg is not None:
+        if tariffs is not None:
             try:
-                stored = await pg.set_tariff(wanted, now) if manage else await pg.tariff_at(alias, now)
+                stored = await tariffs.set(wanted, now) if manage else await tariffs.at(alias, now)
             except IndexUnavailable as exc:
                 _log.warning("tariffs unavailable, billing %s from config until Postgres is back: %s", alias, exc)
         out[alias] = stored or wanted
@@ -101,9 +104,9 @@ class ProxyServer:
     async def create(cls, options: ProxyOptions) -> ProxyServer:
         config = load_config(options.config_path)
         metrics = Metrics()
-        pg: PostgresIndex | None = None
+        pg: Database | None = None
         if options.database_url:
-            pg = await PostgresIndex.connect(options.database_url, min_size=0, connect_timeout=1.0)
+            pg = await Database.connect(options.database_url, min_size=0, connect_timeout=1.0)
         redis = RedisAccelerator.from_url(options.redis_url, options.redis_prefix) if options.redis_url else None
         store = Store(pg, redis, metrics)
         proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok)
@@ -236,20 +239,6 @@ def serve(options: ProxyOptions, host: str, port: int) -> None:
 
     web.run_app(build(), host=host, port=port, print=lambda msg: _log.info(msg), access_log=None,
                 loop=uvloop.new_event_loop())
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="proxy config YAML (reloaded when it changes)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--database", help="Postgres DSN (default: $PROMPTCACHE_DATABASE_URL)")
-    p.add_argument("--redis", help="Redis URL for the accelerator (default: $PROMPTCACHE_REDIS_URL)")
-    p.add_argument("--manage-tariffs", action=argparse.BooleanOptionalAction, default=None,
-                   help="write tariff versions from the config (default: on outside a cluster)")
-    p.add_argument("--degraded-ok", action="store_true",
-                   help="report ready even when Postgres is down (requests are then billed at list price)")
-    p.add_argument("--reload-interval", type=float, default=None, help="seconds between config file checks")
-    p.add_argument("--log-level", default="INFO")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Usage as each API reports it (SPEC §6): read the upstream's totals, write back our split.
+"""Usage as each API reports it (docs/design.md#billing): read the upstream's totals, write back our split.
 
 Provider cache fields from upstream are never passed through: the totals are taken from them
 and the cache fields are replaced by the split we bill.

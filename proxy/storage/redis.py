@@ -1,4 +1,4 @@
-"""Redis accelerator (SPEC §7): a read-through copy of live entries in front of Postgres.
+"""Redis accelerator (docs/design.md#storage): a read-through copy of live entries in front of Postgres.
 
 Each live entry is one key whose Redis expiry is the entry's own, so Redis forgets exactly
 what has expired. Redis is never the source of truth: any error marks it down for a short
@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from promptcache.proxy.domain.entries import IndexEntry, IndexUnavailable, Scope
+from promptcache.proxy.domain.entries import IndexEntry, Scope
+from promptcache.proxy.storage.errors import IndexUnavailable
 
 
 def _scope_id(scope: Scope) -> str:

@@ -1,4 +1,4 @@
-"""SPEC §9: the request log as JSON Lines, the one format export writes and import and replay read.
+"""docs/design.md#replay: the request log as JSON Lines, the one format export writes and import and replay read.
 
 A line is a request's billing facts and its prefix chain, never prompt text. Reading is strict
 (exact keys, exact types, decimals as strings) and every error names its line and field, so a
@@ -39,13 +39,15 @@ _CHAIN_KEYS = ("h", "t", "r", "m")
 _MONEY = ("input_per_mtok", "output_per_mtok", "billed_cost", "list_cost")
 _KEY_SETS = {keys: frozenset(keys) for keys in (_KEYS, _CHAIN_KEYS, TIERS)}
 
-_COLUMNS = (
+COLUMNS = (
     "request_id", "ts", "principal_id", "virtual_model", "tokenizer_version", "api", "status",
     "prompt_tokens", "completion_tokens", "read_tokens", "creation_5m", "creation_1h", "creation_24h",
     "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost",
     "chain_hashes", "chain_tokens", "chain_roles", "chain_tiers",
 )  # fmt: skip
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM request_log"
+"""The request_log columns the format carries, in :func:`_to_row` order: export selects them, import and
+the ledger's commit insert them (the commit adds ``latency_ms``, which the format leaves out)."""
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM request_log"
 # COLLATE "C" orders ids by code point, as Python does, whatever the database's collation.
 _ORDER = ' ORDER BY ts, request_id COLLATE "C"'
 _IMPORT_TABLE = "request_log_import"
@@ -207,10 +209,10 @@ async def import_rows(conn: asyncpg.Connection[asyncpg.Record], rows: Iterable[L
     exception from ``rows`` (a malformed line) imports nothing. Latency is not part of the
     format, so imported rows carry 0.
     """
-    columns = ", ".join(_COLUMNS)
+    columns = ", ".join(COLUMNS)
     async with conn.transaction():
         await conn.execute(f"CREATE TEMPORARY TABLE {_IMPORT_TABLE} AS {_SELECT} WITH NO DATA")
-        await conn.copy_records_to_table(_IMPORT_TABLE, records=(_to_row(r) for r in rows), columns=_COLUMNS)
+        await conn.copy_records_to_table(_IMPORT_TABLE, records=(_to_row(r) for r in rows), columns=COLUMNS)
         status = await conn.execute(
             f"INSERT INTO request_log ({columns}, latency_ms) SELECT {columns}, 0 FROM {_IMPORT_TABLE}"
             " ON CONFLICT (request_id) DO NOTHING"
@@ -242,7 +244,7 @@ def _from_row(row: asyncpg.Record) -> LoggedRequest:
 
 
 def _to_row(r: LoggedRequest) -> tuple[object, ...]:
-    """``r`` in :data:`_COLUMNS` order."""
+    """``r`` in :data:`COLUMNS` order."""
     return (
         r.id, r.ts, r.principal, r.model, r.tokenizer_version, r.api, r.status,
         r.prompt_tokens, r.completion_tokens, r.read_tokens, *(r.creation_tokens[tier] for tier in TIERS),

@@ -1,4 +1,5 @@
-"""SPEC §7/§11: apply the Postgres schema, once, however many operators, hooks and CLIs race.
+"""docs/design.md#storage, #reconciliation: apply the Postgres schema, once, however many operators, hooks and CLIs
+race.
 
 The SQL files ship as package data of ``promptcache.proxy.storage.migrations``; the proxy never
 changes the schema itself: this runner (the operator, the chart's hook, ``promptcache migrate``) does.

@@ -21,10 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime
 
-from promptcache.proxy.domain.entries import IndexEntry, IndexUnavailable, Scope
+from promptcache.proxy.domain.entries import IndexEntry, Scope
 from promptcache.proxy.metrics import Metrics
-from promptcache.proxy.storage.ledger import RequestRecord
-from promptcache.proxy.storage.postgres import PostgresIndex
+from promptcache.proxy.storage.errors import IndexUnavailable
+from promptcache.proxy.storage.index import PrefixIndex
+from promptcache.proxy.storage.keys import ApiKeys
+from promptcache.proxy.storage.ledger import Ledger, RequestRecord
+from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
 
 _log = logging.getLogger("promptcache.store")
@@ -47,7 +50,7 @@ def _loggable(value: object) -> object:
 class Store:
     def __init__(
         self,
-        pg: PostgresIndex | None,
+        pg: Database | None,
         redis: RedisAccelerator | None,
         metrics: Metrics,
         *,
@@ -57,6 +60,10 @@ class Store:
         key_cache_seconds: float = 60.0,
     ) -> None:
         self.pg = pg
+        """The pool itself, for readiness and shutdown; the proxy's statements go through the three below."""
+        self.index = PrefixIndex(pg) if pg is not None else None
+        self.ledger = Ledger(pg) if pg is not None else None
+        self.api_keys = ApiKeys(pg) if pg is not None else None
         self.redis = redis
         self.metrics = metrics
         self.queue: deque[RequestRecord] = deque()
@@ -118,9 +125,9 @@ class Store:
                 remaining = remaining[deepest + 1:]
         if not remaining:
             return found
-        if self.pg is None:
+        if self.index is None:
             raise IndexUnavailable("postgres", "not configured")
-        rows = await self.pg.lookup(scope, remaining)
+        rows = await self.index.lookup(scope, remaining)
         found.update(rows)
         if redis is not None and rows:
             with contextlib.suppress(IndexUnavailable):
@@ -141,9 +148,9 @@ class Store:
         write_behind = applies and self.redis is not None and self.redis.available and result is not None \
             and result.read is not None
         try:
-            if self.pg is None:
+            if self.ledger is None:
                 raise IndexUnavailable("postgres", "not configured")
-            committed = await self.pg.commit(record, refresh_read=not write_behind)
+            committed = await self.ledger.commit(record, refresh_read=not write_behind)
         except IndexUnavailable as exc:
             self._enqueue(record, exc)
             return
@@ -183,9 +190,9 @@ class Store:
     async def retry_queued(self) -> int:
         """Commit queued records oldest first, stopping at the first failure; returns how many landed."""
         done = 0
-        while self.queue and self.pg is not None:
+        while self.queue and self.ledger is not None:
             try:
-                await self.pg.commit(self.queue[0], refresh_read=True)
+                await self.ledger.commit(self.queue[0], refresh_read=True)
             except IndexUnavailable as exc:
                 if exc.reason != REFUSED:
                     break
@@ -204,11 +211,11 @@ class Store:
     async def flush_refreshes(self) -> None:
         """Slide the expiry of every entry read since the last flush: Postgres in one statement,
         then Redis, so a prefix read a thousand times a second costs one refresh per flush."""
-        if not self._refreshes or self.pg is None:
+        if not self._refreshes or self.index is None:
             return
         batch, self._refreshes = self._refreshes, {}
         try:
-            await self.pg.refresh_many([(scope, h, e.expires_at) for (scope, h), e in batch.items()])
+            await self.index.refresh_many([(scope, h, e.expires_at) for (scope, h), e in batch.items()])
         except IndexUnavailable:
             for (scope, _), entry in batch.items():
                 self._refresh(scope, entry)
@@ -242,10 +249,10 @@ class Store:
         cached = self._keys.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        if self.pg is None:
+        if self.api_keys is None:
             raise IndexUnavailable("postgres", "not configured")
         try:
-            principal = await self.pg.principal_for_key(key)
+            principal = await self.api_keys.principal_for(key)
         except IndexUnavailable:
             if cached is not None:
                 return cached[0]

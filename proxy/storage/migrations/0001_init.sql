@@ -1,4 +1,4 @@
--- SPEC §7 storage: the prefix index, tariffs, API keys, the ledger and the request log.
+-- docs/design.md#storage storage: the prefix index, tariffs, API keys, the ledger and the request log.
 -- Money is NUMERIC (never float); schema_migrations is created by the runner itself.
 
 CREATE TABLE cache_entries (
@@ -15,7 +15,7 @@ CREATE TABLE cache_entries (
 CREATE INDEX cache_entries_expires_at ON cache_entries (expires_at);
 
 -- Append-only: a price change closes the active row and opens a new one. Multipliers are
--- NOT NULL (SPEC §6 bounds them to [0, 100)): a version that cannot price a request is no tariff.
+-- NOT NULL (docs/design.md#billing bounds them to [0, 100)): a version that cannot price a request is no tariff.
 CREATE TABLE tariffs (
     version              bigserial   PRIMARY KEY,
     model                text        NOT NULL,
@@ -60,7 +60,7 @@ CREATE TABLE ledger (
     committed_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- SPEC §9: what replay needs and nothing more; chain_hashes hold the first 16 bytes of each
+-- docs/design.md#replay: what replay needs and nothing more; chain_hashes hold the first 16 bytes of each
 -- block's prefix hash, chain_tiers a NULL element for a block without a marker.
 CREATE TABLE request_log (
     request_id        text             PRIMARY KEY,

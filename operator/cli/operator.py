@@ -1,0 +1,31 @@
+"""``promptcache operator``: the Kubernetes operator (kopf) for DeployedModel, CachePolicy and PlanReplay."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from promptcache.operator.cli.options import Commands
+
+
+def register(commands: Commands) -> None:
+    p = commands.add_parser("operator", help="run the Kubernetes operator (kopf) for DeployedModel, CachePolicy, "
+                                             "PlanReplay")
+    p.add_argument("--namespace", action="append", metavar="NS",
+                   help="watch only this namespace (repeatable; default: all namespaces)")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import promptcache.operator.main  # noqa: F401  (registers the handlers)
+    from promptcache.operator.handlers.state import OperatorMemo
+
+    kopf.configure(verbose=args.verbose)
+    kopf.run(clusterwide=not args.namespace, namespaces=args.namespace or (), standalone=True,
+             liveness_endpoint=args.liveness, memo=OperatorMemo())
+    return 0

@@ -1,0 +1,74 @@
+"""The request log as one stream of :class:`LoggedRequest` for the engine, from JSON Lines or Postgres.
+
+The engine is synchronous and pulls requests one at a time, in (ts, id) order; a file is read lazily
+and Postgres through a cursor, so memory does not grow with the log either way. The same window
+selects the same requests from both: ``promptcache replay`` gives one result whichever it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import IO, TypeVar
+
+import asyncpg
+
+from promptcache.proxy.storage.requestlog import LogFormatError, LoggedRequest, export_rows, read_jsonl
+
+_T = TypeVar("_T")
+CHUNK = 1000
+"""Rows taken from the cursor per turn of the event loop."""
+
+
+class LogError(Exception):
+    """The log cannot be read to its end; the message says where and why, in one line."""
+
+
+def from_jsonl(stream: IO[bytes], name: str, since: datetime | None, until: datetime | None,
+               models: Sequence[str] | None) -> Iterator[LoggedRequest]:
+    """The requests of a JSON Lines log (``name`` in messages) that :func:`export_rows` would select."""
+    wanted = None if models is None else frozenset(models)
+    try:
+        for request in read_jsonl(stream):
+            if wanted is not None and request.model not in wanted:
+                continue
+            if (since is not None and request.ts < since) or (until is not None and request.ts >= until):
+                continue
+            yield request
+    except LogFormatError as exc:
+        raise LogError(f"{name}: {exc}") from None
+    except OSError as exc:
+        raise LogError(f"cannot read {name}: {exc}") from None
+
+
+async def from_postgres(conn: asyncpg.Connection[asyncpg.Record], since: datetime | None, until: datetime | None,
+                        models: Sequence[str] | None, consume: Callable[[Iterator[LoggedRequest]], _T]) -> _T:
+    """``consume(requests)`` in a worker thread, the requests pulled from the cursor through this event loop
+    a chunk at a time: the loop stays free between chunks (the operator keeps serving), and a cancelled
+    caller ends the stream, so the thread finishes instead of reading on."""
+    loop = asyncio.get_running_loop()
+    rows = export_rows(conn, since, until, models)
+    lock = asyncio.Lock()
+    stopped = False
+
+    async def chunk() -> list[LoggedRequest]:
+        out: list[LoggedRequest] = []
+        async with lock:
+            if not stopped:
+                async for row in rows:
+                    out.append(row)
+                    if len(out) == CHUNK:
+                        break
+        return out
+
+    def feed() -> Iterator[LoggedRequest]:
+        while batch := asyncio.run_coroutine_threadsafe(chunk(), loop).result():
+            yield from batch
+
+    try:
+        return await asyncio.to_thread(consume, feed())
+    finally:
+        stopped = True
+        async with lock:
+            await rows.aclose()  # type: ignore[attr-defined]

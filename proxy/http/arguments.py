@@ -1,0 +1,20 @@
+"""The proxy's command-line options, apart from the server so that declaring them loads nothing heavy:
+``promptcache``'s parser is built for every subcommand, and ``python -m promptcache.proxy`` takes the same."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="proxy config YAML (reloaded when it changes)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--database", help="Postgres DSN (default: $PROMPTCACHE_DATABASE_URL)")
+    p.add_argument("--redis", help="Redis URL for the accelerator (default: $PROMPTCACHE_REDIS_URL)")
+    p.add_argument("--manage-tariffs", action=argparse.BooleanOptionalAction, default=None,
+                   help="write tariff versions from the config (default: on outside a cluster)")
+    p.add_argument("--degraded-ok", action="store_true",
+                   help="report ready even when Postgres is down (requests are then billed at list price)")
+    p.add_argument("--reload-interval", type=float, default=None, help="seconds between config file checks")
+    p.add_argument("--log-level", default="INFO")
