@@ -1,7 +1,8 @@
 """Operator benchmark (issue 4): N DeployedModels (default 200) created at once against the emulator.
 
 The real operator (kopf's loop, the handlers of ``promptcache.operator.main``) runs against the test harness's
-HTTP Kubernetes emulator (``tests/kube.py``), with a scratch Postgres database (migrated, dropped afterwards) and
+HTTP Kubernetes emulator (``tests/support/apiserver.py``), with a scratch Postgres database (migrated, dropped
+afterwards) and
 Redis under a key prefix of its own. One CachePolicy, then N models POSTed concurrently; watch streams on the
 ConfigMaps, Deployments, Services and DeployedModels tell when each model has its three owned objects and a status
 with Ready and Reconciling conditions. Prints the seconds to the first and to the last such model (target for the
@@ -43,8 +44,14 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import kube  # the test harness (tests/kube.py), emulator and operator runner
-from kube import (
+import promptcache.operator.main  # noqa: F401  (registers the handlers)
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings, names
+from promptcache.operator.handlers.state import OperatorMemo
+from promptcache.proxy.storage.schema import migrate
+
+from support import apiserver as kube  # the tests' Kubernetes emulator and operator runner
+from support.apiserver import (
     CACHE_POLICIES,
     DEPLOYED_MODELS,
     DEPLOYMENTS,
@@ -56,12 +63,6 @@ from kube import (
     object_path,
     running_operator,
 )
-
-import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings, names
-from promptcache.operator.handlers.state import OperatorMemo
-from promptcache.proxy.storage.schema import migrate
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")

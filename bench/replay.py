@@ -193,7 +193,7 @@ TRUTH = {"hit_rate": HIT, "savings_pct": 100 * SAVE, "read_token_ratio": READ_SH
 
 
 def population_sample(rng: np.random.Generator, clusters: int) -> npt.NDArray[np.float64]:
-    """Per-cluster sums from a population with known ratios of sums (as in tests/test_bootstrap.py).
+    """Per-cluster sums from a population with known ratios of sums (as in tests/replay/test_bootstrap.py).
 
     Cluster sizes are skewed (lognormal); each cluster's hit probability, savings share and read share
     vary around the population's (beta, independent of size and spend), so the population's ratio of

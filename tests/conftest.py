@@ -70,7 +70,7 @@ async def pg(pg_dsn: str) -> AsyncIterator[Database]:
 
 @pytest.fixture(scope="session")
 def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from harness import write_word_tokenizer
+    from support.proxy import write_word_tokenizer
 
     return write_word_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
 

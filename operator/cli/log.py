@@ -19,7 +19,7 @@ _T = TypeVar("_T")
 
 
 def register(commands: Commands) -> None:
-    p = commands.add_parser("log", help="export or import the request log as JSON Lines (SPEC §9)")
+    p = commands.add_parser("log", help="export or import the request log as JSON Lines (docs/design.md#request-log)")
     log = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     e = log.add_parser("export", help="write logged requests in (ts, id) order, one JSON object per line")
     options.add_database(e)

@@ -1,4 +1,4 @@
-"""``promptcache replay``: what a log would have cost under a proposed policy (SPEC §9).
+"""``promptcache replay``: what a log would have cost under a proposed policy (docs/design.md#replay).
 
 Reads requests from a JSON Lines file (or standard input) or streams them from Postgres, filters them
 by model and time window, runs them through the replay engine and prints the result: the canonical
@@ -36,9 +36,11 @@ _PRICE = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 
 def register(commands: Commands) -> None:
-    p = commands.add_parser("replay", help="project what logged requests would cost under a proposed policy (SPEC §9)")
+    p = commands.add_parser("replay", help="project what logged requests would cost under a proposed policy "
+                                                  "(docs/design.md#replay)")
     source = p.add_argument_group("input (one of)")
-    source.add_argument("--log", metavar="FILE", help="JSON Lines request log (SPEC §9), or - for standard input")
+    source.add_argument("--log", metavar="FILE", help="JSON Lines request log (docs/design.md#request-log), "
+                                                            "or - for standard input")
     options.add_database(source, help="Postgres DSN to read the request log from")
     options.add_models(p)
     options.add_window(p)

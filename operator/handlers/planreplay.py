@@ -1,4 +1,5 @@
-"""Run a PlanReplay (SPEC §9, §11): resolve its spec, replay its window, write its status and report.
+"""Run a PlanReplay (docs/design.md#replay, #reconciliation): resolve its spec, replay its window, write its status
+and report.
 
 The operator replays small windows itself, with the engine in a worker thread that pulls rows from
 the database cursor a chunk at a time through the event loop, so neither the loop nor memory grows

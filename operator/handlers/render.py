@@ -1,4 +1,4 @@
-"""DeployedModel + CachePolicy → the proxy's config file (SPEC §8, §11).
+"""DeployedModel + CachePolicy → the proxy's config file (docs/design.md#the-request-path, #reconciliation).
 
 The rendered YAML is checked with the proxy's own loader before anything is applied, so the
 operator and the proxy share one schema and an invalid combination becomes a ``Stalled``

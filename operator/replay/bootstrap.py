@@ -1,4 +1,4 @@
-"""Cluster bootstrap intervals (SPEC §9): resample clusters, recompute ratios of sums.
+"""Cluster bootstrap intervals (docs/design.md#replay): resample clusters, recompute ratios of sums.
 
 Every statistic is a function of column totals, so the point estimate (the full sample's totals)
 and each replicate (a multinomial reweighting of the clusters) are the same computation and agree.

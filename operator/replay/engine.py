@@ -1,4 +1,4 @@
-"""Replay (SPEC §9): what recorded traffic would have cost under a proposed policy.
+"""Replay (docs/design.md#replay): what recorded traffic would have cost under a proposed policy.
 
 Requests go in (ts, id) order through the proxy's own classification (``classify``), against an
 in-memory index per scope, with the proposed tiers, multipliers, limits and automatic placement,

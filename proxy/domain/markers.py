@@ -1,4 +1,4 @@
-"""Validate ``cache_control`` markers and place breakpoints (SPEC §3).
+"""Validate ``cache_control`` markers and place breakpoints (docs/design.md#breakpoints-markers-and-limits).
 
 Every violation raises :class:`InvalidCacheControl` before anything is forwarded. The
 policy's automatic placement is the operator's choice, not the client's, so it never

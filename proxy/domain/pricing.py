@@ -1,4 +1,4 @@
-"""SPEC §6: the exact cost of a request from its token split and the tariff in force.
+"""docs/design.md#billing: the exact cost of a request from its token split and the tariff in force.
 
 Money is :class:`~decimal.Decimal` end to end. The upstream's usage is the truth for token
 totals; our split must fit inside it or it is not used at all. The formula is computed once, in
@@ -167,8 +167,8 @@ class Rates:
         return split.prompt * self.input + split.completion * self.output
 
     def decimal(self, numerator: int, ideal: int | None = None) -> Decimal:
-        """``numerator / scale``, exactly; with ``ideal``, written as Decimal's division writes a quotient whose
-        ideal exponent that is: trailing zeros dropped while the exponent stays at most ``ideal``."""
+        """``numerator / scale``, exactly; with ``ideal``, in the form Decimal's division gives a quotient of that
+        ideal exponent: trailing zeros dropped while the exponent stays at most ``ideal``."""
         digits, exponent = str(numerator), -self.exponent
         if ideal is not None:
             if not numerator:

@@ -15,8 +15,15 @@ from typing import Any
 import asyncpg
 import pytest
 import yaml
-from harness import unique
-from kube import (
+
+import promptcache.operator.main  # noqa: F401  (registers the handlers)
+from promptcache.operator.constants import CHECKSUM_ANNOTATION, FINALIZER
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
+from promptcache.proxy.config import parse_config
+
+from support.apiserver import (
     CACHE_POLICIES,
     CONFIGMAPS,
     DEPLOYED_MODELS,
@@ -28,43 +35,11 @@ from kube import (
     eventually,
     running_operator,
 )
+from support.proxy import unique
+from support.resources import NS, condition, model, policy, tariffs
 
-import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.constants import CHECKSUM_ANNOTATION, FINALIZER
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings
-from promptcache.operator.handlers.state import OperatorMemo
-from promptcache.proxy.config import parse_config
-
-NS = "llm"
 WATCHING = (DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)
 assert FINALIZER == "promptcache.io/finalizer"
-
-
-def policy(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": GROUP_VERSION, "kind": "CachePolicy", "metadata": {"name": name, "namespace": NS},
-            "spec": {"enabledTtls": ["5m", "1h"], "defaultTtl": "5m", "minPrefixTokens": 1024, **spec}}
-
-
-def model(name: str, alias: str, policy_name: str, **extra: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "alias": alias,
-        "upstream": {"url": "http://vllm.llm.svc:8000/v1", "model": "llama", "api": "openai"},
-        "tokenizer": {"type": "tiktoken", "encoding": "cl100k_base"},
-        "pricing": {"inputPerMTok": "3.00", "outputPerMTok": "15.00"},
-        "cachePolicyRef": {"name": policy_name},
-        "proxy": {"replicas": 2},
-    }
-    spec.update(extra)
-    return {"apiVersion": GROUP_VERSION, "kind": "DeployedModel", "metadata": {"name": name, "namespace": NS},
-            "spec": spec}
-
-
-def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
-    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == kind:
-            return dict(c)
-    return None
 
 
 @pytest.fixture
@@ -79,14 +54,6 @@ def config(pg_dsn: str, redis_url: str) -> OperatorConfig:
     return OperatorConfig(database_url=pg_dsn, redis_url=redis_url,
                           manifests=OperatorSettings(proxy_image="promptcache:test", database_secret="pg/dsn",
                                                      redis_url=redis_url, redis_prefix=prefix))
-
-
-async def tariffs(pg_dsn: str, alias: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        return list(await conn.fetch("SELECT * FROM tariffs WHERE model = $1 ORDER BY version", alias))
-    finally:
-        await conn.close()
 
 
 async def get_model(cluster: EmulatedCluster, name: str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""SPEC §9 replay: hand-computed projections, a replay of the proxy's own log, determinism, intervals.
+"""docs/design.md#replay replay: hand-computed projections, a replay of the proxy's own log, determinism, intervals.
 
 The hand-computed logs are priced at 1.00 per million input tokens (2.00 output), so a cost is
 the weighted token count divided by 10⁶: a 5m write of 1000 tokens is 1000·1.25 = 1250 → 0.00125.
@@ -22,7 +22,6 @@ from typing import Any
 import asyncpg
 import openai
 import pytest
-from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
 from promptcache.operator.replay.engine import REQUESTS, ReplayError, canonical, report, simulate
 from promptcache.operator.replay.proposal import Proposal
@@ -31,6 +30,8 @@ from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.tiers import TIERS
 from promptcache.proxy.storage.requestlog import LoggedRequest, export_rows, to_json_line
 from promptcache.proxy.testing.simulator import REPLY, Simulator
+
+from support.proxy import model_config, new_key, running_proxy, settle, text, unique, words
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 MILLION = Decimal(1_000_000)
@@ -85,7 +86,7 @@ def costs(result: Mapping[str, Any]) -> tuple[Decimal, Decimal, Decimal]:
 #   read:   1000·0.1  + 10 =  110 → 0.00011
 #   list:   1010             → 0.00101
 CACHED = [blk("sys", 1000, "5m", "system"), blk("q", 1010)]
-SPEC: dict[str, Any] = {"minPrefixTokens": 0}
+BASE_POLICY: dict[str, Any] = {"minPrefixTokens": 0}
 
 
 # --- §5 classification through replay, by hand ---------------------------------------------------
@@ -102,7 +103,7 @@ SPEC: dict[str, Any] = {"minPrefixTokens": 0}
 def test_a_gap_of_exactly_one_ttl_misses_and_one_second_less_hits(
         gap: timedelta, projected: str, hit_rate: str, read_ratio: str) -> None:
     log = [logged("r1", T0, CACHED, 1010), logged("r2", T0 + gap, CACHED, 1010)]
-    result = replay(log, SPEC)
+    result = replay(log, BASE_POLICY)
     s = result["summary"]
     assert s["requests"] == 2
     assert s["baseline_cost"] == s["list_cost"] == "0.00202"  # 2 · 1010 / 10⁶
@@ -114,7 +115,7 @@ def test_a_gap_of_exactly_one_ttl_misses_and_one_second_less_hits(
 
 def test_the_hit_case_summary_in_full() -> None:
     log = [logged("r1", T0, CACHED, 1010), logged("r2", T0 + timedelta(minutes=4, seconds=59), CACHED, 1010)]
-    s = replay(log, SPEC)["summary"]
+    s = replay(log, BASE_POLICY)["summary"]
     # savings 0.00202 - 0.00137 = 0.00065; pct 100 · 0.00065 / 0.00202 = 32.17821… → 32.1782
     # creation: one 5m write of 1000 tokens: 1000 · 1 · 1.25 / 10⁶ = 0.00125
     assert s == {
@@ -130,22 +131,22 @@ def test_a_read_slides_the_entry_past_its_first_expiry() -> None:
     # r4 at 13m is exactly one TTL after the last read: miss, rewrite: 1260.
     # Total 1260 + 110 + 110 + 1260 = 2740 → 0.00274; 2 of 4 read; read 2000 / prompt 4040 → 0.495050.
     log = [logged(f"r{i}", T0 + timedelta(minutes=m), CACHED, 1010) for i, m in enumerate((0, 4, 8, 13), 1)]
-    s = replay(log, SPEC)["summary"]
+    s = replay(log, BASE_POLICY)["summary"]
     assert (s["projected_cost"], s["hit_rate"], s["read_token_ratio"]) == ("0.00274", "0.500000", "0.495050")
     assert s["creation_cost"]["5m"] == "0.0025"  # two writes of 1000 · 1.25
     # Without r2's refresh r3 misses (T0+5m passed) and writes (expires 13m), so r4 at 13m misses too:
     # 3 · 1260 = 3780 → 0.00378.
-    s = replay([log[0], log[2], log[3]], SPEC)["summary"]
+    s = replay([log[0], log[2], log[3]], BASE_POLICY)["summary"]
     assert (s["projected_cost"], s["hit_rate"]) == ("0.00378", "0.000000")
 
 
 def test_a_tier_override_turns_5m_misses_into_1h_reads() -> None:
     log = [logged("r1", T0, CACHED, 1010), logged("r2", T0 + timedelta(minutes=30), CACHED, 1010)]
     # As recorded (5m): both miss, 2 · 1260 = 2520 → 0.00252.
-    s = replay(log, SPEC)["summary"]
+    s = replay(log, BASE_POLICY)["summary"]
     assert (s["projected_cost"], s["hit_rate"], s["creation_cost"]["5m"]) == ("0.00252", "0.000000", "0.0025")
     # 5m → 1h: r1 writes at 1h, 1000·2.0 + 10 = 2010; r2 (30m later) reads, 110. 2120 → 0.00212.
-    result = replay(log, SPEC, tier_override={"5m": "1h"})
+    result = replay(log, BASE_POLICY, tier_override={"5m": "1h"})
     s = result["summary"]
     assert (s["projected_cost"], s["hit_rate"]) == ("0.00212", "0.500000")
     assert s["creation_cost"] == {"5m": "0", "1h": "0.002", "24h": "0"}
@@ -179,7 +180,7 @@ def test_automatic_last_user_message_marks_unmarked_recordings() -> None:
     last_block = {"minPrefixTokens": 0, "automatic": {"mode": "lastBlock", "ttl": "5m"}}
     assert replay(log, last_block)["summary"]["projected_cost"] == "0.0020575"
     # Automatic off: nothing is marked, list price 1200 + 1550 = 2750.
-    assert replay(log, SPEC)["summary"]["projected_cost"] == "0.00275"
+    assert replay(log, BASE_POLICY)["summary"]["projected_cost"] == "0.00275"
 
 
 def test_changed_multipliers_change_write_and_read_cost() -> None:
@@ -188,14 +189,14 @@ def test_changed_multipliers_change_write_and_read_cost() -> None:
     # 2520 → 0.00252; creation 5m 1000·2 = 2000 → 0.002.
     s = replay(log, {"minPrefixTokens": 0, "writeMultipliers": {"5m": "2"}, "readMultiplier": "0.5"})["summary"]
     assert (s["projected_cost"], s["creation_cost"]["5m"]) == ("0.00252", "0.002")
-    assert replay(log, SPEC)["summary"]["projected_cost"] == "0.00137"
+    assert replay(log, BASE_POLICY)["summary"]["projected_cost"] == "0.00137"
 
 
 def test_a_disabled_tier_falls_back_to_the_default() -> None:
     marked_1h = [blk("sys", 1000, "1h", "system"), blk("q", 1010)]
     log = [logged("r1", T0, marked_1h, 1010), logged("r2", T0 + timedelta(minutes=10), marked_1h, 1010)]
     # All tiers enabled: r1 writes 1h, 2010; r2 reads 10 minutes later, 110. 2120 → 0.00212.
-    assert replay(log, SPEC)["summary"]["projected_cost"] == "0.00212"
+    assert replay(log, BASE_POLICY)["summary"]["projected_cost"] == "0.00212"
     # Only 5m enabled: the 1h marker becomes 5m (the default). r1 writes 1260, r2 misses 10 minutes later
     # and rewrites 1260: 2520 → 0.00252, all at 5m.
     s = replay(log, {"minPrefixTokens": 0, "enabledTtls": ["5m"]})["summary"]
@@ -214,7 +215,7 @@ def test_requests_without_chains_and_non_2xx_are_counted_in_caveats() -> None:
         logged("r2", T0 + timedelta(minutes=1), CACHED, 1010),
         logged("r3", T0 + timedelta(minutes=2), [], 1010),
     ]
-    result = replay(log, SPEC)
+    result = replay(log, BASE_POLICY)
     s = result["summary"]
     assert (s["requests"], s["baseline_cost"], s["projected_cost"], s["hit_rate"]) == (
         1, "0.00101", "0.00126", "0.000000")
@@ -225,7 +226,7 @@ def test_requests_without_chains_and_non_2xx_are_counted_in_caveats() -> None:
 def test_savings_are_negative_when_the_policy_costs_more() -> None:
     # Billed 0.001 (say, a cheaper recording); the proposal writes 1260 → 0.00126.
     # savings 0.001 - 0.00126 = -0.00026; pct 100 · -0.00026 / 0.001 = -26.
-    result = replay([logged("r1", T0, CACHED, 1010, billed="0.001")], SPEC)
+    result = replay([logged("r1", T0, CACHED, 1010, billed="0.001")], BASE_POLICY)
     s = result["summary"]
     assert (s["baseline_cost"], s["projected_cost"], s["savings"], s["savings_pct"]) == (
         "0.001", "0.00126", "-0.00026", "-26.0000")
@@ -244,21 +245,21 @@ def test_price_overrides_apply_to_their_model_only() -> None:
     ]
     # Own prices (1, 2): 1000·1.25 + 10 + 100·2 = 1460 each.
     # m at (3, 15): 1000·3·1.25 + 10·3 + 100·15 = 3750 + 30 + 1500 = 5280; other stays 1460; total 6740.
-    result = replay(log, SPEC, prices={"m": (Decimal("3"), Decimal("15"))})
+    result = replay(log, BASE_POLICY, prices={"m": (Decimal("3"), Decimal("15"))})
     assert result["summary"]["projected_cost"] == "0.00674"
     # creation 5m: 3750 + 1250 = 5000 → 0.005
     assert result["summary"]["creation_cost"]["5m"] == "0.005"
     assert [(m["model"], m["projected_cost"], m["baseline_cost"]) for m in result["per_model"]] == [
         ("m", "0.00528", "0.00121"), ("other", "0.00146", "0.00121")]  # baseline: 1010 + 200 each
     assert result["params"]["pricing_overrides"] == {"m": {"inputPerMTok": "3", "outputPerMTok": "15"}}
-    assert replay(log, SPEC)["summary"]["projected_cost"] == "0.00292"  # 2 · 1460
+    assert replay(log, BASE_POLICY)["summary"]["projected_cost"] == "0.00292"  # 2 · 1460
 
 
 def test_money_is_written_as_plain_decimal_strings() -> None:
     # 10 million uncached tokens at 1.00: exactly 10 dollars, written "10", not "1E+1"; savings of
     # 1.1·10⁻⁷ are "0.00000011", not "1.1E-7" (§9: decimals as strings, plain like the log's).
     log = [logged("r1", T0, [blk("big", 10_000_000)], 10_000_000, billed="10.00000011")]
-    result = replay(log, SPEC)
+    result = replay(log, BASE_POLICY)
     s = result["summary"]
     assert (s["baseline_cost"], s["projected_cost"], s["list_cost"], s["savings"]) == (
         "10.00000011", "10", "10", "0.00000011")
@@ -279,7 +280,7 @@ def test_clusters_by_principal_day_or_request(unit: str, clusters: dict[str, int
         logged("r3", T0 + timedelta(days=1, hours=1), CACHED, 1010, principal="bob"),
         logged("r4", T0 + timedelta(days=2), CACHED, 1010, principal="bob"),
     ]
-    p = proposal(SPEC)
+    p = proposal(BASE_POLICY)
     sim = simulate(log, p, unit)
     assert {k: int(row[REQUESTS]) for k, row in sim.clusters.items()} == clusters
     result = report(sim, p, seed=0, iterations=ITERATIONS, unit=unit).result
@@ -291,7 +292,7 @@ def test_clusters_by_principal_day_or_request(unit: str, clusters: dict[str, int
 
 def test_an_unknown_unit_is_refused() -> None:
     with pytest.raises(ReplayError, match="unit must be one of"):
-        simulate([], proposal(SPEC), "week")
+        simulate([], proposal(BASE_POLICY), "week")
 
 
 @pytest.mark.parametrize("order", [
@@ -302,11 +303,11 @@ def test_an_out_of_order_log_is_a_clear_error(order: list[tuple[str, datetime]])
     log = [logged(rid, ts, CACHED, 1010) for rid, ts in order]
     bad = order[1][0]
     with pytest.raises(ReplayError, match=rf"request {bad} is out of \(ts, id\) order"):
-        simulate(log, proposal(SPEC))
+        simulate(log, proposal(BASE_POLICY))
 
 
 def test_nothing_to_replay_is_a_clear_error() -> None:
-    p = proposal(SPEC)
+    p = proposal(BASE_POLICY)
     with pytest.raises(ReplayError, match="no 2xx requests with prefix chains"):
         report(simulate([logged("r1", T0, CACHED, 1010, status=500)], p), p)
 
@@ -414,7 +415,7 @@ async def test_replaying_the_proxys_log_under_its_own_policy_gives_back_what_it_
 
 # --- determinism and intervals over a synthetic log -----------------------------------------------
 
-SYNTHETIC_SPEC: dict[str, Any] = {
+SYNTHETIC_POLICY: dict[str, Any] = {
     "minPrefixTokens": 256, "writeMultipliers": {"5m": "1.25", "1h": "2"}, "readMultiplier": "0.1",
     "automatic": {"mode": "lastUserMessage", "ttl": "5m"},
 }
@@ -472,7 +473,7 @@ def test_same_input_and_seed_give_byte_identical_results_across_processes(tmp_pa
     runs = {"a": ("7", "1"), "b": ("7", "2"), "c": ("8", "3")}  # name: (seed, PYTHONHASHSEED)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-P", str(script), str(log), json.dumps(SYNTHETIC_SPEC), json.dumps(SYNTHETIC_OVERRIDE),
+            [sys.executable, "-P", str(script), str(log), json.dumps(SYNTHETIC_POLICY), json.dumps(SYNTHETIC_OVERRIDE),
              seed, str(tmp_path / f"{name}.json")],
             cwd=tmp_path, env={"PYTHONHASHSEED": hashseed, "PATH": "/usr/bin:/bin"})
         for name, (seed, hashseed) in runs.items()
@@ -486,7 +487,7 @@ def test_same_input_and_seed_give_byte_identical_results_across_processes(tmp_pa
         rest = {k: v for k, v in result.items() if k != "digest"}
         assert result["digest"] == hashlib.sha256(canonical(rest).encode()).hexdigest()
     # In this process, too: the same bytes.
-    p = proposal(SYNTHETIC_SPEC, SYNTHETIC_OVERRIDE)
+    p = proposal(SYNTHETIC_POLICY, SYNTHETIC_OVERRIDE)
     assert canonical(report(simulate(synthetic_log(), p), p, seed=7, iterations=2000).result).encode() == a
     # Another seed: another digest, other intervals, the same point estimates.
     assert other["digest"] != first["digest"]
@@ -495,7 +496,7 @@ def test_same_input_and_seed_give_byte_identical_results_across_processes(tmp_pa
 
 
 def test_every_point_estimate_lies_within_its_interval() -> None:
-    p = proposal(SYNTHETIC_SPEC, SYNTHETIC_OVERRIDE)
+    p = proposal(SYNTHETIC_POLICY, SYNTHETIC_OVERRIDE)
     result = report(simulate(synthetic_log(), p), p, seed=3, iterations=2000).result
     s = result["summary"]
     assert s["requests"] > 100 and 0 < Decimal(s["hit_rate"]) < 1 and Decimal(s["savings"]) > 0
@@ -509,7 +510,7 @@ def test_every_point_estimate_lies_within_its_interval() -> None:
 
 def test_one_cluster_gives_a_caveat_and_collapsed_intervals() -> None:
     log = [r for r in synthetic_log() if r.principal == "principal-00"]
-    p = proposal(SYNTHETIC_SPEC, SYNTHETIC_OVERRIDE)
+    p = proposal(SYNTHETIC_POLICY, SYNTHETIC_OVERRIDE)
     result = report(simulate(log, p), p, seed=3, iterations=ITERATIONS).result
     assert "only 1 principal clusters: the intervals are rough" in result["caveats"]
     # Every resample is that one cluster: each interval is the point, give or take the last place. (Savings

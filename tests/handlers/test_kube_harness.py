@@ -18,7 +18,10 @@ from typing import Any
 import kopf
 import kubernetes
 import pytest
-from kube import (
+
+from promptcache.operator.handlers.kube import load_configuration
+
+from support.apiserver import (
     DEPLOYED_MODELS,
     GROUP,
     GROUP_VERSION,
@@ -29,8 +32,6 @@ from kube import (
     eventually,
     running_operator,
 )
-
-from promptcache.operator.handlers.kube import load_configuration
 
 NS = "team-a"
 PLURAL = "deployedmodels"

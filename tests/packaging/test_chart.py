@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "promptcache"
 KUBERNETES = "1.33.0"
 FULL_VALUES: dict[str, Any] = {

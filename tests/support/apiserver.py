@@ -72,7 +72,7 @@ ALL_VERBS = frozenset({"create", "delete", "get", "list", "patch", "update", "wa
 BUILTIN_GROUPS = frozenset({"", "apps", "batch", "coordination.k8s.io", "apiextensions.k8s.io", "events.k8s.io"})
 
 
-CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
 
 
 def _info(kind: str, *, namespaced: bool = True, status: bool = True, singular: str | None = None,

@@ -23,7 +23,13 @@ import anthropic
 import asyncpg
 import openai
 import pytest
-from e2e import (
+
+from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.storage.redis import _scope_id
+from promptcache.proxy.storage.store import Store
+from promptcache.proxy.testing.simulator import Simulator
+
+from support.faults import (
     TURN0,
     TURN0_AGAIN,
     TURN0_AGAIN_COST,
@@ -45,12 +51,7 @@ from e2e import (
     splits,
     wait_until,
 )
-from harness import RunningProxy, model_config, new_key, running_proxy, settle, unique
-
-from promptcache.proxy.domain.entries import Scope
-from promptcache.proxy.storage.redis import _scope_id
-from promptcache.proxy.storage.store import Store
-from promptcache.proxy.testing.simulator import Simulator
+from support.proxy import RunningProxy, model_config, new_key, running_proxy, settle, unique
 
 UPSTREAM_TIMEOUT = 0.5
 STREAM_ERROR = "the upstream stream ended before it completed"

@@ -6,7 +6,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from helpers import T0, h
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +13,8 @@ from promptcache.proxy.domain.classify import NO_CACHE, Classification, Read
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Split, Tariff, cost, list_cost, reconcile, tariff_at
 from promptcache.proxy.domain.tiers import TIERS
+
+from support.builders import T0, h
 
 D = Decimal
 DEFAULT = CachePolicy()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from lupa import LuaRuntime
 
-ARGOCD = Path(__file__).resolve().parents[1] / "examples" / "argocd"
+ARGOCD = Path(__file__).resolve().parents[2] / "examples" / "argocd"
 CONDITIONS = (ARGOCD / "health-conditions.lua").read_text()
 PLANREPLAY = (ARGOCD / "health-planreplay.lua").read_text()
 

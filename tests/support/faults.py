@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 import asyncpg
 import redis.asyncio as aioredis
 from anthropic.types import MessageParam, TextBlockParam
-from harness import text, words
 from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from promptcache.proxy.testing.simulator import REPLY
+
+from support.proxy import text, words
 
 
 def free_port() -> int:

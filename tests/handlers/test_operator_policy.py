@@ -17,9 +17,15 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from e2e import PrivateRedis, ledger_rows, wait_until
-from harness import new_key, running_proxy, settle, unique
-from kube import (
+
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
+from promptcache.proxy.domain.tokens import TiktokenTokenizer
+from promptcache.proxy.http.server import serving
+from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
+
+from support.apiserver import (
     CACHE_POLICIES,
     DEPLOYED_MODELS,
     DEPLOYMENTS,
@@ -29,14 +35,9 @@ from kube import (
     eventually,
     running_operator,
 )
-from test_operator import NS, condition, model, policy, tariffs
-
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings
-from promptcache.operator.handlers.state import OperatorMemo
-from promptcache.proxy.domain.tokens import TiktokenTokenizer
-from promptcache.proxy.http.server import serving
-from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
+from support.faults import PrivateRedis, ledger_rows, wait_until
+from support.proxy import new_key, running_proxy, settle, unique
+from support.resources import NS, condition, model, policy, tariffs
 
 WATCHING = (DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)
 

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from e2e import fetch, ledger_rows
-from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
 from promptcache.proxy.testing.simulator import Simulator
+
+from support.faults import fetch, ledger_rows
+from support.proxy import model_config, new_key, running_proxy, settle, text, unique, words
 
 
 async def test_automatic_breakpoints_are_billed_but_not_logged_as_sent(

@@ -1,4 +1,5 @@
-"""PlanReplay with the real kopf loop against the emulator, over request logs a real proxy wrote (SPEC §9, §11).
+"""PlanReplay with the real kopf loop against the emulator, over request logs a real proxy wrote
+(docs/design.md#replay, #reconciliation).
 
 Three principals each hold the three-turn conversation of test_proxy_billing through the official OpenAI SDK,
 and one more request fails upstream; the proxy logs all ten into the session's Postgres. Replaying them under the
@@ -20,19 +21,6 @@ from typing import Any
 import asyncpg
 import openai
 import pytest
-from harness import model_config, new_key, running_proxy, settle, unique
-from kube import (
-    DEPLOYED_MODELS,
-    GROUP_VERSION,
-    JOBS,
-    PLAN_REPLAYS,
-    EmulatedCluster,
-    emulated_cluster,
-    eventually,
-    running_operator,
-)
-from test_operator import condition, model
-from test_proxy_billing import openai_turns
 
 from promptcache.operator import cli
 from promptcache.operator.constants import GENERATION_ANNOTATION, WINDOW_ANNOTATION
@@ -42,6 +30,20 @@ from promptcache.operator.handlers.manifests import OperatorSettings
 from promptcache.operator.handlers.state import OperatorMemo
 from promptcache.proxy.storage.requestlog import format_timestamp
 from promptcache.proxy.testing.simulator import Simulator
+
+from support.apiserver import (
+    DEPLOYED_MODELS,
+    GROUP_VERSION,
+    JOBS,
+    PLAN_REPLAYS,
+    EmulatedCluster,
+    emulated_cluster,
+    eventually,
+    running_operator,
+)
+from support.conversation import openai_turns
+from support.proxy import model_config, new_key, running_proxy, settle, unique
+from support.resources import condition, model
 
 NS = "replays"
 WATCHING = (PLAN_REPLAYS, DEPLOYED_MODELS, JOBS)

@@ -19,7 +19,13 @@ import asyncpg
 import openai
 import pytest
 from anthropic.lib.streaming import ParsedMessageStreamEvent
-from e2e import (
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
+
+from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
+from promptcache.proxy.http.server import serving
+from promptcache.proxy.testing.simulator import REPLY, Simulator, SimulatorSettings
+
+from support.faults import (
     TURN0,
     TURN0_COST,
     TURN0_LIST,
@@ -33,12 +39,7 @@ from e2e import (
     openai_turn,
     splits,
 )
-from harness import RunningProxy, model_config, new_key, running_proxy, settle, unique
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
-
-from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
-from promptcache.proxy.http.server import serving
-from promptcache.proxy.testing.simulator import REPLY, Simulator, SimulatorSettings
+from support.proxy import RunningProxy, model_config, new_key, running_proxy, settle, unique
 
 UPSTREAM_LATENCY = 0.2
 """The Anthropic stream test's upstream takes this long to its first byte, as a real model does; the

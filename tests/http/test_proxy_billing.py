@@ -16,14 +16,11 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from harness import RunningProxy, ledger, model_config, new_key, running_proxy, settle, text, words
 
 from promptcache.proxy.testing.simulator import REPLY, Simulator
 
-SYSTEM = words("sys", 20)
-USER = [words("first", 10), words("second", 10), words("third", 10)]
-
-
+from support.conversation import SYSTEM, USER, openai_turns
+from support.proxy import RunningProxy, ledger, model_config, new_key, running_proxy, settle, text
 
 
 @pytest.fixture
@@ -40,17 +37,6 @@ async def proxy(tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator],
         yield running
 
 
-
-
-def openai_turns() -> list[list[dict[str, Any]]]:
-    system = {"role": "system", "content": [text(SYSTEM, "1h")]}
-    turns = []
-    history: list[dict[str, Any]] = []
-    for i, user in enumerate(USER):
-        turns.append([system, *history, {"role": "user", "content": [text(user, "5m")]}])
-        history += [{"role": "user", "content": user}, {"role": "assistant", "content": REPLY}]
-        assert i < 3
-    return turns
 
 
 # (prompt, completion, read, creation_5m, creation_1h, uncached, cost) per turn, worked by hand:

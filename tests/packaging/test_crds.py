@@ -41,7 +41,7 @@ from promptcache.operator.constants import API_VERSION, GROUP, VERSION
 from promptcache.proxy.domain.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
 from promptcache.proxy.domain.tiers import TIERS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples"
 CRD_FILES = {

@@ -21,8 +21,13 @@ import kmock
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from harness import unique
-from kube import (
+
+import promptcache.operator.main  # noqa: F401  (registers the handlers)
+from promptcache.operator.handlers.config import OperatorConfig
+from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.state import OperatorMemo
+
+from support.apiserver import (
     CACHE_POLICIES,
     DEPLOYED_MODELS,
     DEPLOYMENTS,
@@ -33,13 +38,9 @@ from kube import (
     eventually,
     running_operator,
 )
+from support.proxy import unique
 
-import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings
-from promptcache.operator.handlers.state import OperatorMemo
-
-RULES = Path(__file__).resolve().parents[1] / "charts" / "promptcache" / "files" / "rbac-rules.yaml"
+RULES = Path(__file__).resolve().parents[2] / "charts" / "promptcache" / "files" / "rbac-rules.yaml"
 NS = "rbac"
 WATCHING = (DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)
 HARNESS_AGENT = "promptcache-rbac-test"

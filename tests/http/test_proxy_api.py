@@ -26,7 +26,6 @@ import asyncpg
 import openai
 import pytest
 import yaml
-from harness import RunningProxy, ledger, model_config, new_key, running_proxy, settle, unique, words
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,6 +34,8 @@ from promptcache.proxy.http.server import JsonFormatter
 from promptcache.proxy.storage.keys import ApiKeys
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.testing.simulator import REPLY, Simulator
+
+from support.proxy import RunningProxy, ledger, model_config, new_key, running_proxy, settle, unique, words
 
 MAX_BODY = 65536
 OPENAI = "/v1/chat/completions"

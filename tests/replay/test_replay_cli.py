@@ -1,4 +1,4 @@
-"""SPEC §9: ``promptcache replay``, run as the installed console script.
+"""docs/design.md#replay: ``promptcache replay``, run as the installed console script.
 
 A log of agents in growing conversations (two models, a non-2xx request, a request without a chain) is
 written as JSON Lines and imported into a fresh database; the command must give the engine's own result
@@ -45,7 +45,7 @@ spec:
   automatic: {mode: lastUserMessage}
   redis: {maxMemory: 256mb}
 """
-POLICY_SPEC = {"enabledTtls": ["5m", "1h"], "readMultiplier": "0.1", "minPrefixTokens": 1024,
+POLICY_DOC = {"enabledTtls": ["5m", "1h"], "readMultiplier": "0.1", "minPrefixTokens": 1024,
                "automatic": {"mode": "lastUserMessage"}}
 
 
@@ -133,7 +133,7 @@ def test_json_output_is_the_engines_result_with_its_digest(files: dict[str, Path
     result = replayed(run("--log", str(files["log"]), *common(files), "--output", "json"))
     assert result["digest"] == hashlib.sha256(canonical(without_digest(result)).encode()).hexdigest()
 
-    proposal = Proposal(CachePolicy.from_spec(POLICY_SPEC), POLICY_SPEC)
+    proposal = Proposal(CachePolicy.from_spec(POLICY_DOC), POLICY_DOC)
     expected = report(simulate(read_jsonl(files["log"]), proposal, "principal"), proposal, seed=11, iterations=400,
                       unit="principal").result
     assert result == expected
@@ -143,7 +143,7 @@ def test_json_output_is_the_engines_result_with_its_digest(files: dict[str, Path
         "1 requests had no prefix chain and were left out",
         "1 non-2xx requests were skipped",
     ]
-    assert result["params"] == {"policy": POLICY_SPEC, "tier_override": {}, "pricing_overrides": {}, "seed": 11,
+    assert result["params"] == {"policy": POLICY_DOC, "tier_override": {}, "pricing_overrides": {}, "seed": 11,
                                 "iterations": 400, "unit": "principal", "confidence": 0.95}
     assert [m["model"] for m in result["per_model"]] == ["model-a", "model-b"]
     assert Decimal(result["summary"]["savings"]) > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from helpers import T0, h, make_chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,8 @@ from promptcache.proxy.domain.entries import IndexEntry, Scope
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import reconcile
 from promptcache.proxy.storage.memory import MemoryIndex, merge_write
+
+from support.builders import T0, h, make_chain
 
 MIN = timedelta(minutes=1)
 HOUR = timedelta(hours=1)

@@ -11,11 +11,12 @@ from typing import Any
 
 import openai
 import redis.asyncio as aioredis
-from e2e import ledger_rows, wait_until
-from harness import model_config, new_key, running_proxy, settle, text, unique, words
 
 from promptcache.proxy import policybus
 from promptcache.proxy.testing.simulator import Simulator
+
+from support.faults import ledger_rows, wait_until
+from support.proxy import model_config, new_key, running_proxy, settle, text, unique, words
 
 
 async def has_subscriber(bus: aioredis.Redis, prefix: str) -> bool:

@@ -17,7 +17,7 @@ import yaml
 from promptcache.proxy.config import AuthConfig, ConfigError, Limits, ProxyConfig, load_config, parse_config
 from promptcache.proxy.domain.policy import CachePolicy
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "proxy-config.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "proxy-config.yaml"
 DELETE = object()
 
 

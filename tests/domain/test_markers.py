@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import text_parts
 
 from promptcache.proxy.domain.blocks import extract_blocks
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.markers import with_automatic
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.prepare import admit, prepare
+
+from support.builders import text_parts
 
 E = {"type": "ephemeral"}
 M5 = {"type": "ephemeral", "ttl": "5m"}

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import pytest
-from helpers import text_parts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,8 @@ from promptcache.proxy.domain.blocks import (
     strip_markers,
 )
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
+
+from support.builders import text_parts
 
 
 def hashes(body: Any, api: str = "anthropic", ignore: tuple[str, ...] = ()) -> list[bytes]:
