@@ -18,11 +18,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
+from promptcache.operator.errors import SpecError
 from promptcache.operator.handlers import manifests
 from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
-from promptcache.operator.handlers.render import SpecError, policy_key, render
+from promptcache.operator.handlers.render import policy_key, render
 from promptcache.proxy import policybus
 from promptcache.proxy.domain.pricing import Tariff
 from promptcache.proxy.storage.errors import IndexUnavailable

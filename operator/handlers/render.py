@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from promptcache.operator.errors import SpecError as SpecError  # the handlers catch it from here
+from promptcache.operator.errors import SpecError
 from promptcache.proxy.config import ConfigError, ProxyConfig, parse_config
 
 CONFIG_DIR = "/etc/promptcache"
