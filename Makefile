@@ -1,13 +1,24 @@
 # The README's two fresh-machine commands; each does its own set-up (.ci/setup).
-.PHONY: demo test lint typecheck bench
+.PHONY: demo test lint typecheck bench k8s image
 
 demo:
 	@bash .ci/setup
 	.venv/bin/promptcache demo
 
+# The real control plane the operator tests run against (built once per machine, then found in the cache).
+k8s:
+	@bash .ci/k8s/build
+
+# The Dockerfile built with podman on a debootstrap base, no Docker engine or registry (.ci/image; the last line
+# printed is the image). `make test` builds it too when missing, for tests/packaging/test_image.py.
+image:
+	@bash .ci/setup
+	@bash .ci/image
+
 test:
 	@bash .ci/setup
-	.venv/bin/pytest -q
+	@bash .ci/k8s/build >/dev/null
+	PROMPTCACHE_K8S_BIN="$$(bash .ci/k8s/build)" .venv/bin/pytest -q
 
 lint:
 	@bash .ci/setup

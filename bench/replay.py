@@ -260,7 +260,7 @@ class Clocked:
 PROPOSALS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     # Markers kept as recorded (the common case): the standard policy, automatic caching of the last user message.
     "standard": ({"enabledTtls": ["5m", "1h"], "automatic": {"mode": "lastUserMessage"}}, {}),
-    # Every marker changes: "treat 5m markers as 1h" (examples/planreplay.yaml), chains rebuilt per request.
+    # Every marker changes: "treat 5m markers as 1h" (examples/full/planreplay.yaml), chains rebuilt per request.
     "5m-as-1h": ({"enabledTtls": ["5m", "1h"], "defaultTtl": "1h"}, {"5m": "1h"}),
 }
 

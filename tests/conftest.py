@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
 from promptcache.proxy.http.server import serving
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
+
+from support.cluster import Cluster, connected
+from support.controlplane import ControlPlane
+from support.controlplane import control_plane as start_control_plane
+from support.operator_process import (
+    Identity,
+    OperatorEnvironment,
+    OperatorProcess,
+    StartOperator,
+    operator_identity,
+    running_operator,
+)
+from support.proxy import unique, write_word_tokenizer
 
 # A URL-form DSN of a maintenance database; test databases are created next to it.
 PG_ADMIN_DSN = os.environ.get(
@@ -70,8 +84,6 @@ async def pg(pg_dsn: str) -> AsyncIterator[Database]:
 
 @pytest.fixture(scope="session")
 def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from support.proxy import write_word_tokenizer
-
     return write_word_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
 
 
@@ -86,3 +98,51 @@ async def simulator(word_tokenizer: Path) -> AsyncIterator[tuple[str, Simulator]
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return os.environ.get("PROMPTCACHE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver and kube-controller-manager for the session (started on first use)."""
+    with start_control_plane() as plane:
+        yield plane
+
+
+@pytest.fixture(scope="session")
+async def kube_setup(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """The operator's identity from the chart (the control plane installed the CRDs)."""
+    async with connected(control_plane) as cluster:
+        return await operator_identity(cluster, tmp_path_factory.mktemp("identity"))
+
+
+@pytest.fixture
+async def kube(control_plane: ControlPlane, kube_setup: Identity) -> AsyncIterator[Cluster]:
+    """The real API server as ``system:masters``, for one test; namespaces it makes are deleted after."""
+    async with connected(control_plane) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def operator_env(pg_dsn: str, redis_url: str) -> AsyncIterator[OperatorEnvironment]:
+    """The session's database, the shared Redis under a key prefix of the test's own (deleted after)."""
+    prefix = f"{unique('optest')}:"
+    yield OperatorEnvironment(database_url=pg_dsn, redis_url=redis_url, redis_prefix=prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def start_operator(kube_setup: Identity, operator_env: OperatorEnvironment, tmp_path: Path) -> StartOperator:
+    """``async with start_operator(namespaces=[ns]) as op``: ``promptcache operator`` with the chart's identity;
+    ``environment=`` replaces the test's default one. Each start appends to the test's ``operator.log``."""
+
+    def start(namespaces: Sequence[str] | None = None,
+              environment: OperatorEnvironment | None = None) -> AbstractAsyncContextManager[OperatorProcess]:
+        return running_operator(kube_setup, environment or operator_env, tmp_path / "operator.log",
+                                namespaces=namespaces)
+
+    return start

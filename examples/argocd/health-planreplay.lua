@@ -16,7 +16,7 @@ for _, c in ipairs(obj.status.conditions or {}) do
 end
 if phase == "Succeeded" then
   hs.status = "Healthy"
-  local savings = obj.status.summary and obj.status.summary.savings_pct
+  local savings = obj.status.summary and obj.status.summary.savingsPct
   hs.message = savings and ("projected savings " .. savings .. "%") or "replay finished"
 elseif phase == "Failed" then
   hs.status = "Degraded"

@@ -82,7 +82,7 @@ class Kube:
         """Create ``obj`` or bring the live one in line with it; returns created, updated or unchanged.
 
         ConfigMaps and Deployments are replaced whole (a container removed from the spec must go);
-        Services are patched, since a replace would have to carry their immutable cluster IP.
+        Services are merge-patched, since a replace would have to carry their immutable cluster IP.
         """
         live = await self._read(obj)
         meta = obj["metadata"]
@@ -95,7 +95,10 @@ class Kube:
         if contains(live, wanted):
             return "unchanged"
         if kind == "Service":
-            await self._call(self.core.patch_namespaced_service, name, ns, obj)
+            # A JSON merge patch: lists (ports) are replaced whole. A strategic merge would merge ports by
+            # their number, keeping a port someone changed beside ours, which the server refuses (two "http").
+            await self._call(self.core.patch_namespaced_service, name, ns, obj,
+                             _content_type="application/merge-patch+json")
         else:
             body = {**obj, "metadata": {**meta, "resourceVersion": live["metadata"]["resourceVersion"]}}
             await self._call(self._op("replace", kind), name, ns, body)

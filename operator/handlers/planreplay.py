@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,21 @@ async def resolve(obj: Mapping[str, Any], kube: Kube, conn: asyncpg.Connection[a
 # --- status --------------------------------------------------------------------------------------
 
 
+def result_status(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The status fields of a replay's result: its summary, intervals, digest and caveats, every key in camelCase
+    as in any Kubernetes API (``savings_pct`` → ``savingsPct``). The result itself, as ``promptcache replay``
+    prints it and the digest covers it, stays snake_case: it is what the report ConfigMap holds."""
+    return {key: _camel(result[key]) for key in ("summary", "intervals", "digest", "caveats")}
+
+
+def _camel(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {re.sub(r"_([a-z0-9])", lambda m: m[1].upper(), key): _camel(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_camel(item) for item in value]
+    return value
+
+
 class _Status:
     """Writes the phases of one generation's run; each write's conditions merge onto the previous ones."""
 
@@ -177,8 +193,7 @@ async def execute(obj: Mapping[str, Any], plan: Plan, kube: Kube, conn: asyncpg.
         "Succeeded",
         [Condition("Ready", True, "Succeeded", message), Condition("Reconciling", False, "Succeeded"),
          Condition("Stalled", False, "Succeeded")],
-        summary=summary, intervals=result["intervals"], digest=result["digest"], caveats=result["caveats"],
-        reportConfigMap=configmap["metadata"]["name"], finishedAt=now_rfc3339())
+        **result_status(result), reportConfigMap=configmap["metadata"]["name"], finishedAt=now_rfc3339())
     return ("Normal", "Succeeded", message)
 
 

@@ -54,7 +54,8 @@ def test_hash_policy_file_applies_default_ttl_and_automatic_placement(tmp_path: 
     }
     request = tmp_path / "body.json"
     request.write_text(json.dumps(body))
-    result = run("hash", "--api", "anthropic", "--policy", str(ROOT / "examples/policy.yaml"), str(request))
+    policy = ROOT / "examples/quickstart/cachepolicy.yaml"
+    result = run("hash", "--api", "anthropic", "--policy", str(policy), str(request))
     assert result.returncode == 0, result.stderr
     blocks = json.loads(result.stdout)["blocks"]
     assert [(b["index"], b["role"], b["breakpoint"]) for b in blocks] == [

@@ -1,83 +1,46 @@
-"""The operator's real kopf loop against the kmock emulator, with real Postgres and Redis
-(docs/design.md#reconciliation, #testing).
+"""The operator, as a process with the chart's identity, against the real API server and controller manager,
+with real Postgres and Redis (docs/design.md#reconciliation, #testing).
 
-Kubernetes has no controllers here: the tests play the Deployment controller by patching a
-Deployment's status, and the emulator garbage-collects owned objects as the API server would.
+The controller manager creates each Deployment's ReplicaSet and pods and garbage-collects owned objects. There is
+no kubelet: where a test needs a Deployment to become available, it plays the kubelet by marking the pods Running
+and Ready through their status subresource (``Cluster.play_kubelet``), and the real Deployment controller computes
+the availability the operator follows.
 """
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import pytest
 import yaml
 
-import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.constants import CHECKSUM_ANNOTATION, FINALIZER
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings
-from promptcache.operator.handlers.state import OperatorMemo
+from promptcache.operator.constants import API_VERSION, CHECKSUM_ANNOTATION, FINALIZER
 from promptcache.proxy.config import parse_config
 
-from support.apiserver import (
-    CACHE_POLICIES,
-    CONFIGMAPS,
-    DEPLOYED_MODELS,
-    DEPLOYMENTS,
-    GROUP_VERSION,
-    SERVICES,
-    EmulatedCluster,
-    emulated_cluster,
-    eventually,
-    running_operator,
-)
+from support.cluster import Cluster, eventually
+from support.operator_process import OperatorEnvironment, StartOperator
 from support.proxy import unique
-from support.resources import NS, condition, model, policy, tariffs
+from support.resources import condition, model, policy, tariffs
 
-WATCHING = (DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)
 assert FINALIZER == "promptcache.io/finalizer"
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[EmulatedCluster]:
-    async with emulated_cluster(namespaces=("default", NS)) as c:
-        yield c
-
-
-@pytest.fixture
-def config(pg_dsn: str, redis_url: str) -> OperatorConfig:
-    prefix = f"optest:{secrets.token_hex(4)}:"
-    return OperatorConfig(database_url=pg_dsn, redis_url=redis_url,
-                          manifests=OperatorSettings(proxy_image="promptcache:test", database_secret="pg/dsn",
-                                                     redis_url=redis_url, redis_prefix=prefix))
-
-
-async def get_model(cluster: EmulatedCluster, name: str) -> dict[str, Any] | None:
-    return await cluster.get_or_none(GROUP_VERSION, "deployedmodels", NS, name)
-
-
-async def make_available(cluster: EmulatedCluster, name: str) -> None:
-    """Play the Deployment controller: every replica updated and available."""
-    deployment = await cluster.get("apps/v1", "deployments", NS, f"{name}-proxy")
-    replicas = deployment["spec"]["replicas"]
-    await cluster.patch_status("apps/v1", "deployments", NS, f"{name}-proxy", {
-        "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas})
+async def get_model(kube: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    return await kube.get_or_none(API_VERSION, "deployedmodels", ns, name)
 
 
 async def test_model_lifecycle_create_update_status_only_delete(
-        cluster: EmulatedCluster, config: OperatorConfig, pg_dsn: str) -> None:
+        kube: Cluster, start_operator: StartOperator, pg_dsn: str) -> None:
     alias = unique("llama")
-    memo = OperatorMemo(config=config)
-    async with running_operator(cluster, memo=memo, namespaces=[NS], watching=WATCHING):
-        await cluster.create(policy("standard"))
-        await cluster.create(model("llama", alias, "standard"))
+    ns = await kube.namespace("llm")
+    async with start_operator(namespaces=[ns]):
+        await kube.create(policy("standard", ns=ns))
+        await kube.create(model("llama", alias, "standard", ns=ns))
 
         async def rendered() -> dict[str, Any] | None:
-            obj = await get_model(cluster, "llama")
+            obj = await get_model(kube, ns, "llama")
             return obj if (obj or {}).get("status", {}).get("configChecksum") else None
 
         obj = await eventually(rendered, what="the model's first reconcile")
@@ -85,20 +48,20 @@ async def test_model_lifecycle_create_update_status_only_delete(
         uid = obj["metadata"]["uid"]
         status = obj["status"]
         assert status["observedGeneration"] == obj["metadata"]["generation"]
-        assert status["endpoint"] == f"http://llama-proxy.{NS}.svc:80/v1"
+        assert status["endpoint"] == f"http://llama-proxy.{ns}.svc:80/v1"
         assert status["mode"] == "gateway"
         assert [(condition(obj, k) or {}).get("status") for k in ("Ready", "Reconciling", "Stalled")] == [
             "False", "True", "False"]
         assert obj["metadata"]["finalizers"] == ["promptcache.io/finalizer"]
-        assert all(k.startswith("promptcache.io/") for k in obj["metadata"].get("annotations", {}))
+        assert all(k.partition("/")[0].endswith("promptcache.io") for k in obj["metadata"].get("annotations", {}))
 
-        cm = await cluster.get("v1", "configmaps", NS, "llama-proxy-config")
+        cm = await kube.get("v1", "configmaps", ns, "llama-proxy-config")
         config_file = parse_config(cm["data"]["proxy.yaml"])  # the proxy's own loader: one schema
         loaded = config_file.models[alias]
-        assert loaded.upstream.url == "http://vllm.llm.svc:8000/v1" and loaded.cache_policy == f"{NS}/standard"
+        assert loaded.upstream.url == "http://vllm.llm.svc:8000/v1" and loaded.cache_policy == f"{ns}/standard"
         assert loaded.policy.enabled_ttls == ("5m", "1h") and loaded.input_per_mtok == Decimal("3.00")
-        deployment = await cluster.get("apps/v1", "deployments", NS, "llama-proxy")
-        service = await cluster.get("v1", "services", NS, "llama-proxy")
+        deployment = await kube.get("apps/v1", "deployments", ns, "llama-proxy")
+        service = await kube.get("v1", "services", ns, "llama-proxy")
         for owned in (cm, deployment, service):
             assert [(r["kind"], r["uid"], r.get("controller")) for r in owned["metadata"]["ownerReferences"]] == [
                 ("DeployedModel", uid, True)]
@@ -113,27 +76,27 @@ async def test_model_lifecycle_create_update_status_only_delete(
         [v1] = await tariffs(pg_dsn, alias)
         assert status["tariffVersion"] == v1["version"] and v1["valid_until"] is None
 
-        await make_available(cluster, "llama")
+        await kube.roll_out(ns, "llama-proxy")
 
         async def ready() -> bool:
-            return (condition(await get_model(cluster, "llama"), "Ready") or {}).get("status") == "True"
+            return (condition(await get_model(kube, ns, "llama"), "Ready") or {}).get("status") == "True"
 
         await eventually(ready, what="Ready after the Deployment became available")
-        assert (condition(await get_model(cluster, "llama"), "Reconciling") or {}).get("status") == "False"
+        assert (condition(await get_model(kube, ns, "llama"), "Reconciling") or {}).get("status") == "False"
 
         # A spec change: new config, new checksum on the pod template (a rollout), a new tariff version.
-        await cluster.patch(GROUP_VERSION, "deployedmodels", NS, "llama",
+        await kube.patch(API_VERSION, "deployedmodels", ns, "llama",
                             {"spec": {"pricing": {"inputPerMTok": "2.50", "outputPerMTok": "15.00"}}})
 
         async def rerendered() -> dict[str, Any] | None:
-            obj = await get_model(cluster, "llama")
+            obj = await get_model(kube, ns, "llama")
             if obj is None or obj.get("status", {}).get("observedGeneration") != obj["metadata"]["generation"]:
                 return None
             return obj if obj["status"]["configChecksum"] != status["configChecksum"] else None
 
         updated = await eventually(rerendered, what="the re-render after a spec change")
         assert updated is not None
-        deployment = await cluster.get("apps/v1", "deployments", NS, "llama-proxy")
+        deployment = await kube.get("apps/v1", "deployments", ns, "llama-proxy")
         checksum = deployment["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION]
         assert checksum == updated["status"]["configChecksum"]
         history = await tariffs(pg_dsn, alias)
@@ -142,113 +105,119 @@ async def test_model_lifecycle_create_update_status_only_delete(
         assert updated["status"]["tariffVersion"] == history[1]["version"]
 
         # A status-only update renders nothing.
-        before = (await cluster.get("v1", "configmaps", NS, "llama-proxy-config"))["metadata"]["resourceVersion"]
+        before = (await kube.get("v1", "configmaps", ns, "llama-proxy-config"))["metadata"]["resourceVersion"]
         deployment_rv = deployment["metadata"]["resourceVersion"]
-        await cluster.patch_status(GROUP_VERSION, "deployedmodels", NS, "llama", {"endpoint": "http://tampered"})
-        await cluster.create(model("marker", unique("marker"), "standard"))  # a later event to wait for
-        await eventually(lambda: _has_status(cluster, "marker"), what="the later model's reconcile")
-        cm_after = await cluster.get("v1", "configmaps", NS, "llama-proxy-config")
+        await kube.patch_status(API_VERSION, "deployedmodels", ns, "llama", {"endpoint": "http://tampered"})
+        await kube.create(model("marker", unique("marker"), "standard", ns=ns))  # a later event to wait for
+        await eventually(lambda: _has_status(kube, ns, "marker"), what="the later model's reconcile")
+        cm_after = await kube.get("v1", "configmaps", ns, "llama-proxy-config")
         assert cm_after["metadata"]["resourceVersion"] == before
-        assert (await cluster.get("apps/v1", "deployments", NS, "llama-proxy"))["metadata"]["resourceVersion"] == \
+        assert (await kube.get("apps/v1", "deployments", ns, "llama-proxy"))["metadata"]["resourceVersion"] == \
             deployment_rv
 
         # Delete: the tariff closes, the finalizer goes, owned objects are garbage-collected.
-        await cluster.delete(GROUP_VERSION, "deployedmodels", NS, "llama")
+        await kube.delete(API_VERSION, "deployedmodels", ns, "llama")
 
         async def gone() -> bool:
-            return await get_model(cluster, "llama") is None and \
-                await cluster.get_or_none("apps/v1", "deployments", NS, "llama-proxy") is None
+            return await get_model(kube, ns, "llama") is None and \
+                await kube.get_or_none("apps/v1", "deployments", ns, "llama-proxy") is None
 
         await eventually(gone, what="the model and its objects to be deleted")
-        assert await cluster.get_or_none("v1", "configmaps", NS, "llama-proxy-config") is None
-        assert await cluster.get_or_none("v1", "services", NS, "llama-proxy") is None
+        assert await kube.get_or_none("v1", "configmaps", ns, "llama-proxy-config") is None
+        assert await kube.get_or_none("v1", "services", ns, "llama-proxy") is None
         assert all(t["valid_until"] is not None for t in await tariffs(pg_dsn, alias))
-        events = await eventually(lambda: _events_with(cluster, "llama", "Rendered"), what="the Rendered event")
+        events = await eventually(lambda: _events_with(kube, ns, "llama", "Rendered"), what="the Rendered event")
         assert not any(e["reason"].startswith("Handler") for e in events), "kopf's chatter stays out of events"
 
 
-async def _events_with(cluster: EmulatedCluster, name: str, reason: str) -> list[dict[str, Any]] | None:
+async def _events_with(kube: Cluster, ns: str, name: str, reason: str) -> list[dict[str, Any]] | None:
     """The object's events once one has ``reason`` (kopf posts events asynchronously)."""
-    events = await cluster.events(NS, involving=name)
+    events = await kube.events(ns, involving=name)
     return events if any(e["reason"] == reason for e in events) else None
 
 
-async def _has_status(cluster: EmulatedCluster, name: str) -> bool:
-    return bool(((await get_model(cluster, name)) or {}).get("status", {}).get("observedGeneration"))
+async def _has_status(kube: Cluster, ns: str, name: str) -> bool:
+    return bool(((await get_model(kube, ns, name)) or {}).get("status", {}).get("observedGeneration"))
 
 
 async def test_missing_policy_stalls_then_recovers_and_invalid_spec_stalls(
-        cluster: EmulatedCluster, config: OperatorConfig) -> None:
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
-        await cluster.create(model("orphan", unique("orphan"), "later"))
+        kube: Cluster, start_operator: StartOperator) -> None:
+    ns = await kube.namespace("llm")
+    async with start_operator(namespaces=[ns]):
+        await kube.create(model("orphan", unique("orphan"), "later", ns=ns))
 
         async def stalled(name: str, reason: str) -> bool:
-            c = condition(await get_model(cluster, name), "Stalled") or {}
+            c = condition(await get_model(kube, ns, name), "Stalled") or {}
             return c.get("status") == "True" and c.get("reason") == reason
 
         await eventually(lambda: stalled("orphan", "CachePolicyNotFound"), what="CachePolicyNotFound")
-        assert await cluster.get_or_none("apps/v1", "deployments", NS, "orphan-proxy") is None
+        assert await kube.get_or_none("apps/v1", "deployments", ns, "orphan-proxy") is None
 
-        bad = model("broken", unique("broken"), "later")
-        bad["spec"]["pricing"]["inputPerMTok"] = "three dollars"
-        await cluster.create(bad)
-        await cluster.create(policy("later"))
+        # What the schema admits and only the operator can refuse (a bad price is the server's to reject): a
+        # sidecar server with no port for the proxy to call.
+        bad = model("broken", unique("broken"), "later", ns=ns, server={"name": "vllm", "image": "vllm/vllm:v0.9"})
+        del bad["spec"]["upstream"]["url"]
+        await kube.create(bad)
+        await kube.create(policy("later", ns=ns))
 
         async def recovered() -> bool:
-            obj = await get_model(cluster, "orphan")
+            obj = await get_model(kube, ns, "orphan")
             return (condition(obj, "Stalled") or {}).get("status") == "False" and \
-                await cluster.get_or_none("apps/v1", "deployments", NS, "orphan-proxy") is not None
+                await kube.get_or_none("apps/v1", "deployments", ns, "orphan-proxy") is not None
 
         await eventually(recovered, what="the orphan to recover once its policy exists")
         await eventually(lambda: stalled("broken", "InvalidSpec"), what="InvalidSpec")
-        message = (condition(await get_model(cluster, "broken"), "Stalled") or {})["message"]
-        assert "inputPerMTok" in message
-        assert await cluster.get_or_none("v1", "configmaps", NS, "broken-proxy-config") is None
-        assert (await cluster.list("v1", "configmaps", NS))  # the operator kept running and rendering
+        message = (condition(await get_model(kube, ns, "broken"), "Stalled") or {})["message"]
+        assert "containerPort" in message
+        assert await kube.get_or_none("v1", "configmaps", ns, "broken-proxy-config") is None
+        assert (await kube.list("v1", "configmaps", ns))  # the operator kept running and rendering
 
 
 async def test_sidecar_mode_points_the_proxy_at_the_server_over_localhost(
-        cluster: EmulatedCluster, config: OperatorConfig) -> None:
+        kube: Cluster, start_operator: StartOperator) -> None:
+    ns = await kube.namespace("llm")
     server = {"name": "vllm", "image": "vllm/vllm-openai:v0.9", "args": ["--model", "llama"],
               "ports": [{"containerPort": 8000}]}
-    spec = model("side", unique("side"), "standard", server=server)
+    spec = model("side", unique("side"), "standard", ns=ns, server=server)
     del spec["spec"]["upstream"]["url"]
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
-        await cluster.create(policy("standard"))
-        await cluster.create(spec)
-        await eventually(lambda: _has_status(cluster, "side"), what="the sidecar model's reconcile")
-        obj = await get_model(cluster, "side")
+    async with start_operator(namespaces=[ns]):
+        await kube.create(policy("standard", ns=ns))
+        await kube.create(spec)
+        await eventually(lambda: _has_status(kube, ns, "side"), what="the sidecar model's reconcile")
+        obj = await get_model(kube, ns, "side")
         assert obj is not None and obj["status"]["mode"] == "sidecar"
-        deployment = await cluster.get("apps/v1", "deployments", NS, "side-proxy")
+        deployment = await kube.get("apps/v1", "deployments", ns, "side-proxy")
         assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == ["proxy", "vllm"]
-        cm = await cluster.get("v1", "configmaps", NS, "side-proxy-config")
+        cm = await kube.get("v1", "configmaps", ns, "side-proxy-config")
         upstream = yaml.safe_load(cm["data"]["proxy.yaml"])["models"][0]["upstream"]
         assert upstream["url"] == "http://127.0.0.1:8000/v1"
 
 
 async def test_operator_killed_mid_reconcile_converges_without_duplicates(
-        cluster: EmulatedCluster, config: OperatorConfig, pg_dsn: str) -> None:
+        kube: Cluster, start_operator: StartOperator, pg_dsn: str) -> None:
+    ns = await kube.namespace("llm")
     alias = unique("crash")
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING) as op:
-        await cluster.create(policy("standard"))
-        await cluster.create(model("crash", alias, "standard"))
-        await eventually(lambda: cluster.get_or_none("v1", "configmaps", NS, "crash-proxy-config"),
+    async with start_operator(namespaces=[ns]) as op:
+        await kube.create(policy("standard", ns=ns))
+        await kube.create(model("crash", alias, "standard", ns=ns))
+        await eventually(lambda: kube.get_or_none("v1", "configmaps", ns, "crash-proxy-config"),
                          what="the reconcile to have started")
         await op.kill()
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
-        await eventually(lambda: _has_status(cluster, "crash"), what="the restarted operator to converge")
-        for resource, name in ((CONFIGMAPS, "crash-proxy-config"), (DEPLOYMENTS, "crash-proxy"),
-                               (SERVICES, "crash-proxy")):
-            group_version, plural = resource.rsplit("/", 1)
-            items = await cluster.list(group_version, plural, NS)
+    async with start_operator(namespaces=[ns]):
+        await eventually(lambda: _has_status(kube, ns, "crash"), what="the restarted operator to converge")
+        for group_version, plural, name in (("v1", "configmaps", "crash-proxy-config"),
+                                            ("apps/v1", "deployments", "crash-proxy"),
+                                            ("v1", "services", "crash-proxy")):
+            items = await kube.list(group_version, plural, ns)
             assert [i["metadata"]["name"] for i in items if i["metadata"]["name"].startswith("crash-")] == [name]
         assert len([t for t in await tariffs(pg_dsn, alias) if t["valid_until"] is None]) == 1
 
 
 async def test_startup_applies_migrations_to_an_empty_database(
-        cluster: EmulatedCluster, empty_pg_dsn: str, redis_url: str) -> None:
-    config = OperatorConfig(database_url=empty_pg_dsn, redis_url=redis_url)
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS]):
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, empty_pg_dsn: str) -> None:
+    ns = await kube.namespace("llm")
+    environment = dataclasses.replace(operator_env, database_url=empty_pg_dsn)
+    async with start_operator(namespaces=[ns], environment=environment):
         conn = await asyncpg.connect(empty_pg_dsn)
         try:
             assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == [1]
@@ -257,31 +226,32 @@ async def test_startup_applies_migrations_to_an_empty_database(
 
 
 async def test_deleting_the_policy_stalls_its_models_and_forgets_their_tariffs(
-        cluster: EmulatedCluster, config: OperatorConfig) -> None:
+        kube: Cluster, start_operator: StartOperator) -> None:
+    ns = await kube.namespace("llm")
     alias = unique("gone")
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
-        await cluster.create(policy("doomed"))
-        await cluster.create(model("bound", alias, "doomed"))
+    async with start_operator(namespaces=[ns]):
+        await kube.create(policy("doomed", ns=ns))
+        await kube.create(model("bound", alias, "doomed", ns=ns))
 
         async def recorded() -> bool:
-            obj = await cluster.get_or_none(GROUP_VERSION, "cachepolicies", NS, "doomed")
+            obj = await kube.get_or_none(API_VERSION, "cachepolicies", ns, "doomed")
             return alias in ((obj or {}).get("status") or {}).get("tariffVersions", {})
 
         await eventually(recorded, what="the policy to list the model's tariff")
-        await cluster.create(model("other", unique("other"), "doomed"))
-        await eventually(lambda: _has_status(cluster, "other"), what="the second model's reconcile")
-        await cluster.delete(GROUP_VERSION, "deployedmodels", NS, "other")
+        await kube.create(model("other", unique("other"), "doomed", ns=ns))
+        await eventually(lambda: _has_status(kube, ns, "other"), what="the second model's reconcile")
+        await kube.delete(API_VERSION, "deployedmodels", ns, "other")
 
         async def forgotten() -> bool:
-            obj = await cluster.get_or_none(GROUP_VERSION, "cachepolicies", NS, "doomed")
+            obj = await kube.get_or_none(API_VERSION, "cachepolicies", ns, "doomed")
             versions = ((obj or {}).get("status") or {}).get("tariffVersions", {})
             return alias in versions and len(versions) == 1
 
         await eventually(forgotten, what="the deleted model to leave the policy's tariffVersions")
-        await cluster.delete(GROUP_VERSION, "cachepolicies", NS, "doomed")
+        await kube.delete(API_VERSION, "cachepolicies", ns, "doomed")
 
         async def stalled() -> bool:
-            c = condition(await get_model(cluster, "bound"), "Stalled") or {}
+            c = condition(await get_model(kube, ns, "bound"), "Stalled") or {}
             return c.get("status") == "True" and c.get("reason") == "CachePolicyNotFound"
 
         await eventually(stalled, what="the bound model to stall once its policy is gone")

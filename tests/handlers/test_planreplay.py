@@ -22,6 +22,7 @@ import asyncpg
 import openai
 import pytest
 
+import promptcache.operator.main  # noqa: F401  (registers the handlers with kopf's default registry)
 from promptcache.operator import cli
 from promptcache.operator.constants import GENERATION_ANNOTATION, WINDOW_ANNOTATION
 from promptcache.operator.handlers import planreplay
@@ -112,9 +113,7 @@ def replay(name: str, models: list[str], **spec: Any) -> dict[str, Any]:
 
 def deployed(alias: str) -> dict[str, Any]:
     """The DeployedModel that makes ``alias`` the namespace's (its policy is absent: it stays Stalled, harmlessly)."""
-    obj = model(f"m-{alias}", alias, "serving")
-    obj["metadata"]["namespace"] = NS
-    return obj
+    return model(f"m-{alias}", alias, "serving", ns=NS)
 
 
 async def get(cluster: EmulatedCluster, name: str) -> dict[str, Any] | None:
@@ -166,13 +165,14 @@ async def test_in_process_replay_runs_once_per_generation(
         assert phases(cluster, "inline") == ["Pending", "Running", "Succeeded"]
 
         # Replayed under the policy it was billed under, the traffic costs exactly what it was billed.
-        summary = status["summary"]
+        summary = status["summary"]  # camelCase in status, as in any Kubernetes API
         assert summary["requests"] == 9
-        assert Decimal(summary["baseline_cost"]) == traffic.billed
-        assert (summary["projected_cost"], summary["savings"]) == (summary["baseline_cost"], "0")
-        assert Decimal(summary["savings_pct"]) == 0 and summary["hit_rate"] == "0.666667"  # turns 2 and 3 read
-        assert set(status["intervals"]) == {"projected_cost", "savings", "savings_pct", "hit_rate",
-                                            "read_token_ratio"}
+        assert Decimal(summary["baselineCost"]) == traffic.billed
+        assert (summary["projectedCost"], summary["savings"]) == (summary["baselineCost"], "0")
+        assert Decimal(summary["savingsPct"]) == 0 and summary["hitRate"] == "0.666667"  # turns 2 and 3 read
+        assert set(summary) == {"requests", "baselineCost", "projectedCost", "listCost", "savings", "savingsPct",
+                                "readTokenRatio", "hitRate", "creationCost"}
+        assert set(status["intervals"]) == {"projectedCost", "savings", "savingsPct", "hitRate", "readTokenRatio"}
         assert all(isinstance(b, str) for bounds in status["intervals"].values() for b in bounds)
         assert status["intervals"]["savings"] == ["0", "0"]
         assert status["caveats"] == ["only 3 principal clusters: the intervals are rough",
@@ -182,13 +182,16 @@ async def test_in_process_replay_runs_once_per_generation(
             "True", "False", "False"]
         assert "projected savings 0 USD" in (condition(obj, "Ready") or {})["message"]
 
-        # The full result goes into an owned ConfigMap, the digest covering everything else in it.
+        # The full result goes into an owned ConfigMap, the digest covering everything else in it; it is the JSON
+        # `promptcache replay` prints (snake_case), of which the status holds the summary, intervals and caveats.
         assert status["reportConfigMap"] == "inline-report"
         cm = await cluster.get("v1", "configmaps", NS, "inline-report")
         result = json.loads(cm["data"]["result.json"])
-        assert (result["digest"], result["summary"], result["caveats"]) == (
-            status["digest"], summary, status["caveats"])
-        assert result["per_model"] == [{"model": traffic.alias, **summary}]
+        assert (result["digest"], result["caveats"]) == (status["digest"], status["caveats"])
+        assert planreplay.result_status(result) == {k: status[k] for k in ("summary", "intervals", "digest",
+                                                                           "caveats")}
+        assert result["summary"]["savings_pct"] == summary["savingsPct"]
+        assert result["per_model"] == [{"model": traffic.alias, **result["summary"]}]
         assert result["params"] == {"policy": SERVED_WITH, "tier_override": {}, "pricing_overrides": {}, "seed": 7,
                                     "iterations": 200, "unit": "principal", "confidence": 0.95}
         assert [(r["kind"], r["uid"]) for r in cm["metadata"]["ownerReferences"]] == [
@@ -205,7 +208,7 @@ async def test_in_process_replay_runs_once_per_generation(
         await cluster.patch(GROUP_VERSION, "planreplays", NS, "inline", {"spec": {"tierOverride": {"5m": "1h"}}})
         second = (await finished(cluster, "inline", generation=2))["status"]
         assert second["phase"] == "Succeeded" and second["digest"] != status["digest"]
-        assert Decimal(second["summary"]["savings"]) < 0 and Decimal(second["summary"]["savings_pct"]) < 0
+        assert Decimal(second["summary"]["savings"]) < 0 and Decimal(second["summary"]["savingsPct"]) < 0
         cm = await cluster.get("v1", "configmaps", NS, "inline-report")
         assert json.loads(cm["data"]["result.json"])["params"]["tier_override"] == {"5m": "1h"}
         assert cm["metadata"]["annotations"][GENERATION_ANNOTATION] == "2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,15 @@ import pytest
 import yaml
 from lupa import LuaRuntime
 
-ARGOCD = Path(__file__).resolve().parents[2] / "examples" / "argocd"
+ROOT = Path(__file__).resolve().parents[2]
+ARGOCD = ROOT / "examples" / "argocd"
 CONDITIONS = (ARGOCD / "health-conditions.lua").read_text()
 PLANREPLAY = (ARGOCD / "health-planreplay.lua").read_text()
+HEALTH_KEYS = {
+    "resource.customizations.health.promptcache.io_DeployedModel": CONDITIONS,
+    "resource.customizations.health.promptcache.io_CachePolicy": CONDITIONS,
+    "resource.customizations.health.promptcache.io_PlanReplay": PLANREPLAY,
+}
 
 
 def lua_value(lua: Any, value: Any) -> Any:
@@ -66,7 +73,7 @@ def test_deployedmodel_and_cachepolicy_health(obj: dict[str, Any], expected: tup
     (resource(1, 1, phase="Running"), ("Progressing", "replay running")),
     (resource(1, 1, phase="Pending"), ("Progressing", "replay pending")),
     (resource(1, 1, [cond("Ready", "True", "Succeeded")], phase="Succeeded",
-              summary={"savings_pct": "12.5"}), ("Healthy", "projected savings 12.5%")),
+              summary={"savingsPct": "12.5"}), ("Healthy", "projected savings 12.5%")),
     (resource(1, 1, [cond("Stalled", "True", "EmptyWindow", "no log rows in the window")], phase="Failed"),
      ("Degraded", "EmptyWindow: no log rows in the window")),
 ])
@@ -74,8 +81,33 @@ def test_planreplay_health(obj: dict[str, Any], expected: tuple[str, str]) -> No
     assert health(PLANREPLAY, obj) == expected
 
 
-def test_the_argocd_configmap_embeds_exactly_these_scripts() -> None:
-    data = yaml.safe_load((ARGOCD / "argocd-cm.yaml").read_text())["data"]
-    assert data["resource.customizations.health.promptcache.io_DeployedModel"] == CONDITIONS
-    assert data["resource.customizations.health.promptcache.io_CachePolicy"] == CONDITIONS
-    assert data["resource.customizations.health.promptcache.io_PlanReplay"] == PLANREPLAY
+def test_the_argocd_cm_patch_only_adds_these_scripts() -> None:
+    """A patch to merge into Argo CD's own argocd-cm, not a whole ConfigMap to apply over it: it names the
+    ConfigMap (no namespace, so a kustomization that sets one still matches it) and adds only the three keys."""
+    patch = yaml.safe_load((ARGOCD / "argocd-cm-patch.yaml").read_text())
+    assert set(patch) == {"apiVersion", "kind", "metadata", "data"}
+    assert (patch["apiVersion"], patch["kind"], patch["metadata"]) == ("v1", "ConfigMap", {"name": "argocd-cm"})
+    assert patch["data"] == HEALTH_KEYS
+
+
+def test_the_argo_cd_helm_values_hold_the_same_keys() -> None:
+    """The same keys as values of Argo CD's Helm chart, which merges configs.cm into the argocd-cm it renders."""
+    values = yaml.safe_load((ARGOCD / "argo-cd-values.yaml").read_text())
+    assert values == {"configs": {"cm": HEALTH_KEYS}}
+
+
+def test_no_whole_argocd_configmap_is_shipped() -> None:
+    assert sorted(p.name for p in ARGOCD.iterdir()) == [
+        "argo-cd-values.yaml", "argocd-cm-patch.yaml", "health-conditions.lua", "health-planreplay.lua"]
+
+
+def test_the_planreplay_check_reads_status_fields_the_crd_declares() -> None:
+    """The Lua reads camelCase status fields the operator writes (a renamed field would silently read nil)."""
+    crd = yaml.safe_load((ROOT / "crds" / "promptcache.io_planreplays.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    read = set(re.findall(r"obj\.status\.((?:\w+\.)*\w+)", PLANREPLAY))
+    assert "summary.savingsPct" in read
+    for path in read:
+        node = status
+        for part in path.split("."):
+            node = node["properties"][part] if node.get("type") == "object" else node["items"]["properties"][part]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "promptcache"
 KUBERNETES = "1.33.0"
+# The one value without a default: the image's repository (no public image exists).
+MINIMAL_VALUES: dict[str, Any] = {"image": {"repository": "registry.example.com/promptcache"}}
 FULL_VALUES: dict[str, Any] = {
     "image": {"repository": "registry.example.com/promptcache", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "registry"}],
@@ -53,19 +57,19 @@ def test_chart_crds_are_identical_to_crds_folder() -> None:
         assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("values", [{}, FULL_VALUES], ids=["defaults", "full"])
+@pytest.mark.parametrize("values", [MINIMAL_VALUES, FULL_VALUES], ids=["defaults", "full"])
 def test_lint_is_clean(values: dict[str, Any]) -> None:
     report = helm.lint(CHART, values, strict=True, namespace="promptcache", kube_version=f"v{KUBERNETES}")
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-@pytest.mark.parametrize("values", [{}, FULL_VALUES], ids=["defaults", "full"])
+@pytest.mark.parametrize("values", [MINIMAL_VALUES, FULL_VALUES], ids=["defaults", "full"])
 def test_every_rendered_object_validates_and_every_pod_is_locked_down(values: dict[str, Any]) -> None:
     objects = render(values)
     kinds = sorted(o["kind"] for o in objects)
     expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Job", "ServiceAccount"]
-    if values:  # the ServiceMonitor, and the replay ServiceAccount + RoleBinding in each of two namespaces
+    if values is FULL_VALUES:  # the ServiceMonitor, and the replay ServiceAccount + RoleBinding in two namespaces
         expected += ["ServiceMonitor"] + 2 * ["ServiceAccount", "RoleBinding"]
     assert kinds == sorted(expected)
     for obj in objects:
@@ -109,19 +113,24 @@ def test_operator_deployment_wiring() -> None:
 
 
 def test_migrations_hook_and_service_monitor_are_optional() -> None:
-    objects = render({"migrations": {"hook": False}})
+    objects = render({**MINIMAL_VALUES, "migrations": {"hook": False}})
     assert "Job" not in {o["kind"] for o in objects} and "ServiceMonitor" not in {o["kind"] for o in objects}
 
 
 def test_notes_tell_the_user_what_to_apply_next() -> None:
-    notes = helm.Chart.load(CHART).render({}, name="pc", namespace="promptcache", is_install=True)[
+    notes = helm.Chart.load(CHART).render(MINIMAL_VALUES, name="pc", namespace="promptcache", is_install=True)[
         "promptcache/templates/NOTES.txt"]
     assert "kubectl -n promptcache create secret generic promptcache-postgres" in notes
-    assert "kubectl apply -f examples/policy.yaml -f examples/deployedmodel-gateway.yaml" in notes
+    assert "kubectl apply -k examples/quickstart/" in notes
+    named = re.findall(r"examples/[\w./-]*[\w/]", notes)
+    assert named and [p for p in named if not (CHART.parents[1] / p).exists()] == []
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"image": {"repository": "registry.example.com/promptcache", "pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"image": {"repository": ""}}, "/image/repository"),
+    ({"image": {"repository": "registry.example.com/promptcache:0.1.0"}}, "/image/repository"),  # a tag: image.tag
+    ({"image": {"repository": "registry.example.com/promptcache", "tag": "not a tag"}}, "/image/tag"),
     ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
     ({"database": {"existingSecret": "Not_A_Name"}}, "/database/existingSecret"),
     ({"operator": {"namespaces": ["Bad Namespace"]}}, "/operator/namespaces/0"),
@@ -134,7 +143,25 @@ def test_notes_tell_the_user_what_to_apply_next() -> None:
 ])
 def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
     chart = helm.Chart.load(CHART)
+    values = {**MINIMAL_VALUES, **values}
     with pytest.raises(helm.HelmValuesError, match=message):
         chart.validate_schema(chart.merge_values(values))
     with pytest.raises(helm.HelmError):
         chart.render(values, name="pc", namespace="promptcache", is_install=True)
+
+
+def test_install_without_an_image_fails_at_the_schema_naming_the_value() -> None:
+    """No public image exists, so the chart has no default: `helm install` without one stops before rendering."""
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmValuesError, match="at '/image': missing property 'repository'"):
+        chart.render({}, name="pc", namespace="promptcache", is_install=True)
+    image = json.loads((CHART / "values.schema.json").read_text())["properties"]["image"]
+    assert image["required"] == ["repository"]
+    assert "make image" in image["properties"]["repository"]["description"]
+
+
+@pytest.mark.parametrize("repository", ["registry.example.com/promptcache", "localhost:5000/promptcache",
+                                        "ghcr.io/acme/llm/promptcache", "promptcache"])
+def test_image_repositories_that_validate(repository: str) -> None:
+    chart = helm.Chart.load(CHART)
+    chart.validate_schema(chart.merge_values({"image": {"repository": repository, "tag": "0.1.0-rc1"}}))

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,14 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
 from promptcache.operator.constants import API_VERSION, GROUP, VERSION
+from promptcache.operator.handlers.conditions import now_rfc3339
+from promptcache.operator.handlers.planreplay import result_status
+from promptcache.operator.replay.engine import report, simulate
+from promptcache.operator.replay.proposal import Proposal
+from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, PolicyError, policy_from_document
 from promptcache.proxy.domain.tiers import TIERS
+from promptcache.proxy.storage.requestlog import LoggedRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
@@ -60,6 +69,16 @@ STATUS_FIELDS = {
     "CachePolicy": {"boundModels", "tariffVersions", "redisApplied", "redisMessage"},
     "PlanReplay": {"phase", "summary", "intervals", "digest", "caveats", "reportConfigMap", "startedAt",
                    "finishedAt"},
+}
+SHORT_NAMES = {"DeployedModel": ["dm"], "CachePolicy": ["cachepol"], "PlanReplay": ["replay"]}
+# kubectl resolves a short name to one resource only, so ours must not be one Kubernetes or a well-known project
+# already uses: Kubernetes' own, and Kyverno's (<initials>pol for each of its policy kinds, cpol its ClusterPolicy).
+TAKEN_SHORT_NAMES = {
+    "cm", "cs", "crd", "crds", "csr", "deploy", "ds", "ep", "ev", "hpa", "ing", "limits", "netpol", "no", "ns", "pc",
+    "pdb", "po", "pv", "pvc", "quota", "rc", "rs", "sa", "sc", "sts", "svc",  # Kubernetes
+    "ccleanpol", "cephr", "cleanpol", "cpol", "cpolr", "dpol", "ephr", "gctxentry", "gpol", "ivpol", "mpol", "ndpol",
+    "ngpol", "nivpol", "nmpol", "nvpol", "pol", "polex", "polr", "ur", "vpol",  # Kyverno
+    "cp", "policy", "policies",  # generic enough to clash with something
 }
 
 Obj = dict[str, Any]
@@ -95,12 +114,9 @@ def resources(path: Path) -> list[Obj]:
 
 
 EXAMPLE_DOCS: list[tuple[str, Obj]] = [
-    (f"{path.name}#{i}", doc) for path in sorted(EXAMPLES.iterdir()) for i, doc in enumerate(resources(path))
+    (f"{path.relative_to(EXAMPLES)}#{i}", doc) for path in sorted(EXAMPLES.rglob("*")) if path.is_file()
+    for i, doc in enumerate(resources(path))
 ]
-
-
-def examples_of(kind: str) -> list[Obj]:
-    return [copy.deepcopy(doc) for _, doc in EXAMPLE_DOCS if doc["kind"] == kind]
 
 
 # ------------------------------------------------------------------------------------------------ schema walking
@@ -400,6 +416,8 @@ def test_crd_shape(kind: str) -> None:
     assert doc["kind"] == "CustomResourceDefinition"
     names = doc["spec"]["names"]
     assert names["kind"] == kind and names["listKind"] == f"{kind}List" and names["singular"] == kind.lower()
+    assert names["shortNames"] == SHORT_NAMES[kind] and not set(names["shortNames"]) & TAKEN_SHORT_NAMES
+    assert names["categories"] == ["promptcache"]
     assert doc["metadata"]["name"] == f"{names['plural']}.{GROUP}"
     assert CRD_FILES[kind] == f"{GROUP}_{names['plural']}.yaml"
     assert doc["spec"]["group"] == GROUP
@@ -507,12 +525,22 @@ def test_status_schema(kind: str) -> None:
     if kind == "PlanReplay":
         assert status["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed"]
         summary = status["properties"]["summary"]["properties"]
-        for key in ("baseline_cost", "projected_cost", "list_cost", "savings", "savings_pct", "read_token_ratio",
-                    "hit_rate"):
+        for key in ("baselineCost", "projectedCost", "listCost", "savings", "savingsPct", "readTokenRatio", "hitRate"):
             assert summary[key]["type"] == "string", key
         assert summary["requests"]["type"] == "integer"
-        interval = status["properties"]["intervals"]["additionalProperties"]
-        assert (interval["type"], interval["minItems"], interval["maxItems"]) == ("array", 2, 2)
+        assert list(summary["creationCost"]["properties"]) == list(TIERS)
+        intervals = status["properties"]["intervals"]["properties"]
+        assert set(intervals) == {"projectedCost", "savings", "savingsPct", "hitRate", "readTokenRatio"}
+        for interval in intervals.values():
+            assert (interval["type"], interval["minItems"], interval["maxItems"]) == ("array", 2, 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_status_fields_are_camel_case(kind: str) -> None:
+    """Every status field, nested ones too, in lowerCamelCase as in any Kubernetes API (tiers are keys, not words)."""
+    fields = [path for path, _ in walk(schema(kind)["properties"]["status"]) if path]
+    names = {part for path in fields for part in re.split(r"[.\[\]*]+", path) if part}
+    assert sorted(n for n in names if n not in TIERS and not re.fullmatch(r"[a-z][a-zA-Z0-9]*", n)) == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -523,11 +551,51 @@ def test_status_with_conditions_validates(kind: str) -> None:
     doc["status"] = {"observedGeneration": 1, "conditions": [condition, {**condition, "type": "Stalled",
                                                                          "status": "False", "reason": ""}]}
     if kind == "PlanReplay":
-        doc["status"] |= {"phase": "Succeeded", "summary": {"requests": 10, "savings": "-1.5E-7", "hit_rate": "0.3"},
+        doc["status"] |= {"phase": "Succeeded", "summary": {"requests": 10, "savings": "-1.5E-7", "hitRate": "0.3"},
                           "intervals": {"savings": ["-0.2", "0.4"]}, "startedAt": "2025-06-01T00:00:00.123456+00:00"}
     assert schema_errors(doc) == []
     doc["status"]["conditions"][0]["status"] = "Yes"
     assert [e[:2] for e in schema_errors(doc)] == [(".status.conditions.0.status", "enum")]
+
+
+def replay_result() -> dict[str, Any]:
+    """A real replay result: two principals ask the same 1000-token system prompt (5m) twice, a minute apart."""
+    chain = (ChainBlock(hashlib.sha256(b"system").digest()[:16], 1000, "system", "5m"),
+             ChainBlock(hashlib.sha256(b"question").digest()[:16], 1010, "user", None))
+    t0 = datetime(2025, 6, 1, tzinfo=UTC)
+    requests = [
+        LoggedRequest(id=f"r{i}", ts=t0 + timedelta(minutes=i), principal=("alice", "bob")[i % 2], model="m",
+                      tokenizer_version="words@test", api="openai", status=200, prompt_tokens=1010,
+                      completion_tokens=10, read_tokens=0, creation_tokens=dict.fromkeys(TIERS, 0),
+                      input_per_mtok=Decimal(1), output_per_mtok=Decimal(2), billed_cost=Decimal("0.00103"),
+                      list_cost=Decimal("0.00103"), chain=chain)
+        for i in range(4)]
+    spec = {"minPrefixTokens": 0}
+    proposal = Proposal(CachePolicy.from_spec(spec), spec, {}, {})
+    return report(simulate(requests, proposal), proposal, iterations=100).result
+
+
+def test_the_status_a_replay_writes_is_what_the_schema_declares() -> None:
+    """The operator's status fields from a real result (camelCase, converted in one place) validate with no key
+    the schema does not declare: an API server would prune such a key silently, and a column or health check
+    reading it would show nothing."""
+    result = replay_result()
+    fields = result_status(result)
+    assert fields["summary"]["savingsPct"] == result["summary"]["savings_pct"]
+    assert fields["intervals"]["hitRate"] == result["intervals"]["hit_rate"]
+    assert fields["summary"]["creationCost"] == result["summary"]["creation_cost"]
+    assert (fields["digest"], fields["caveats"]) == (result["digest"], result["caveats"])
+    doc = base("PlanReplay")
+    doc["status"] = {"phase": "Succeeded", "observedGeneration": 1, "conditions": [], **fields,
+                     "reportConfigMap": "x-report", "startedAt": now_rfc3339(), "finishedAt": now_rfc3339()}
+    assert schema_errors(doc) == []
+    columns = crd("PlanReplay")["spec"]["versions"][0]["additionalPrinterColumns"]
+    for column in columns:
+        if column["jsonPath"].startswith(".status."):
+            value: Any = doc
+            for part in column["jsonPath"].split(".")[1:]:
+                value = value[part]
+            assert value is not None, column["name"]
 
 
 DECIMAL_FIELDS = {
@@ -674,11 +742,89 @@ def test_every_rule_holds_on_valid_objects_and_fails_on_a_crafted_one(
 # ================================================================================================ examples
 
 
-def test_examples_cover_every_kind() -> None:
-    assert {doc["kind"] for _, doc in EXAMPLE_DOCS} == set(KINDS)
-    names = {path.name for path in EXAMPLES.iterdir()}
-    assert {"policy.yaml", "cachepolicy.yaml", "deployedmodel-gateway.yaml", "deployedmodel-sidecar.yaml",
-            "planreplay.yaml"} <= names
+def kustomize(directory: Path) -> list[Obj]:
+    """The objects `kubectl apply -k directory` applies, built as kustomize builds these examples: each resource in
+    order (a file, or a directory with its own kustomization), then the kustomization's namespace set on every
+    namespaced object. Only the fields the examples use are known; any other fails here."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources"}, kustomization
+    objects: list[Obj] = []
+    for entry in kustomization["resources"]:
+        path = directory / entry
+        objects += kustomize(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for obj in objects:
+        if "namespace" in kustomization and obj["kind"] != "Namespace":
+            obj["metadata"]["namespace"] = kustomization["namespace"]
+    return objects
+
+
+EXAMPLE_SETS = {path.parent.name: path.parent for path in sorted(EXAMPLES.rglob("kustomization.yaml"))}
+
+
+def test_the_example_sets() -> None:
+    """A minimal first set and the full one, each applied with `kubectl apply -k`."""
+    assert sorted(EXAMPLE_SETS) == ["full", "quickstart"]
+    assert {doc["kind"] for doc in kustomize(EXAMPLE_SETS["full"])} == {"Namespace", *KINDS}
+    files = {str(path.relative_to(EXAMPLES)) for path in EXAMPLES.rglob("*.yaml")
+             if resources(path) and path.parent != EXAMPLES / "argocd"}
+    listed = {str((directory / entry).relative_to(EXAMPLES)) for directory in EXAMPLE_SETS.values()
+              for entry in yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
+              if not (directory / entry).is_dir()}
+    assert files <= listed, "an example resource no kustomization applies"
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_SETS))
+def test_an_example_set_lists_every_file_beside_it(name: str) -> None:
+    directory = EXAMPLE_SETS[name]
+    entries = yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
+    assert sorted(e for e in entries if not (directory / e).is_dir()) == sorted(
+        p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_the_quickstart_is_minimal_and_needs_nothing_else() -> None:
+    """A Namespace, a CachePolicy and one gateway-mode DeployedModel: what a fresh cluster with the CRDs takes as it
+    is. Whatever the model references (its policy, a Secret, a tokenizer ConfigMap) is in the set or not needed."""
+    objects = kustomize(EXAMPLE_SETS["quickstart"])
+    assert [o["kind"] for o in objects] == ["Namespace", "CachePolicy", "DeployedModel"]
+    namespace, policy, model = objects
+    assert {policy["metadata"]["namespace"], model["metadata"]["namespace"]} == {namespace["metadata"]["name"]}
+    assert "server" not in model["spec"] and model["spec"]["upstream"]["url"]  # gateway mode
+    assert model["spec"]["cachePolicyRef"]["name"] == policy["metadata"]["name"]
+    assert "apiKeySecretRef" not in model["spec"]["upstream"]  # no Secret to create (the DSN aside, see its README)
+    assert model["spec"]["tokenizer"]["type"] == "tiktoken"  # bundled: no ConfigMap to create
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_SETS))
+def test_an_example_set_applies_as_a_whole(name: str) -> None:
+    """Every object is in the set's one namespace, which the set creates itself; each model's and replay's policy
+    and models are in the set."""
+    objects = kustomize(EXAMPLE_SETS[name])
+    namespaces = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
+    assert len(namespaces) == 1 and objects[0]["kind"] == "Namespace"
+    ours = [o for o in objects if o["kind"] in KINDS]
+    assert {o["metadata"]["namespace"] for o in ours} == set(namespaces)
+    policies = [o["metadata"]["name"] for o in ours if o["kind"] == "CachePolicy"]
+    aliases = [o["spec"]["alias"] for o in ours if o["kind"] == "DeployedModel"]
+    assert len(set(policies)) == len(policies) and len(set(aliases)) == len(aliases)
+    assert len({(o["kind"], o["metadata"]["name"]) for o in objects}) == len(objects)
+    for doc in ours:
+        if "cachePolicyRef" in doc["spec"]:
+            assert doc["spec"]["cachePolicyRef"]["name"] in policies, doc["metadata"]["name"]
+        assert set(doc["spec"].get("models", [])) <= set(aliases), doc["metadata"]["name"]
+    if name == "full":
+        assert {d["spec"].get("server") is not None for d in ours if d["kind"] == "DeployedModel"} == {True, False}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+@pytest.mark.parametrize("name", list(EXAMPLE_SETS))
+def test_kubectl_kustomize_builds_the_same_set(name: str) -> None:
+    built = subprocess.run(["kubectl", "kustomize", str(EXAMPLE_SETS[name])], capture_output=True, text=True,
+                           check=True, timeout=60).stdout
+
+    def key(o: Obj) -> tuple[str, str, str]:
+        return o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]
+
+    assert sorted(yaml.safe_load_all(built), key=key) == sorted(kustomize(EXAMPLE_SETS[name]), key=key)
 
 
 @pytest.mark.parametrize(("name", "doc"), EXAMPLE_DOCS, ids=[name for name, _ in EXAMPLE_DOCS])
@@ -688,20 +834,6 @@ def test_example_validates_against_its_crd(name: str, doc: Obj) -> None:
     assert schema_errors(doc) == []
     assert schema_errors(apply_defaults(schema(doc["kind"]), doc)) == []
     assert cel_failures(doc) == []
-
-
-def test_example_references_resolve() -> None:
-    """The set applies as a whole: each model's and replay's policy and models exist in the same namespace."""
-    policies = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in examples_of("CachePolicy")}
-    aliases = {(d["metadata"]["namespace"], d["spec"]["alias"]) for d in examples_of("DeployedModel")}
-    assert len(policies) == len(examples_of("CachePolicy")), "two example CachePolicies share a name"
-    for doc in examples_of("DeployedModel") + examples_of("PlanReplay"):
-        ns = doc["metadata"]["namespace"]
-        if "cachePolicyRef" in doc["spec"]:
-            assert (ns, doc["spec"]["cachePolicyRef"]["name"]) in policies
-        for model in doc["spec"].get("models", []):
-            assert (ns, model) in aliases
-    assert {d["spec"].get("server") is not None for d in examples_of("DeployedModel")} == {True, False}
 
 
 @pytest.mark.parametrize(("name", "doc"), valid_objects(), ids=[name for name, _ in valid_objects()])
@@ -964,8 +1096,9 @@ def test_example_policy_parses_with_the_proxy_parser(name: str, spec: Obj) -> No
 
 
 def test_policy_yaml_is_read_by_the_cli_parser() -> None:
-    """examples/policy.yaml is both a CachePolicy resource and the `promptcache hash --policy` input."""
-    doc = yaml.safe_load((EXAMPLES / "policy.yaml").read_text())
+    """examples/quickstart/cachepolicy.yaml is both a CachePolicy resource and the `promptcache hash --policy`
+    input."""
+    doc = yaml.safe_load((EXAMPLES / "quickstart" / "cachepolicy.yaml").read_text())
     assert policy_from_document(doc) == CachePolicy.from_spec(doc["spec"])
 
 

@@ -6,17 +6,15 @@ from typing import Any
 
 import asyncpg
 
-from support.apiserver import GROUP_VERSION
-
-NS = "llm"
+from promptcache.operator.constants import API_VERSION
 
 
-def policy(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": GROUP_VERSION, "kind": "CachePolicy", "metadata": {"name": name, "namespace": NS},
+def policy(name: str, *, ns: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "CachePolicy", "metadata": {"name": name, "namespace": ns},
             "spec": {"enabledTtls": ["5m", "1h"], "defaultTtl": "5m", "minPrefixTokens": 1024, **spec}}
 
 
-def model(name: str, alias: str, policy_name: str, **extra: Any) -> dict[str, Any]:
+def model(name: str, alias: str, policy_name: str, *, ns: str, **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "alias": alias,
         "upstream": {"url": "http://vllm.llm.svc:8000/v1", "model": "llama", "api": "openai"},
@@ -26,7 +24,7 @@ def model(name: str, alias: str, policy_name: str, **extra: Any) -> dict[str, An
         "proxy": {"replicas": 2},
     }
     spec.update(extra)
-    return {"apiVersion": GROUP_VERSION, "kind": "DeployedModel", "metadata": {"name": name, "namespace": NS},
+    return {"apiVersion": API_VERSION, "kind": "DeployedModel", "metadata": {"name": name, "namespace": ns},
             "spec": spec}
 
 

@@ -20,7 +20,7 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "promptcache.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ required "image.repository is required: push the image built from the Dockerfile and set it (README: Installing in a cluster)" .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
 {{- define "promptcache.serviceAccountName" -}}
