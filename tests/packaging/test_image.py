@@ -92,6 +92,17 @@ def test_no_test_dependencies_and_no_pip_in_the_image(image: str) -> None:
     assert found.stdout.strip() == ""
 
 
+def test_the_hosts_own_cas_served_the_build_only(image: str) -> None:
+    """The host's CA bundle is mounted while pip runs, never committed: its local CAs are not in the image."""
+    local = [p.read_text() for p in Path("/usr/local/share/ca-certificates").glob("*.crt")]
+    bundle = podman("run", "--rm", *run_flags(), "--entrypoint", "/bin/cat", image,
+                    "/etc/ssl/certs/ca-certificates.crt")
+    assert bundle.returncode == 0, bundle.stderr
+    for pem in local:
+        body = "".join(pem.strip().splitlines()[1:-1])
+        assert body and body not in "".join(bundle.stdout.split())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

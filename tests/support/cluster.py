@@ -76,15 +76,22 @@ class Cluster:
         return self.plane.url
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        async with self.session.request(method, self.url + path, **kwargs) as response:
-            text = await response.text()
-            try:
-                body = json.loads(text)
-            except ValueError:
-                body = text
-            if response.status >= 400:
-                raise KubeError(response.status, body)
-            return body
+        """One request; a 429 (the server's "try again", e.g. while a changed CRD's storage re-initialises) is
+        retried for a few seconds, as Kubernetes clients do."""
+        for attempt in range(50):
+            async with self.session.request(method, self.url + path, **kwargs) as response:
+                text = await response.text()
+                try:
+                    body = json.loads(text)
+                except ValueError:
+                    body = text
+                if response.status == 429 and attempt < 49:
+                    await asyncio.sleep(0.1)
+                    continue
+                if response.status >= 400:
+                    raise KubeError(response.status, body)
+                return body
+        raise AssertionError("unreachable")
 
     async def resource(self, api_version: str, kind: str) -> tuple[str, bool]:
         """(plural, namespaced) of ``kind`` from the server's discovery."""
@@ -213,6 +220,53 @@ class Cluster:
 
         return await eventually(complete, within=within, interval=0.2, what=f"the rollout of {namespace}/{name}")
 
+    @asynccontextmanager
+    async def watching(self, group_version: str, plural: str, namespace: str | None,
+                       name: str) -> AsyncIterator[Recording]:
+        """Record every state of the object ``name`` from now on, as a WATCH sees it: a list (field selector
+        ``metadata.name``) gives the resourceVersion to watch from and the object's state if it exists, then
+        ``?watch=true&resourceVersion=...`` streams each ADDED/MODIFIED/DELETED event into the recording, in the
+        server's order, until the block ends. A watch the server closes is resumed from the last version seen; a
+        watch that fails (e.g. 410 Gone) is raised at the end of the block."""
+        path = object_path(group_version, plural, namespace)
+        selector = {"fieldSelector": f"metadata.name={name}"}
+        listing = await self.call("GET", path, params=selector)
+        recording = Recording(self, group_version, plural, namespace, name)
+        recording.events += [("ADDED", item) for item in listing["items"]]
+        version = str(listing["metadata"]["resourceVersion"])
+
+        async def stream() -> None:
+            nonlocal version
+            while True:
+                params = {**selector, "watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true"}
+                async with self.session.get(self.url + path, params=params,
+                                            timeout=aiohttp.ClientTimeout(total=None)) as response:
+                    if response.status >= 400:
+                        raise KubeError(response.status, await response.text())
+                    buffer = b""
+                    async for chunk in response.content.iter_any():
+                        buffer += chunk
+                        while b"\n" in buffer:
+                            line, _, buffer = buffer.partition(b"\n")
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            obj = event["object"]
+                            if event["type"] == "ERROR":
+                                raise KubeError(int(obj.get("code") or 500), obj)
+                            version = str(obj["metadata"]["resourceVersion"])
+                            if event["type"] != "BOOKMARK":
+                                recording.events.append((str(event["type"]), obj))
+
+        task = asyncio.create_task(stream())
+        try:
+            yield recording
+        finally:
+            task.cancel()
+            [outcome] = await asyncio.gather(task, return_exceptions=True)
+        if isinstance(outcome, Exception):
+            raise RuntimeError(f"the watch of {plural}/{name} failed: {outcome}") from outcome
+
     async def forget(self, namespace: str) -> None:
         """Delete ``namespace`` without waiting, first releasing our finalizers in it."""
         for plural in (MODELS, POLICIES, REPLAYS):
@@ -225,6 +279,43 @@ class Cluster:
         except KubeError as e:
             if e.status != 404:
                 raise
+
+
+@dataclass
+class Recording:
+    """What :meth:`Cluster.watching` saw of one object: ``(type, object)`` per event, in order."""
+
+    cluster: Cluster
+    group_version: str
+    plural: str
+    namespace: str | None
+    name: str
+    events: builtins.list[tuple[str, Obj]] = field(default_factory=list)
+
+    def states(self) -> builtins.list[Obj]:
+        """Each state the object was seen in (a DELETED event carries its last one)."""
+        return [obj for _, obj in self.events]
+
+    def changes(self, extract: Callable[[Obj], T]) -> builtins.list[T]:
+        """``extract`` of each state, consecutive equal values once: e.g. the sequence of a status field."""
+        values: builtins.list[T] = []
+        for obj in self.states():
+            value = extract(obj)
+            if not values or values[-1] != value:
+                values.append(value)
+        return values
+
+    async def caught_up(self, *, within: float = 10.0) -> None:
+        """Wait until the watch has delivered the object's current state (or its deletion)."""
+        live = await self.cluster.get_or_none(self.group_version, self.plural, self.namespace, self.name)
+
+        def seen() -> bool:
+            if live is None:
+                return any(kind == "DELETED" for kind, _ in self.events)
+            version = live["metadata"]["resourceVersion"]
+            return any(obj["metadata"]["resourceVersion"] == version for _, obj in self.events)
+
+        await eventually(seen, within=within, what=f"the watch of {self.plural}/{self.name} to catch up")
 
 
 @asynccontextmanager
