@@ -1,17 +1,24 @@
-"""Operator benchmark (issue 4): N DeployedModels (default 200) created at once against the emulator.
+"""Operator benchmark (issue 4): N DeployedModels (default 200) created at once against a real control plane.
 
-The real operator (kopf's loop, the handlers of ``promptcache.operator.main``) runs against the test harness's
-HTTP Kubernetes emulator (``tests/support/apiserver.py``), with a scratch Postgres database (migrated, dropped
-afterwards) and
-Redis under a key prefix of its own. One CachePolicy, then N models POSTed concurrently; watch streams on the
-ConfigMaps, Deployments, Services and DeployedModels tell when each model has its three owned objects and a status
-with Ready and Reconciling conditions. Prints the seconds to the first and to the last such model (target for the
-last: <= 30 s), the rate, the requests the emulator served and the errors kopf logged.
+The control plane is the tests' (``tests/support/controlplane.py``): etcd, kube-apiserver (RBAC, audit log) and
+kube-controller-manager (garbage collector; deployment and replicaset controllers, so every Deployment gets its
+ReplicaSet and Pending pods, as in a cluster with no free node) as processes on loopback, from the binaries
+``PROMPTCACHE_K8S_BIN`` names or ``.ci/k8s/build`` finds or builds. The operator is ``promptcache operator
+--namespace bench`` as a process of its own, on a token of the chart's ServiceAccount (kopf's defaults: no worker
+limit), with a scratch Postgres database (migrated, dropped afterwards) and Redis under a key prefix of its own
+(deleted afterwards). One CachePolicy, then N models POSTed concurrently; one watch per resource type (ConfigMaps,
+Deployments, Services, DeployedModels) tells when each model has its three owned objects and a status with Ready
+and Reconciling conditions. Prints the seconds to the first and to the last such model (target for the last:
+<= 30 s), the rate, the CPU seconds of each process over that window, the operator's requests by verb and resource
+from the API server's audit log, and the errors in the operator's log.
 
-Run with ``.venv/bin/python -P bench/operator.py [--models N] [--worker-limit K] [--as-in-tests]``. The emulator and
-the operator share this process (and its GIL): the emulator in the main event loop, the operator in a thread of its
-own. By default the emulator forgets the requests it has answered (``LeanApiServer``): kmock's request log makes each
-request cost more than the last, which would measure the harness rather than the operator; ``--as-in-tests`` keeps it.
+The floor, measured in the same run once the operator is stopped and the controller manager has caught up: the
+3N objects the operator made, copied (server-set fields dropped) and POSTed at once by this client as
+``system:masters`` into a namespace of their own. The seconds until the API server has answered them all are what
+no operator can beat on this machine; the ratio of the two is printed. (``system:masters`` is exempt from the API
+server's priority and fairness; the operator's ServiceAccount is not, as in a real cluster.)
+
+Run with ``.venv/bin/python -P bench/operator.py [--models N] [--within S]``.
 """
 
 from __future__ import annotations
@@ -19,56 +26,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
-import logging
 import os
 import re
 import secrets
 import sys
+import tempfile
 import time
-import unittest.mock
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiohttp.web
 import asyncpg
-import kmock
-import kopf
+import psutil
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import promptcache.operator.main  # noqa: F401  (registers the handlers)
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings, names
-from promptcache.operator.handlers.state import OperatorMemo
+from promptcache.operator.constants import API_VERSION, MODELS, POLICIES
+from promptcache.operator.handlers.manifests import names
 from promptcache.proxy.storage.schema import migrate
 
-from support import apiserver as kube  # the tests' Kubernetes emulator and operator runner
-from support.apiserver import (
-    CACHE_POLICIES,
-    DEPLOYED_MODELS,
-    DEPLOYMENTS,
-    GROUP_VERSION,
-    ApiServer,
-    EmulatedCluster,
-    emulated_cluster,
-    eventually,
-    object_path,
-    running_operator,
-)
+from support.cluster import Cluster, KubeError, connected, eventually, object_path
+from support.controlplane import ControlPlane, control_plane
+from support.operator_process import OperatorEnvironment, audited, operator_identity, running_operator
+from support.resources import model, policy
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
 NS = "bench"
+FLOOR_NS = "floor"
 TARGET_SECONDS = 30.0
 PARTS = ("configmap", "deployment", "service", "status")
+OWNED = (("v1", "configmaps", "ConfigMap", "configmap"), ("apps/v1", "deployments", "Deployment", "deployment"),
+         ("v1", "services", "Service", "service"))
+"""(group/version, plural, kind, part) of the three objects the operator makes per model."""
+Obj = dict[str, Any]
 
 
 @asynccontextmanager
@@ -106,58 +104,6 @@ async def redis_prefix() -> AsyncIterator[str]:
             await client.aclose()
 
 
-def policy() -> dict[str, Any]:
-    return {"apiVersion": GROUP_VERSION, "kind": "CachePolicy", "metadata": {"name": "standard", "namespace": NS},
-            "spec": {"enabledTtls": ["5m", "1h"], "defaultTtl": "5m", "minPrefixTokens": 1024}}
-
-
-def model(name: str, alias: str) -> dict[str, Any]:
-    return {"apiVersion": GROUP_VERSION, "kind": "DeployedModel", "metadata": {"name": name, "namespace": NS},
-            "spec": {"alias": alias,
-                     "upstream": {"url": "http://vllm.llm.svc:8000/v1", "model": "llama", "api": "openai"},
-                     "tokenizer": {"type": "tiktoken", "encoding": "cl100k_base"},
-                     "pricing": {"inputPerMTok": "3.00", "outputPerMTok": "15.00"},
-                     "cachePolicyRef": {"name": "standard"}, "proxy": {"replicas": 2}}}
-
-
-class LeanApiServer(ApiServer):
-    """The harness's emulator, minus kmock's request log.
-
-    kmock keeps every request it served (for tests' assertions) and finds the reaction for each new one by
-    scanning that log (``request in view``, criteria checked request by request): a cost that grows with the number
-    of requests served, quadratic over a run, and nothing a real API server has. This one forgets a request once
-    it is answered; what it serves, and how, is unchanged.
-    """
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self.live: dict[int, kmock.Request] = {}
-        self.served: list[str] = []
-        """The User-Agent of each request answered (for the report)."""
-
-    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        self.live[id(request)] = request
-        try:
-            return await super()._handle(request)
-        finally:
-            del self.live[id(request)]
-            self.served.append(request.headers.get("User-Agent", ""))
-            self._requests[:] = [r for r in self._requests if id(r) in self.live or r.resource == _NAMESPACES]
-
-
-_NAMESPACES = kmock.resource("", "v1", "namespaces")
-"""Requests for Namespaces are re-addressed (an alias kmock can parse), so a live one is not known by identity."""
-
-
-@contextmanager
-def emulator_class(lean: bool) -> Iterator[None]:
-    if not lean:
-        yield
-        return
-    with unittest.mock.patch.object(kube, "ApiServer", LeanApiServer):
-        yield
-
-
 @dataclass
 class Progress:
     """When each model got each part (seconds since the first POST), from the watch streams."""
@@ -182,127 +128,273 @@ class Progress:
         return sorted(parts[part] for parts in self.seen.values() if part in parts)
 
 
-def _owned_by_a_model(obj: dict[str, Any]) -> bool:
+def _owned_by_a_model(obj: Obj) -> bool:
     return any(ref.get("kind") == "DeployedModel" for ref in obj["metadata"].get("ownerReferences") or [])
 
 
-def classifiers(progress: Progress) -> dict[str, Callable[[dict[str, Any]], None]]:
-    """For each watched resource, what an event's object says about a model's progress."""
-    by_name = {part: {names(m)[part]: m for m in progress.models} for part in ("configmap", "deployment", "service")}
+def classifiers(progress: Progress) -> dict[tuple[str, str], Callable[[Obj], None]]:
+    """For each watched (group/version, plural), what an event's object says about a model's progress."""
+    by_name = {part: {names(m)[part]: m for m in progress.models} for _, _, _, part in OWNED}
 
-    def owned(part: str) -> Callable[[dict[str, Any]], None]:
-        def classify(obj: dict[str, Any]) -> None:
+    def owned(part: str) -> Callable[[Obj], None]:
+        def classify(obj: Obj) -> None:
             model_name = by_name[part].get(obj["metadata"]["name"])
             if model_name is not None and _owned_by_a_model(obj):
                 progress.mark(model_name, part)
         return classify
 
-    def status(obj: dict[str, Any]) -> None:
+    def status(obj: Obj) -> None:
         kinds = {c.get("type") for c in (obj.get("status") or {}).get("conditions") or []}
         if {"Ready", "Reconciling"} <= kinds:
             progress.mark(obj["metadata"]["name"], "status")
 
-    return {"v1/configmaps": owned("configmap"), "apps/v1/deployments": owned("deployment"),
-            "v1/services": owned("service"), f"{GROUP_VERSION}/deployedmodels": status}
+    streams = {(gv, plural): owned(part) for gv, plural, _, part in OWNED}
+    streams[(API_VERSION, MODELS)] = status
+    return streams
 
 
-async def watch(cluster: EmulatedCluster, resource: str, classify: Callable[[dict[str, Any]], None],
+async def watch(cluster: Cluster, group_version: str, plural: str, classify: Callable[[Obj], None],
                 opened: asyncio.Event) -> None:
-    group_version, plural = resource.rsplit("/", 1)
-    url = cluster.url + object_path(group_version, plural, NS)
+    """List, then watch from the list's resourceVersion (resumed where the server closes it), every ADDED and
+    MODIFIED object to ``classify``; one stream on the Cluster's own aiohttp session."""
+    path = object_path(group_version, plural, NS)
+    listing = await cluster.call("GET", path)
+    for item in listing["items"]:
+        classify(item)
+    version = str(listing["metadata"]["resourceVersion"])
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    async with cluster.session.get(url, params={"watch": "true"}, timeout=timeout) as response:
-        response.raise_for_status()
-        opened.set()
-        async for line in response.content:
-            if line.strip():
-                event = json.loads(line)
-                if event.get("type") in ("ADDED", "MODIFIED"):
-                    classify(event["object"])
+    while True:
+        params = {"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true"}
+        async with cluster.session.get(cluster.url + path, params=params, timeout=timeout) as response:
+            if response.status >= 400:
+                raise KubeError(response.status, await response.text())
+            opened.set()
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        raise KubeError(int(obj.get("code") or 500), obj)
+                    version = str(obj["metadata"]["resourceVersion"])
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        classify(obj)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of named processes, between ``start`` and ``stop``."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._start: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {}
+        for name, process in self.processes.items():
+            times = process.cpu_times()
+            now[name] = times.user + times.system
+        return now
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        self.seconds = {name: value - self._start[name] for name, value in self._now().items()}
+
+
+def plane_pids(plane: ControlPlane) -> dict[str, int]:
+    return {process.name: process.popen.pid for process in plane.processes}
 
 
 def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def user_agents(emulator: ApiServer) -> list[str]:
-    """The User-Agent of every request the emulator has answered (lean) or received (as in the tests)."""
-    if isinstance(emulator, LeanApiServer):
-        return list(emulator.served)
-    return [request.headers.get("User-Agent", "") for request in emulator]
-
-
-class KopfErrors(logging.Handler):
-    """Counts the errors kopf logs (a handler or an API request failing, to be retried) instead of printing each."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.count = 0
-        self.messages: collections.Counter[str] = collections.Counter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        self.messages[re.sub(r"\d+", "#", record.getMessage())[:120]] += 1
+@dataclass
+class OperatorRun:
+    posted: float
+    progress: Progress
+    cpu: dict[str, float]
+    requests: list[Obj]
+    """The audit events of the operator's requests received between the first POST and the last model complete."""
+    errors: collections.Counter[str]
+    error_count: int
 
 
 @dataclass
-class Run:
-    posted: float
-    progress: Progress
-    agents: list[str]
+class FloorRun:
+    objects: int
+    done: list[float]
+    """Per model, seconds from the first POST until its three objects were answered (sorted)."""
+    cpu: dict[str, float]
 
 
-async def measure(cluster: EmulatedCluster, n: int, within: float) -> Run:
+@dataclass
+class Bench:
+    version: str
+    operator: OperatorRun
+    floor: FloorRun | None
+
+
+def _timestamp(event: Obj) -> datetime:
+    return datetime.fromisoformat(str(event["requestReceivedTimestamp"]).replace("Z", "+00:00"))
+
+
+LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*")
+
+
+def logged_errors(log: Path) -> tuple[int, collections.Counter[str]]:
+    """The operator log's ERROR lines: how many, and by message (digits folded, timestamps dropped)."""
+    messages: collections.Counter[str] = collections.Counter()
+    count = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if "ERROR" in line:
+            count += 1
+            messages[re.sub(r"\d+", "#", LOG_PREFIX.sub("", line))[:140]] += 1
+    return count, messages
+
+
+async def measure_operator(cluster: Cluster, plane: ControlPlane, operator_pid: int, n: int,
+                           within: float) -> tuple[float, Progress, CpuMeter, datetime, datetime]:
     """POST ``n`` models at once and follow them until each is complete (or ``within`` seconds pass)."""
     model_names = [f"m{i:04d}" for i in range(n)]
     progress = Progress(set(model_names))
     streams = classifiers(progress)
     opened = {resource: asyncio.Event() for resource in streams}
-    watchers = [asyncio.create_task(watch(cluster, resource, classify, opened[resource]))
-                for resource, classify in streams.items()]
+    watchers = [asyncio.create_task(watch(cluster, gv, plural, classify, opened[(gv, plural)]))
+                for (gv, plural), classify in streams.items()]
+    meter = CpuMeter({"operator": operator_pid, **plane_pids(plane), "bench client": os.getpid()})
     try:
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in opened.values())), 10)
-        before = len(user_agents(cluster.emulator))
         run = secrets.token_hex(3)
+        began = datetime.now(UTC)
+        meter.start()
         progress.start = time.perf_counter()
-        await asyncio.gather(*(cluster.create(model(name, f"bench-{run}-{name}")) for name in model_names))
+        await asyncio.gather(*(cluster.create(model(name, f"bench-{run}-{name}", "standard", ns=NS))
+                               for name in model_names))
         posted = time.perf_counter() - progress.start
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(progress.all_done.wait(), within)
-        return Run(posted, progress, user_agents(cluster.emulator)[before:])
+        done_or_timeout = asyncio.ensure_future(progress.all_done.wait())
+        await asyncio.wait([done_or_timeout, *watchers], timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        meter.stop()
+        ended = datetime.now(UTC)
+        for task in watchers:
+            if task.done() and task.exception() is not None:
+                raise RuntimeError(f"a watch failed: {task.exception()}")
+        done_or_timeout.cancel()
+        return posted, progress, meter, began, ended
     finally:
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
 
 
-async def bench(n: int, worker_limit: int | None, within: float, lean: bool) -> Run:
-    def configure(settings: kopf.OperatorSettings) -> None:
-        settings.batching.worker_limit = worker_limit
+def copy_for_floor(kind: str, api_version: str, obj: Obj) -> Obj:
+    """``obj`` as a client would first POST it: no server-set metadata, status, owner or allocated IPs."""
+    meta = obj["metadata"]
+    metadata: Obj = {"name": meta["name"], "namespace": FLOOR_NS}
+    if meta.get("labels"):
+        metadata["labels"] = dict(meta["labels"])
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if not k.startswith("deployment.kubernetes.io/")}
+    if annotations:
+        metadata["annotations"] = annotations
+    body: Obj = {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+    if kind == "Service":
+        body["spec"] = {k: v for k, v in body["spec"].items() if k not in ("clusterIP", "clusterIPs")}
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
 
-    with emulator_class(lean):
-        async with scratch_database() as dsn, redis_prefix() as prefix, \
-                emulated_cluster(namespaces=("default", NS)) as cluster:
-            manifests = OperatorSettings(proxy_image="promptcache:bench", redis_url=REDIS_URL, redis_prefix=prefix)
-            memo = OperatorMemo(config=OperatorConfig(database_url=dsn, redis_url=REDIS_URL, manifests=manifests))
-            async with running_operator(cluster, memo=memo, namespaces=[NS], configure=configure,
-                                        watching=(DEPLOYED_MODELS, CACHE_POLICIES, DEPLOYMENTS)):
-                await cluster.create(policy())
+
+async def settled(cluster: Cluster, namespace: str, within: float = 180.0) -> None:
+    """Until the controller manager has made every pod the Deployments in ``namespace`` ask for."""
+    deployments = await cluster.list("apps/v1", "deployments", namespace)
+    wanted = sum(int(d["spec"].get("replicas", 1)) for d in deployments)
+
+    async def caught_up() -> bool:
+        return len(await cluster.list("v1", "pods", namespace)) >= wanted
+
+    await eventually(caught_up, within=within, interval=1.0, what=f"the controller manager's {wanted} pods")
+
+
+async def measure_floor(cluster: Cluster, plane: ControlPlane, objects: list[tuple[str, Obj]]) -> FloorRun:
+    """POST ``objects`` (model, object) at once; when each model's objects were all answered."""
+    meter = CpuMeter({**plane_pids(plane), "bench client": os.getpid()})
+    answered: dict[str, list[float]] = collections.defaultdict(list)
+
+    async def create(model_name: str, obj: Obj) -> None:
+        await cluster.create(obj)
+        answered[model_name].append(time.perf_counter() - start)
+
+    meter.start()
+    start = time.perf_counter()
+    await asyncio.gather(*(create(m, obj) for m, obj in objects))
+    meter.stop()
+    return FloorRun(len(objects), sorted(max(times) for times in answered.values()), meter.seconds)
+
+
+async def bench(plane: ControlPlane, n: int, within: float, floor: bool) -> Bench:
+    async with scratch_database() as dsn, redis_prefix() as prefix, connected(plane) as cluster:
+        version = str((await cluster.call("GET", "/version")).get("gitVersion"))
+        for namespace in (NS, FLOOR_NS):
+            await cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        with tempfile.TemporaryDirectory(prefix="promptcache-opbench-") as scratch:
+            identity = await operator_identity(cluster, Path(scratch))
+            environment = OperatorEnvironment(database_url=dsn, redis_url=REDIS_URL, redis_prefix=prefix,
+                                              proxy_image="promptcache:bench")
+            log = Path(scratch) / "operator.log"
+            async with running_operator(identity, environment, log, namespaces=[NS]) as operator:
+                assert operator.popen is not None
+                await cluster.create(policy("standard", ns=NS))
 
                 async def policy_applied() -> bool:
-                    obj = await cluster.get(GROUP_VERSION, "cachepolicies", NS, "standard")
+                    obj = await cluster.get(API_VERSION, POLICIES, NS, "standard")
                     return bool((obj.get("status") or {}).get("observedGeneration"))
 
                 await eventually(policy_applied, what="the CachePolicy's reconcile")
-                return await measure(cluster, n, within)
+                posted, progress, meter, began, ended = await measure_operator(
+                    cluster, plane, operator.popen.pid, n, within)
+            # The operator has stopped: its audit events are all written, and only the floor's client is left.
+            requests = [e for e in audited(plane.audit_log) if began <= _timestamp(e) <= ended]
+            error_count, errors = logged_errors(log)
+        operator_run = OperatorRun(posted, progress, meter.seconds, requests, errors, error_count)
+        floor_run = None
+        if floor and len(progress.done) == n:
+            await settled(cluster, NS)
+            objects = []
+            for gv, plural, kind, _ in OWNED:
+                for obj in await cluster.list(gv, plural, NS):
+                    owner = next((r["name"] for r in obj["metadata"].get("ownerReferences") or []
+                                  if r.get("kind") == "DeployedModel"), None)
+                    if owner in progress.models:
+                        objects.append((owner, copy_for_floor(kind, gv, obj)))
+            floor_run = await measure_floor(cluster, plane, objects)
+        return Bench(version, operator_run, floor_run)
 
 
-def report(n: int, run: Run, errors: KopfErrors, within: float, worker_limit: int | None, lean: bool) -> None:
+def access(event: Obj) -> str:
+    """``verb resource[/subresource]`` of an audited request, or ``verb URL`` for a non-resource one."""
+    ref = event.get("objectRef")
+    if ref is None:
+        return f"{event['verb']} {event.get('requestURI', '?')}"
+    resource = f"{ref['resource']}/{ref['subresource']}" if ref.get("subresource") else ref["resource"]
+    return f"{event['verb']} {resource}"
+
+
+def cpu_row(cpu: Mapping[str, float], order: Iterable[str]) -> str:
+    return ", ".join(f"{name} {cpu[name]:.1f}" for name in order if name in cpu)
+
+
+def report(n: int, result: Bench, within: float) -> None:
+    run = result.operator
     progress = run.progress
     done = sorted(progress.done.values())
-    print(f"promptcache operator bench: {n} DeployedModels created at once (python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores; {'lean emulator' if lean else 'emulator as in the tests'}; "
-          f"kopf worker_limit {worker_limit or 'unlimited'})")
+    print(f"promptcache operator bench: {n} DeployedModels created at once against a real control plane "
+          f"(kube-apiserver {result.version}, etcd, kube-controller-manager; python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores; promptcache operator as a process, the chart's ServiceAccount)")
     rows = [("all POSTs answered", f"{run.posted:7.2f} s")]
     for part, label in (("configmap", "ConfigMap"), ("deployment", "Deployment"), ("service", "Service"),
                         ("status", "status (Ready, Reconciling)")):
@@ -312,42 +404,58 @@ def report(n: int, run: Run, errors: KopfErrors, within: float, worker_limit: in
     if done:
         rows += [("first model complete", f"{done[0]:7.2f} s"),
                  ("median model complete", f"{percentile(done, 0.5):7.2f} s")]
-    if len(done) == n:
+    complete = len(done) == n
+    if complete:
         verdict = "within" if done[-1] <= TARGET_SECONDS else "ABOVE"
         rows += [("all models complete", f"{done[-1]:7.2f} s   ({verdict} the {TARGET_SECONDS:.0f} s target)"),
                  ("rate", f"{n / done[-1]:7.1f} models/s")]
     else:
         rows.append(("all models complete", f"no: {len(done)}/{n} after {within:.0f} s"))
-    who = collections.Counter(
-        "operator (kopf)" if agent.startswith("kopf/") else
-        "operator (kubernetes client)" if agent.startswith("OpenAPI-Generator/") else "bench" for agent in run.agents)
-    rows.append(("requests to the emulator", f"{len(run.agents):7d}   "
-                 f"({', '.join(f'{k} {v}' for k, v in sorted(who.items()))})"))
-    rows.append(("errors logged by kopf (retried)", f"{errors.count:7d}"))
+    window = done[-1] if complete else within
+    operator_cpu = run.cpu.get("operator", 0.0)
+    rows.append(("operator CPU", f"{operator_cpu:7.1f} s   ({100 * operator_cpu / window:.0f}% of one core; "
+                 f"{1000 * operator_cpu / n:.0f} ms per model)"))
+    rows.append(("CPU of the others (s)", cpu_row(run.cpu, ("kube-apiserver", "etcd", "kube-controller-manager",
+                                                           "bench client"))))
+    codes = collections.Counter(str((e.get("responseStatus") or {}).get("code", "?")) for e in run.requests)
+    rows.append(("requests by the operator (audit)", f"{len(run.requests):7d}   "
+                 f"(HTTP {', '.join(f'{code} x{count}' for code, count in sorted(codes.items()))})"))
     for label, value in rows:
         print(f"  {label:<34} {value}")
-    for message, count in errors.messages.most_common(3):
+    by_access = collections.Counter(access(e) for e in run.requests)
+    for name, count in by_access.most_common():
+        print(f"    {count:7d}  {name}")
+    print(f"  {'errors logged by the operator':<34} {run.error_count:7d}")
+    for message, count in run.errors.most_common(3):
         print(f"    {count:5d} x {message}")
+
+    floor = result.floor
+    if floor is None:
+        print("  floor: not measured" + ("" if complete else " (the operator did not complete)"))
+        return
+    print(f"floor: the same {floor.objects} objects (ConfigMap, Deployment, Service per model) POSTed at once by "
+          "the bench client (system:masters), operator stopped")
+    rows = [("first model's three answered", f"{floor.done[0]:7.2f} s"),
+            ("all answered", f"{floor.done[-1]:7.2f} s   ({n / floor.done[-1]:.1f} models/s)"),
+            ("CPU (s)", cpu_row(floor.cpu, ("kube-apiserver", "etcd", "kube-controller-manager", "bench client")))]
+    if complete:
+        rows.append(("operator / floor", f"{done[-1] / floor.done[-1]:7.1f} x   (all models complete / all "
+                     "answered)"))
+    for label, value in rows:
+        print(f"  {label:<34} {value}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", type=int, default=200)
-    parser.add_argument("--worker-limit", type=int, default=None,
-                        help="kopf's settings.batching.worker_limit (default: kopf's, unlimited)")
     parser.add_argument("--within", type=float, default=300.0, help="give up after this many seconds")
-    parser.add_argument("--as-in-tests", action="store_true",
-                        help="the harness's emulator as it is (with kmock's request log; see LeanApiServer)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the API server's floor (the same objects POSTed directly)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    errors = KopfErrors()
-    kopf_logger = logging.getLogger("kopf")
-    kopf_logger.addHandler(errors)
-    kopf_logger.propagate = False
-    lean = not args.as_in_tests
-    run = asyncio.run(bench(args.models, args.worker_limit, args.within, lean))
-    report(args.models, run, errors, args.within, args.worker_limit, lean)
-    return 0 if len(run.progress.done) == args.models else 1
+    with control_plane() as plane:
+        result = asyncio.run(bench(plane, args.models, args.within, args.floor))
+    report(args.models, result, args.within)
+    return 0 if len(result.operator.progress.done) == args.models else 1
 
 
 if __name__ == "__main__":

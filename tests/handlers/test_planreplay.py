@@ -1,17 +1,26 @@
-"""PlanReplay with the real kopf loop against the emulator, over request logs a real proxy wrote
-(docs/design.md#replay, #reconciliation).
+"""PlanReplay run by ``promptcache operator`` as a process against the real API server and controller manager, over
+request logs a real proxy wrote (docs/design.md#replay, #reconciliation, #testing).
 
 Three principals each hold the three-turn conversation of test_proxy_billing through the official OpenAI SDK,
 and one more request fails upstream; the proxy logs all ten into the session's Postgres. Replaying them under the
-policy they were served with must give savings of exactly 0, whether the run happens in the operator or in a Job
-(here the test plays the Job's pod by calling ``run_job``, with ``KUBECONFIG`` on the emulator).
+policy they were served with must give savings of exactly 0, whether the run happens in the operator or in a Job.
+
+The phases are watched from the outside (a WATCH on the PlanReplay). A large replay becomes a real Job, whose pod
+the real job controller creates; there is no kubelet, so the test plays it: it runs the pod's container args as
+``promptcache <args>`` with the pod's environment and a token of the chart's replay ServiceAccount (bound to the
+chart's replay ClusterRole: a verb missing there fails the test), then reports the pod's end through its status, and
+the job controller completes or fails the Job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
-from collections.abc import AsyncIterator
+import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,35 +31,27 @@ import asyncpg
 import openai
 import pytest
 
-import promptcache.operator.main  # noqa: F401  (registers the handlers with kopf's default registry)
 from promptcache.operator import cli
-from promptcache.operator.constants import GENERATION_ANNOTATION, WINDOW_ANNOTATION
+from promptcache.operator.constants import API_VERSION, GENERATION_ANNOTATION, REPLAYS, WINDOW_ANNOTATION
 from promptcache.operator.handlers import planreplay
-from promptcache.operator.handlers.config import OperatorConfig
-from promptcache.operator.handlers.manifests import OperatorSettings
-from promptcache.operator.handlers.state import OperatorMemo
 from promptcache.proxy.storage.requestlog import format_timestamp
 from promptcache.proxy.testing.simulator import Simulator
 
-from support.apiserver import (
-    DEPLOYED_MODELS,
-    GROUP_VERSION,
-    JOBS,
-    PLAN_REPLAYS,
-    EmulatedCluster,
-    emulated_cluster,
-    eventually,
-    running_operator,
-)
+from support.cluster import Cluster, KubeError, Obj, Recording, eventually
+from support.controlplane import free_port, kubeconfig
 from support.conversation import openai_turns
+from support.operator_process import TEST_IMAGE, OperatorEnvironment, StartOperator, render_chart
 from support.proxy import model_config, new_key, running_proxy, settle, unique
 from support.resources import condition, model
 
-NS = "replays"
-WATCHING = (PLAN_REPLAYS, DEPLOYED_MODELS, JOBS)
 SERVED_WITH = {"minPrefixTokens": 10}
 """The cache keys of harness.model_config: the policy the proxy billed the traffic under."""
 BOOTSTRAP = {"iterations": 200, "seed": 7}
+REPLAY_ACCOUNT = "promptcache-replay"
+"""The chart's ``replay.serviceAccount``, which the chart's Deployment gives the operator as
+``PROMPTCACHE_REPLAY_SERVICE_ACCOUNT``."""
+PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 
 
 @dataclass(frozen=True)
@@ -93,36 +94,31 @@ async def traffic(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, simulat
     return Traffic(alias, {"start": format_timestamp(start), "end": format_timestamp(end)}, billed)
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[EmulatedCluster]:
-    async with emulated_cluster(namespaces=("default", NS)) as c:
-        yield c
+def replay_environment(operator_env: OperatorEnvironment, **extra: str) -> OperatorEnvironment:
+    """The session's database, no Redis (a policy's ``redis`` keys must not reconfigure the shared server), and
+    the replay ServiceAccount the chart names."""
+    return dataclasses.replace(operator_env, redis_url=None,
+                               extra={"PROMPTCACHE_REPLAY_SERVICE_ACCOUNT": REPLAY_ACCOUNT, **extra})
 
 
-def operator_config(pg_dsn: str, **overrides: Any) -> OperatorConfig:
-    settings = OperatorSettings(proxy_image="promptcache:test", database_secret="pg/dsn",
-                                replay_service_account="promptcache-replay")
-    return OperatorConfig(database_url=pg_dsn, manifests=settings, **overrides)
-
-
-def replay(name: str, models: list[str], **spec: Any) -> dict[str, Any]:
+def replay(name: str, models: list[str], *, ns: str, **spec: Any) -> dict[str, Any]:
     spec.setdefault("bootstrap", BOOTSTRAP)
-    return {"apiVersion": GROUP_VERSION, "kind": "PlanReplay", "metadata": {"name": name, "namespace": NS},
+    return {"apiVersion": API_VERSION, "kind": "PlanReplay", "metadata": {"name": name, "namespace": ns},
             "spec": {"models": models, **spec}}
 
 
-def deployed(alias: str) -> dict[str, Any]:
+def deployed(alias: str, ns: str) -> dict[str, Any]:
     """The DeployedModel that makes ``alias`` the namespace's (its policy is absent: it stays Stalled, harmlessly)."""
-    return model(f"m-{alias}", alias, "serving", ns=NS)
+    return model(f"m-{alias}", alias, "serving", ns=ns)
 
 
-async def get(cluster: EmulatedCluster, name: str) -> dict[str, Any] | None:
-    return await cluster.get_or_none(GROUP_VERSION, "planreplays", NS, name)
+async def get(kube: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    return await kube.get_or_none(API_VERSION, REPLAYS, ns, name)
 
 
-async def finished(cluster: EmulatedCluster, name: str, generation: int = 1) -> dict[str, Any]:
+async def finished(kube: Cluster, ns: str, name: str, generation: int = 1) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
-        obj = await get(cluster, name)
+        obj = await get(kube, ns, name)
         status = (obj or {}).get("status") or {}
         done = status.get("observedGeneration") == generation and status.get("phase") in planreplay.TERMINAL
         return obj if done else None
@@ -131,9 +127,9 @@ async def finished(cluster: EmulatedCluster, name: str, generation: int = 1) -> 
     return obj
 
 
-async def running_in_job(cluster: EmulatedCluster, name: str, generation: int = 1) -> dict[str, Any]:
+async def running_in_job(kube: Cluster, ns: str, name: str, generation: int = 1) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
-        obj = await get(cluster, name)
+        obj = await get(kube, ns, name)
         status = (obj or {}).get("status") or {}
         running = status.get("observedGeneration") == generation and status.get("phase") == "Running"
         return obj if running and (condition(obj, "Reconciling") or {}).get("reason") == "JobRunning" else None
@@ -142,27 +138,127 @@ async def running_in_job(cluster: EmulatedCluster, name: str, generation: int = 
     return obj
 
 
-def phases(cluster: EmulatedCluster, name: str) -> list[str]:
-    """The phases the operator wrote for ``name``, in order (from the emulator's request log)."""
-    return [r.data["status"]["phase"] for r in list(cluster.emulator)
-            if r.resource is not None and r.resource.plural == "planreplays" and r.subresource == "status"
-            and r.name == name and r.method.value.upper() == "PATCH" and "phase" in r.data["status"]]
+def phase_of(obj: Obj) -> tuple[int | None, str | None]:
+    status = obj.get("status") or {}
+    return status.get("observedGeneration"), status.get("phase")
+
+
+async def phases(recording: Recording) -> list[tuple[int | None, str]]:
+    """The (generation, phase) sequence the watch saw, up to the object's current state."""
+    await recording.caught_up()
+    return [(generation, phase) for generation, phase in recording.changes(phase_of) if phase is not None]
+
+
+# --- playing a Job's pod ---------------------------------------------------------------------------------------
+
+
+async def replay_identity(kube: Cluster, ns: str, directory: Path) -> Path:
+    """The chart's replay ServiceAccount and RoleBinding in ``ns`` (the replay ClusterRole came with the operator's
+    identity); a kubeconfig with a token of that account, as the Job's pod would mount."""
+    rendered = render_chart({"image": TEST_IMAGE, "replay": {"namespaces": [ns]}})
+    assert [o["metadata"]["name"] for o in rendered if o["kind"] == "ClusterRole"
+            and o["metadata"]["name"].endswith("-replay")] == [REPLAY_ACCOUNT]
+    await kube.get("rbac.authorization.k8s.io/v1", "clusterroles", None, REPLAY_ACCOUNT)
+    objects = [o for o in rendered if o["metadata"].get("namespace") == ns]
+    assert sorted(o["kind"] for o in objects) == ["RoleBinding", "ServiceAccount"]
+    for obj in objects:
+        await kube.create(obj)
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}
+    response = await kube.call("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{REPLAY_ACCOUNT}/token",
+                               json=request)
+    return kubeconfig(directory / f"replay-{ns}.kubeconfig", kube.url, kube.plane.ca, user=REPLAY_ACCOUNT,
+                      token=response["status"]["token"], namespace=ns)
+
+
+async def dsn_secret(kube: Cluster, ns: str, dsn: str) -> None:
+    """The Secret ``pg/dsn`` that PROMPTCACHE_DATABASE_SECRET names, for the Job's pod."""
+    await kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg", "namespace": ns},
+                       "data": {"dsn": base64.b64encode(dsn.encode()).decode()}})
+
+
+async def new_pod(kube: Cluster, ns: str, job: Mapping[str, Any], seen: set[str] | None = None) -> Obj:
+    """The pod the job controller created for ``job``, not yet run (and not one of ``seen``)."""
+    selector = f"{CONTROLLER_UID}={job['metadata']['uid']}"
+
+    async def created() -> Obj | None:
+        for pod in await kube.list("v1", "pods", ns, label_selector=selector):
+            if pod["metadata"]["name"] not in (seen or set()) and \
+                    (pod.get("status") or {}).get("phase", "Pending") == "Pending":
+                return pod
+        return None
+
+    return await eventually(created, within=30, what=f"the job controller to create a pod of {job['metadata']['name']}")
+
+
+async def container_env(kube: Cluster, ns: str, container: Mapping[str, Any]) -> dict[str, str]:
+    """What the kubelet would put in the container's environment (values and Secret keys)."""
+    env: dict[str, str] = {}
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            secret = await kube.get("v1", "secrets", ns, ref["name"])
+            env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+    return env
+
+
+async def run_pod(kube: Cluster, ns: str, pod: Mapping[str, Any], identity: Path) -> tuple[int, str]:
+    """Run the pod's one container as the image would (its entrypoint is ``promptcache``; the container gives
+    args only), with the container's environment and the replay ServiceAccount's token; (exit code, output)."""
+    [container] = pod["spec"]["containers"]
+    assert "command" not in container and pod["spec"]["serviceAccountName"] == REPLAY_ACCOUNT
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTCACHE_") and k != "KUBECONFIG"}
+    env = {**base, **await container_env(kube, ns, container), "KUBECONFIG": str(identity)}
+    process = await asyncio.create_subprocess_exec(PROMPTCACHE, *container["args"], env=env,
+                                                   stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def pod_failed(kube: Cluster, ns: str, pod: Mapping[str, Any], exit_code: int) -> None:
+    """Report the pod Failed as the kubelet would, its container terminated with ``exit_code``; it finished a
+    minute ago, so the job controller's retry backoff (10 s, then 20 s) has already passed and it retries at once."""
+    finished_at = (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    [container] = pod["spec"]["containers"]
+    terminated = {"exitCode": exit_code, "reason": "Error", "startedAt": finished_at, "finishedAt": finished_at}
+    status = {
+        "phase": "Failed", "startTime": finished_at, "hostIP": "127.0.0.1", "podIP": "10.0.0.1",
+        "conditions": [{"type": t, "status": "True" if t == "PodScheduled" else "False",
+                        "lastTransitionTime": finished_at}
+                       for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+        "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": "",
+                               "ready": False, "restartCount": 0, "started": False,
+                               "state": {"terminated": terminated}}],
+    }
+    await kube.patch("v1", "pods", ns, pod["metadata"]["name"], {"status": status}, subresource="status")
+
+
+def job_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((dict(c) for c in (job.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+
+
+# --- the tests -------------------------------------------------------------------------------------------------
 
 
 async def test_in_process_replay_runs_once_per_generation(
-        cluster: EmulatedCluster, traffic: Traffic, pg_dsn: str) -> None:
-    policy = {"apiVersion": GROUP_VERSION, "kind": "CachePolicy", "metadata": {"name": "same", "namespace": NS},
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, traffic: Traffic) -> None:
+    ns = await kube.namespace("replays")
+    policy = {"apiVersion": API_VERSION, "kind": "CachePolicy", "metadata": {"name": "same", "namespace": ns},
               "spec": {**SERVED_WITH, "redis": {"maxMemory": "64mb"}}}
-    async with running_operator(cluster, memo=OperatorMemo(config=operator_config(pg_dsn)), namespaces=[NS],
-                                watching=WATCHING):
-        await cluster.create(deployed(traffic.alias))
-        await cluster.create(policy)
-        await cluster.create(replay("inline", [traffic.alias], window=traffic.window, policy=SERVED_WITH))
-        await cluster.create(replay("by-ref", [traffic.alias], window=traffic.window, cachePolicyRef={"name": "same"}))
-        obj = await finished(cluster, "inline")
+    async with start_operator(namespaces=[ns], environment=replay_environment(operator_env)), \
+            kube.watching(API_VERSION, REPLAYS, ns, "inline") as watch:
+        await kube.create(deployed(traffic.alias, ns))
+        await kube.create(policy)
+        await kube.create(replay("inline", [traffic.alias], ns=ns, window=traffic.window, policy=SERVED_WITH))
+        await kube.create(replay("by-ref", [traffic.alias], ns=ns, window=traffic.window,
+                                 cachePolicyRef={"name": "same"}))
+        obj = await finished(kube, ns, "inline")
         status = obj["status"]
         assert status["phase"] == "Succeeded", status
-        assert phases(cluster, "inline") == ["Pending", "Running", "Succeeded"]
+        assert await phases(watch) == [(1, "Pending"), (1, "Running"), (1, "Succeeded")]
 
         # Replayed under the policy it was billed under, the traffic costs exactly what it was billed.
         summary = status["summary"]  # camelCase in status, as in any Kubernetes API
@@ -185,7 +281,7 @@ async def test_in_process_replay_runs_once_per_generation(
         # The full result goes into an owned ConfigMap, the digest covering everything else in it; it is the JSON
         # `promptcache replay` prints (snake_case), of which the status holds the summary, intervals and caveats.
         assert status["reportConfigMap"] == "inline-report"
-        cm = await cluster.get("v1", "configmaps", NS, "inline-report")
+        cm = await kube.get("v1", "configmaps", ns, "inline-report")
         result = json.loads(cm["data"]["result.json"])
         assert (result["digest"], result["caveats"]) == (status["digest"], status["caveats"])
         assert planreplay.result_status(result) == {k: status[k] for k in ("summary", "intervals", "digest",
@@ -198,103 +294,122 @@ async def test_in_process_replay_runs_once_per_generation(
             ("PlanReplay", obj["metadata"]["uid"])]
         assert cm["metadata"]["annotations"][GENERATION_ANNOTATION] == "1"
         assert cm["metadata"]["annotations"][WINDOW_ANNOTATION].startswith(traffic.window["start"][:19])
-        assert await cluster.get_or_none("batch/v1", "jobs", NS, "inline-replay") is None
+        assert await kube.get_or_none("batch/v1", "jobs", ns, "inline-replay") is None
 
         # The same policy by reference (its redis keys are not part of a projection): the same result.
-        by_ref = await finished(cluster, "by-ref")
+        by_ref = await finished(kube, ns, "by-ref")
         assert by_ref["status"]["digest"] == status["digest"]
 
         # A new generation runs again: 5m markers projected as 1h cost more to write.
-        await cluster.patch(GROUP_VERSION, "planreplays", NS, "inline", {"spec": {"tierOverride": {"5m": "1h"}}})
-        second = (await finished(cluster, "inline", generation=2))["status"]
+        await kube.patch(API_VERSION, REPLAYS, ns, "inline", {"spec": {"tierOverride": {"5m": "1h"}}})
+        second = (await finished(kube, ns, "inline", generation=2))["status"]
         assert second["phase"] == "Succeeded" and second["digest"] != status["digest"]
         assert Decimal(second["summary"]["savings"]) < 0 and Decimal(second["summary"]["savingsPct"]) < 0
-        cm = await cluster.get("v1", "configmaps", NS, "inline-report")
+        cm = await kube.get("v1", "configmaps", ns, "inline-report")
         assert json.loads(cm["data"]["result.json"])["params"]["tier_override"] == {"5m": "1h"}
         assert cm["metadata"]["annotations"][GENERATION_ANNOTATION] == "2"
-        assert phases(cluster, "inline") == ["Pending", "Running", "Succeeded"] * 2
+        ran_twice = [(g, p) for g in (1, 2) for p in ("Pending", "Running", "Succeeded")]
+        assert await phases(watch) == ran_twice
 
         # Status-only and metadata-only changes run nothing.
-        await cluster.patch_status(GROUP_VERSION, "planreplays", NS, "inline", {"caveats": ["checked by a human"]})
-        await cluster.patch(GROUP_VERSION, "planreplays", NS, "inline", {"metadata": {"labels": {"team": "billing"}}})
-        await cluster.create(replay("later", [traffic.alias], window=traffic.window, policy=SERVED_WITH))
-        await finished(cluster, "later")  # a later event, handled after the ones above
-        after = (await get(cluster, "inline") or {})["status"]
+        await kube.patch_status(API_VERSION, REPLAYS, ns, "inline", {"caveats": ["checked by a human"]})
+        await kube.patch(API_VERSION, REPLAYS, ns, "inline", {"metadata": {"labels": {"team": "billing"}}})
+        await kube.create(replay("later", [traffic.alias], ns=ns, window=traffic.window, policy=SERVED_WITH))
+        await finished(kube, ns, "later")  # a later event, handled after the ones above
+        after = (await get(kube, ns, "inline") or {})["status"]
         assert (after["caveats"], after["finishedAt"], after["digest"]) == (
             ["checked by a human"], second["finishedAt"], second["digest"])
-        assert phases(cluster, "inline") == ["Pending", "Running", "Succeeded"] * 2
+        assert await phases(watch) == ran_twice
 
-        events = await cluster.events(NS, involving="inline")
-        assert [e["reason"] for e in events if e["reason"] == "Succeeded"] == ["Succeeded", "Succeeded"]
+        async def two_succeeded() -> bool:  # kopf posts events asynchronously
+            events = await kube.events(ns, involving="inline")
+            return [e["reason"] for e in events if e["reason"] == "Succeeded"] == ["Succeeded", "Succeeded"]
+
+        await eventually(two_succeeded, what="one Succeeded event per generation")
 
 
-async def test_bad_specs_fail_with_a_reason(cluster: EmulatedCluster, pg_dsn: str) -> None:
+async def test_bad_specs_fail_with_a_reason(
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment) -> None:
+    """What the CRD's schema and CEL rules refuse, the API server refuses (the operator's own check of the same
+    rule is for a server that skips them); what only the operator can know fails the PlanReplay with a reason."""
+    ns = await kube.namespace("replays")
     alias = unique("idle")  # deployed, but never requested
     window = {"start": "2001-01-01T00:00:00Z", "end": "2001-01-02T00:00:00Z"}
-    cases = {
-        "unknown-model": (replay("unknown-model", ["no-such-model"], window=window, policy={}),
-                          "UnknownModel", "no-such-model"),
-        "empty-window": (replay("empty-window", [alias], window=window, policy={}), "EmptyWindow",
-                         "no 2xx requests"),
-        "backwards": (replay("backwards", [alias], window={"start": window["end"], "end": window["start"]},
-                             policy={}), "EmptyWindow", "is not before"),
-        "bad-policy": (replay("bad-policy", [alias], lastHours=1, policy={"enabledTtls": ["1h"], "defaultTtl": "5m"}),
-                       "InvalidPolicy", "defaultTtl"),
-        "missing-ref": (replay("missing-ref", [alias], lastHours=1, cachePolicyRef={"name": "nowhere"}),
-                        "CachePolicyNotFound", f"CachePolicy {NS}/nowhere"),
-        "two-windows": (replay("two-windows", [alias], window=window, lastHours=1, policy={}), "InvalidSpec",
-                        "exactly one of window and lastHours"),
+    refused = {
+        "backwards": (replay("backwards", [alias], ns=ns, window={"start": window["end"], "end": window["start"]},
+                             policy={}), "window.start must be before window.end"),
+        "bad-policy": (replay("bad-policy", [alias], ns=ns, lastHours=1,
+                              policy={"enabledTtls": ["1h"], "defaultTtl": "5m"}),
+                       "defaultTtl must be one of enabledTtls"),
+        "two-windows": (replay("two-windows", [alias], ns=ns, window=window, lastHours=1, policy={}),
+                        "set exactly one of window and lastHours"),
     }
-    async with running_operator(cluster, memo=OperatorMemo(config=operator_config(pg_dsn)), namespaces=[NS],
-                                watching=WATCHING):
-        await cluster.create(deployed(alias))
+    for name, (obj, words) in refused.items():
+        with pytest.raises(KubeError) as refusal:
+            await kube.create(obj)
+        assert refusal.value.status == 422 and words in refusal.value.message, (name, refusal.value.message)
+    cases = {
+        "unknown-model": (replay("unknown-model", ["no-such-model"], ns=ns, window=window, policy={}),
+                          "UnknownModel", "no-such-model"),
+        "empty-window": (replay("empty-window", [alias], ns=ns, window=window, policy={}), "EmptyWindow",
+                         "no 2xx requests"),
+        "missing-ref": (replay("missing-ref", [alias], ns=ns, lastHours=1, cachePolicyRef={"name": "nowhere"}),
+                        "CachePolicyNotFound", f"CachePolicy {ns}/nowhere"),
+    }
+    async with start_operator(namespaces=[ns], environment=replay_environment(operator_env)):
+        await kube.create(deployed(alias, ns))
         for obj, _, _ in cases.values():
-            await cluster.create(obj)
+            await kube.create(obj)
         for name, (_, reason, words) in cases.items():
-            obj = await finished(cluster, name)
+            obj = await finished(kube, ns, name)
             assert obj["status"]["phase"] == "Failed", (name, obj["status"])
             stalled = condition(obj, "Stalled") or {}
             assert (stalled.get("status"), stalled.get("reason")) == ("True", reason), name
             assert words in stalled["message"], (name, stalled["message"])
             assert (condition(obj, "Ready") or {}).get("status") == "False"
             assert "summary" not in obj["status"] and "digest" not in obj["status"]
+
             async def warned(name: str = name, reason: str = reason) -> bool:  # kopf posts events asynchronously
-                events = await cluster.events(NS, involving=name)
+                events = await kube.events(ns, involving=name)
                 return [e["type"] for e in events if e["reason"] == reason] == ["Warning"]
 
             await eventually(warned, what=f"the {reason} warning event for {name}")
-        assert await cluster.list("v1", "configmaps", NS) == []
-        assert await cluster.list("batch/v1", "jobs", NS) == []
+        assert await kube.list("v1", "configmaps", ns) == []
+        assert await kube.list("batch/v1", "jobs", ns) == []
 
 
 async def test_large_replays_run_as_a_job_with_the_same_result(
-        cluster: EmulatedCluster, traffic: Traffic, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, traffic: Traffic,
+        pg_dsn: str, tmp_path: Path) -> None:
+    ns = await kube.namespace("replays")
+    identity = await replay_identity(kube, ns, tmp_path)
+    await dsn_secret(kube, ns, pg_dsn)
     spec = {"window": traffic.window, "policy": SERVED_WITH, "tierOverride": {"5m": "1h"}}
     # Ten requests are logged, but only the nine that succeeded count towards the threshold.
-    async with running_operator(cluster, memo=OperatorMemo(
-            config=operator_config(pg_dsn, inline_replay_max_requests=9)),
-                                namespaces=[NS], watching=WATCHING):
-        await cluster.create(deployed(traffic.alias))
-        await cluster.create(replay("here", [traffic.alias], **spec))
-        here = await finished(cluster, "here")
+    inline = replay_environment(operator_env, PROMPTCACHE_INLINE_REPLAY_MAX_REQUESTS="9")
+    async with start_operator(namespaces=[ns], environment=inline):
+        await kube.create(deployed(traffic.alias, ns))
+        await kube.create(replay("here", [traffic.alias], ns=ns, **spec))
+        here = await finished(kube, ns, "here")
     assert here["status"]["phase"] == "Succeeded"
     assert (condition(here, "Ready") or {})["reason"] == "Succeeded"
-    assert await cluster.get_or_none("batch/v1", "jobs", NS, "here-replay") is None
+    assert await kube.get_or_none("batch/v1", "jobs", ns, "here-replay") is None
 
-    config = operator_config(pg_dsn, inline_replay_max_requests=0)
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
-        await cluster.create(replay("there", [traffic.alias], **spec))
-        there = await running_in_job(cluster, "there")
-        job = await cluster.get("batch/v1", "jobs", NS, "there-replay")
+    in_jobs = replay_environment(operator_env, PROMPTCACHE_INLINE_REPLAY_MAX_REQUESTS="0")
+    async with start_operator(namespaces=[ns], environment=in_jobs), \
+            kube.watching(API_VERSION, REPLAYS, ns, "there") as watch:
+        await kube.create(replay("there", [traffic.alias], ns=ns, **spec))
+        there = await running_in_job(kube, ns, "there")
+        job = await kube.get("batch/v1", "jobs", ns, "there-replay")
         assert [(r["kind"], r["uid"]) for r in job["metadata"]["ownerReferences"]] == [
             ("PlanReplay", there["metadata"]["uid"])]
         assert job["metadata"]["annotations"][GENERATION_ANNOTATION] == "1"
         assert job["spec"]["backoffLimit"] == 2 and job["spec"]["ttlSecondsAfterFinished"] > 0
-        pod = job["spec"]["template"]["spec"]
-        assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "promptcache-replay"
-        [container] = pod["containers"]
+        template = job["spec"]["template"]["spec"]
+        assert template["restartPolicy"] == "Never" and template["serviceAccountName"] == REPLAY_ACCOUNT
+        [container] = template["containers"]
         assert container["image"] == "promptcache:test"
-        assert container["args"] == ["replay-job", f"{NS}/there"]
+        assert container["args"] == ["replay-job", f"{ns}/there"]
         assert container["env"] == [{"name": "PROMPTCACHE_DATABASE_URL",
                                      "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}}]
         security = container["securityContext"]
@@ -302,53 +417,92 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
         assert not security["allowPrivilegeEscalation"] and security["capabilities"] == {"drop": ["ALL"]}
         assert container["resources"]["limits"]["memory"]
         assert "startedAt" in there["status"] and "summary" not in there["status"]
-        assert (await get(cluster, "here") or {})["status"]["finishedAt"] == here["status"]["finishedAt"], \
+        assert (await get(kube, ns, "here") or {})["status"]["finishedAt"] == here["status"]["finishedAt"], \
             "the restarted operator does not re-run a finished generation"
 
-        # The Job's pod (its command line): the same code, patching the status itself.
-        monkeypatch.setenv("PROMPTCACHE_DATABASE_URL", pg_dsn)
-        assert await asyncio.to_thread(cli.main, container["args"]) == 0
-        done = await finished(cluster, "there")
+        # The Job's pod, as the job controller created it: the same code, patching the status itself.
+        pod = await new_pod(kube, ns, job)
+        code, output = await run_pod(kube, ns, pod, identity)
+        assert code == 0, output
+        done = await finished(kube, ns, "there")
         assert done["status"]["phase"] == "Succeeded"
         assert done["status"]["digest"] == here["status"]["digest"]
         assert done["status"]["summary"] == here["status"]["summary"]
-        report = await cluster.get("v1", "configmaps", NS, "there-report")
+        report = await kube.get("v1", "configmaps", ns, "there-report")
         assert json.loads(report["data"]["result.json"])["digest"] == here["status"]["digest"]
-        assert phases(cluster, "there") == ["Pending", "Running", "Succeeded"]
-        assert [e["type"] for e in await cluster.events(NS, involving="there") if e["reason"] == "Succeeded"] == [
+        assert [(r["kind"], r["uid"]) for r in report["metadata"]["ownerReferences"]] == [
+            ("PlanReplay", there["metadata"]["uid"])]
+        assert await phases(watch) == [(1, "Pending"), (1, "Running"), (1, "Succeeded")]
+        assert [e["type"] for e in await kube.events(ns, involving="there") if e["reason"] == "Succeeded"] == [
             "Normal"]
-        assert await asyncio.to_thread(planreplay.run_job, NS, "there") == 0, "a retried pod changes nothing"
-        assert phases(cluster, "there") == ["Pending", "Running", "Succeeded"]
+
+        # The pod exited 0: the job controller completes the Job.
+        assert await kube.play_kubelet(ns, "job-name=there-replay", phase="Succeeded") == 1
+
+        async def complete() -> Obj | None:
+            live = await kube.get("batch/v1", "jobs", ns, "there-replay")
+            return live if (job_condition(live, "Complete") or {}).get("status") == "True" else None
+
+        completed = await eventually(complete, what="the job controller to complete the Job")
+        assert completed["status"]["succeeded"] == 1 and not completed["status"].get("failed")
+        assert (await get(kube, ns, "there") or {})["status"]["phase"] == "Succeeded"
+
+        code, output = await run_pod(kube, ns, pod, identity)
+        assert code == 0 and "already ran" in output, "a retried pod changes nothing"
+        assert await phases(watch) == [(1, "Pending"), (1, "Running"), (1, "Succeeded")]
         with pytest.raises(SystemExit) as usage:
             cli.main(["replay-job", "no-slash"])
         assert usage.value.code == 2
 
 
 async def test_a_new_generation_replaces_the_job_and_a_failed_job_fails_the_replay(
-        cluster: EmulatedCluster, traffic: Traffic, pg_dsn: str) -> None:
-    config = operator_config(pg_dsn, inline_replay_max_requests=0)
-    async with running_operator(cluster, memo=OperatorMemo(config=config), namespaces=[NS], watching=WATCHING):
-        await cluster.create(deployed(traffic.alias))
-        await cluster.create(replay("doomed", [traffic.alias], window=traffic.window, policy=SERVED_WITH))
-        await running_in_job(cluster, "doomed")
-        first = await cluster.get("batch/v1", "jobs", NS, "doomed-replay")
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, traffic: Traffic,
+        tmp_path: Path) -> None:
+    ns = await kube.namespace("replays")
+    identity = await replay_identity(kube, ns, tmp_path)
+    await dsn_secret(kube, ns, f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")  # nothing listens there
+    environment = replay_environment(operator_env, PROMPTCACHE_INLINE_REPLAY_MAX_REQUESTS="0")
+    async with start_operator(namespaces=[ns], environment=environment), \
+            kube.watching(API_VERSION, REPLAYS, ns, "doomed") as watch:
+        await kube.create(deployed(traffic.alias, ns))
+        await kube.create(replay("doomed", [traffic.alias], ns=ns, window=traffic.window, policy=SERVED_WITH))
+        await running_in_job(kube, ns, "doomed")
+        first = await kube.get("batch/v1", "jobs", ns, "doomed-replay")
+        await new_pod(kube, ns, first)
 
-        await cluster.patch(GROUP_VERSION, "planreplays", NS, "doomed", {"spec": {"tierOverride": {"5m": "24h"}}})
-        await running_in_job(cluster, "doomed", generation=2)
-        second = await cluster.get("batch/v1", "jobs", NS, "doomed-replay")
+        await kube.patch(API_VERSION, REPLAYS, ns, "doomed", {"spec": {"tierOverride": {"5m": "24h"}}})
+        await running_in_job(kube, ns, "doomed", generation=2)
+        second = await kube.get("batch/v1", "jobs", ns, "doomed-replay")
         assert second["metadata"]["uid"] != first["metadata"]["uid"]
         assert second["metadata"]["annotations"][GENERATION_ANNOTATION] == "2"
 
-        # Play the Job controller: the pod failed past its backoff limit, without writing a result.
-        await cluster.patch_status("batch/v1", "jobs", NS, "doomed-replay", {"failed": 3, "conditions": [
-            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-             "message": "Job has reached the specified backoff limit"}]})
-        obj = await finished(cluster, "doomed", generation=2)
+        # Play each pod the job controller creates: it cannot reach Postgres, exits 1, and the pod fails; after
+        # backoffLimit (2) retries the job controller fails the Job, and the operator fails the PlanReplay.
+        seen: set[str] = set()
+        for _ in range(second["spec"]["backoffLimit"] + 1):
+            pod = await new_pod(kube, ns, second, seen)
+            seen.add(pod["metadata"]["name"])
+            code, output = await run_pod(kube, ns, pod, identity)
+            assert code == 1 and "the request log is unavailable" in output, output
+            await pod_failed(kube, ns, pod, code)
+        assert len(seen) == 3
+
+        async def job_failed() -> Obj | None:
+            live = await kube.get("batch/v1", "jobs", ns, "doomed-replay")
+            return live if (job_condition(live, "Failed") or {}).get("status") == "True" else None
+
+        failed_job = await eventually(job_failed, what="the job controller to fail the Job")
+        assert failed_job["status"]["failed"] == 3
+        assert (job_condition(failed_job, "Failed") or {})["reason"] == "BackoffLimitExceeded"
+
+        obj = await finished(kube, ns, "doomed", generation=2)
         assert obj["status"]["phase"] == "Failed"
         stalled = condition(obj, "Stalled") or {}
         assert stalled["reason"] == "JobFailed" and "BackoffLimitExceeded" in stalled["message"]
+        assert await phases(watch) == [(1, "Pending"), (1, "Running"), (2, "Pending"), (2, "Running"), (2, "Failed")]
+
         async def warned() -> bool:  # kopf posts events asynchronously
-            events = await cluster.events(NS, involving="doomed")
+            events = await kube.events(ns, involving="doomed")
             return [e["type"] for e in events if e["reason"] == "JobFailed"] == ["Warning"]
 
         await eventually(warned, what="the JobFailed warning event")

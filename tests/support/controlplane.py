@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -19,10 +21,11 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 from cryptography import x509
@@ -116,8 +119,6 @@ class Pki:
                    .not_valid_after(now + datetime.timedelta(days=1))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
         if server:
-            import ipaddress
-
             builder = builder.add_extension(x509.SubjectAlternativeName([
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
                 x509.DNSName("kubernetes.default.svc")]), critical=False)
@@ -212,8 +213,6 @@ class ControlPlane:
 
 
 def _wait_ready(plane: ControlPlane, within: float) -> None:
-    import urllib.request
-
     deadline = time.monotonic() + within
     context = plane.ssl_context()
     last: Exception | None = None
@@ -229,15 +228,12 @@ def _wait_ready(plane: ControlPlane, within: float) -> None:
     raise RuntimeError(f"kube-apiserver was not ready in {within}s ({last}); its log:\n{plane.processes[1].tail()}")
 
 
-def _request(plane: ControlPlane, method: str, path: str, body: object | None = None) -> dict[str, object]:
-    import json
-    import urllib.request
-
+def _request(plane: ControlPlane, method: str, path: str, body: object | None = None) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(f"{plane.url}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, context=plane.ssl_context(), timeout=10) as response:
-        result: dict[str, object] = json.load(response)
+        result: dict[str, Any] = json.load(response)
         return result
 
 
@@ -253,8 +249,7 @@ def _install_crds(plane: ControlPlane, within: float) -> None:
     deadline = time.monotonic() + within
     for name in names:
         while not any(c.get("type") == "Established" and c.get("status") == "True"
-                      for c in (_request(plane, "GET", f"{path}/{name}").get("status") or {})  # type: ignore[union-attr]
-                      .get("conditions") or []):
+                      for c in (_request(plane, "GET", f"{path}/{name}").get("status") or {}).get("conditions") or []):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"CRD {name} was not Established in {within}s")
             time.sleep(0.1)
@@ -262,9 +257,6 @@ def _install_crds(plane: ControlPlane, within: float) -> None:
 
 def _wait_controllers(plane: ControlPlane, within: float) -> None:
     """The controller manager is up once the service-account controller made ``default``'s account."""
-    import json
-    import urllib.request
-
     deadline = time.monotonic() + within
     context = plane.ssl_context()
     url = f"{plane.url}/api/v1/namespaces/default/serviceaccounts/default"
