@@ -198,8 +198,12 @@ class Cluster:
                                        "restartCount": 0, "started": phase == "Running", "state": state}
                                       for c in containers],
             }
-            await self.patch("v1", "pods", namespace, pod["metadata"]["name"], {"status": status},
-                             subresource="status")
+            try:
+                await self.patch("v1", "pods", namespace, pod["metadata"]["name"], {"status": status},
+                                 subresource="status")
+            except KubeError as e:
+                if e.status != 404:  # a pod the ReplicaSet deleted meanwhile (a rollout moves on)
+                    raise
         return len(pods)
 
     async def roll_out(self, namespace: str, name: str, *, within: float = 60.0) -> Obj:
@@ -266,6 +270,29 @@ class Cluster:
             [outcome] = await asyncio.gather(task, return_exceptions=True)
         if isinstance(outcome, Exception):
             raise RuntimeError(f"the watch of {plural}/{name} failed: {outcome}") from outcome
+
+    async def release(self, namespace: str, *, within: float = 30.0) -> None:
+        """Delete what the operator watches in ``namespace`` (our three kinds and the replay Jobs) while it still
+        runs, and wait until they are gone, its finalizers released. The namespace itself is deleted in the
+        background after the test (``forget``); an operator a later test runs for every namespace would otherwise
+        find them there and act on them, into a namespace that refuses new content."""
+        kinds = [(API_VERSION, plural) for plural in (REPLAYS, POLICIES, MODELS)] + [("batch/v1", "jobs")]
+        for group_version, plural in kinds:
+            for obj in await self.list(group_version, plural, namespace):
+                try:
+                    await self.call("DELETE", object_path(group_version, plural, namespace, obj["metadata"]["name"]),
+                                    params={"propagationPolicy": "Background"})
+                except KubeError as e:
+                    if e.status != 404:
+                        raise
+
+        async def gone() -> bool:
+            for group_version, plural in kinds:
+                if await self.list(group_version, plural, namespace):
+                    return False
+            return True
+
+        await eventually(gone, within=within, what=f"the operator's objects in {namespace} to be deleted")
 
     async def forget(self, namespace: str) -> None:
         """Delete ``namespace`` without waiting, first releasing our finalizers in it."""
