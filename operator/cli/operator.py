@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,9 +24,15 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
 
     import promptcache.operator.main  # noqa: F401  (registers the handlers)
+    from promptcache.operator.handlers.config import EnvironmentError_, OperatorConfig
     from promptcache.operator.handlers.state import OperatorMemo
 
+    try:
+        config = OperatorConfig.from_env()
+    except EnvironmentError_ as exc:
+        print(f"promptcache operator: {exc}", file=sys.stderr)
+        return 2
     kopf.configure(verbose=args.verbose)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace or (), standalone=True,
-             liveness_endpoint=args.liveness, memo=OperatorMemo())
+             liveness_endpoint=args.liveness, memo=OperatorMemo(config=config))
     return 0

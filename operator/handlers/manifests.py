@@ -38,7 +38,8 @@ _NAME_LIMIT = 63
 
 @dataclass(frozen=True)
 class OperatorSettings:
-    proxy_image: str = "ghcr.io/promptcache/promptcache:0.1.0"
+    proxy_image: str = ""
+    """The image proxy pods and replay Jobs run; required from the environment (there is no public image)."""
     database_secret: str | None = None
     """``name/key`` of the Secret holding the Postgres DSN the proxies use."""
     redis_url: str | None = None

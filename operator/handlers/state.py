@@ -18,7 +18,7 @@ from promptcache.proxy.storage.postgres import Database
 
 @dataclass
 class OperatorMemo:
-    config: OperatorConfig = field(default_factory=OperatorConfig.from_env)
+    config: OperatorConfig
     pg: Database | None = None
     """None without ``PROMPTCACHE_DATABASE_URL``: no tariffs, no housekeeping, replays refuse to run."""
     redis: aioredis.Redis | None = None
