@@ -12,6 +12,7 @@ runs again, and a result finished after the spec moved on is dropped.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -273,6 +274,15 @@ async def job_failed(job: Mapping[str, Any], kube: Kube) -> tuple[kopf.Body, Eve
 # --- the Job's side ------------------------------------------------------------------------------
 
 
+def _api_message(exc: ApiException) -> str:
+    """The API server's own words (e.g. which request RBAC refused), for the pod's log."""
+    try:
+        message = json.loads(exc.body or "").get("message")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {message}" if message else ""
+
+
 def run_job(namespace: str, name: str) -> int:
     """Run the PlanReplay's current generation and patch its status, as a replay Job's pod does.
 
@@ -320,7 +330,7 @@ async def _run_job(namespace: str, name: str) -> int:
         print(f"{where}: the request log is unavailable: {exc}", file=sys.stderr)
         return 1
     except ApiException as exc:
-        print(f"{where}: Kubernetes API error {exc.status}: {exc.reason}", file=sys.stderr)
+        print(f"{where}: Kubernetes API error {exc.status}: {exc.reason}{_api_message(exc)}", file=sys.stderr)
         return 1
     finally:
         kube.close()

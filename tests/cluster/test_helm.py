@@ -53,9 +53,9 @@ def hook_job(chart_values: dict[str, Any], release: str, namespace: str) -> str:
 async def helm_with_hook(kube: Cluster, namespace: str, job: str, action: Any) -> tuple[Any, str]:
     """Run a blocking Helm action in a thread while playing its migrations hook's pod; the hook's output."""
     task = asyncio.create_task(asyncio.to_thread(action))
-    done = await run_job_pod(kube, namespace, job)
-    assert done.returncode == 0, done.stderr
-    return await asyncio.wait_for(task, 120), done.stdout + done.stderr
+    code, output = await run_job_pod(kube, namespace, job)
+    assert code == 0, output
+    return await asyncio.wait_for(task, 120), output
 
 
 async def test_install_upgrade_uninstall(kube: Cluster, pg_dsn: str, redis_url: str) -> None:

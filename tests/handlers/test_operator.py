@@ -193,26 +193,6 @@ async def test_sidecar_mode_points_the_proxy_at_the_server_over_localhost(
         assert upstream["url"] == "http://127.0.0.1:8000/v1"
 
 
-async def test_operator_killed_mid_reconcile_converges_without_duplicates(
-        kube: Cluster, start_operator: StartOperator, pg_dsn: str) -> None:
-    ns = await kube.namespace("llm")
-    alias = unique("crash")
-    async with start_operator(namespaces=[ns]) as op:
-        await kube.create(policy("standard", ns=ns))
-        await kube.create(model("crash", alias, "standard", ns=ns))
-        await eventually(lambda: kube.get_or_none("v1", "configmaps", ns, "crash-proxy-config"),
-                         what="the reconcile to have started")
-        await op.kill()
-    async with start_operator(namespaces=[ns]):
-        await eventually(lambda: _has_status(kube, ns, "crash"), what="the restarted operator to converge")
-        for group_version, plural, name in (("v1", "configmaps", "crash-proxy-config"),
-                                            ("apps/v1", "deployments", "crash-proxy"),
-                                            ("v1", "services", "crash-proxy")):
-            items = await kube.list(group_version, plural, ns)
-            assert [i["metadata"]["name"] for i in items if i["metadata"]["name"].startswith("crash-")] == [name]
-        assert len([t for t in await tariffs(pg_dsn, alias) if t["valid_until"] is None]) == 1
-
-
 async def test_startup_applies_migrations_to_an_empty_database(
         kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, empty_pg_dsn: str) -> None:
     ns = await kube.namespace("llm")

@@ -78,14 +78,19 @@ async def test_policy_edits_append_tariffs_rerender_models_and_configure_redis(
             assert status["boundModels"] == ["llama"]
             assert status["redisApplied"] is True
             assert (condition(obj, "RedisConfigured") or {})["status"] == "True"
-            llama = await kube.get(API_VERSION, "deployedmodels", ns, "llama")
-            assert llama["status"]["tariffVersion"] == history[-1]["version"]
+
+            async def model_reports() -> bool:  # the model's own status patch follows its reconcile
+                llama = await kube.get(API_VERSION, "deployedmodels", ns, "llama")
+                return bool((llama.get("status") or {}).get("tariffVersion") == history[-1]["version"])
+
+            await eventually(model_reports, what="the model's status to name its tariff version")
             client = redis.client()
             try:
                 found: Any = {**await client.config_get("maxmemory"), **await client.config_get("maxmemory-policy")}
                 assert found == {"maxmemory": "67108864", "maxmemory-policy": "volatile-ttl"}
             finally:
                 await client.aclose()
+            await kube.release(ns)  # nothing for a later test's operator to find
     finally:
         await redis.stop()
 
@@ -114,6 +119,7 @@ async def test_redis_refusing_config_is_a_condition_not_a_crash(
             await eventually(warned, what="the RedisConfigRefused warning event")
             await kube.create(policy("after", ns=ns))  # the operator is still running
             assert await eventually(lambda: observed(kube, ns, "cachepolicies", "after"), what="a later policy")
+            await kube.release(ns)  # nothing for a later test's operator to find
     finally:
         await redis.stop()
 
@@ -172,3 +178,4 @@ async def test_running_proxy_bills_a_multiplier_change_within_two_seconds(
                 expected = (Decimal(row["uncached_tokens"]) * 3 + Decimal(row["creation_5m"]) * 3 * multiplier
                             + Decimal(row["completion_tokens"]) * 15) / 1_000_000
                 assert row["cost"] == expected
+        await kube.release(ns)  # nothing for a later test's operator to find

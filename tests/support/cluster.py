@@ -177,27 +177,8 @@ class Cluster:
         if only_pending:
             pods = [p for p in pods if (p.get("status") or {}).get("phase", "Pending") == "Pending"
                     and not p["metadata"].get("deletionTimestamp")]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for pod in pods:
-            containers = pod["spec"]["containers"]
-            if phase == "Running":
-                state: Obj = {"running": {"startedAt": now}}
-                ready = "True"
-            else:
-                code = 0 if phase == "Succeeded" else 1
-                state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                        "startedAt": now, "finishedAt": now}}
-                ready = "False"
-            status = {
-                "phase": phase, "startTime": now, "hostIP": "127.0.0.1", "podIP": "10.0.0.1",
-                "podIPs": [{"ip": "10.0.0.1"}], "hostIPs": [{"ip": "127.0.0.1"}],
-                "conditions": [{"type": t, "status": ready if t != "PodScheduled" else "True",
-                                "lastTransitionTime": now}
-                               for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-                "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": ready == "True",
-                                       "restartCount": 0, "started": phase == "Running", "state": state}
-                                      for c in containers],
-            }
+            status = pod_status(pod, phase)
             try:
                 await self.patch("v1", "pods", namespace, pod["metadata"]["name"], {"status": status},
                                  subresource="status")
@@ -343,6 +324,30 @@ class Recording:
             return any(obj["metadata"]["resourceVersion"] == version for _, obj in self.events)
 
         await eventually(seen, within=within, what=f"the watch of {self.plural}/{self.name} to catch up")
+
+
+def pod_status(pod: Mapping[str, Any], phase: str, *, exit_code: int | None = None,
+               at: datetime | None = None) -> Obj:
+    """The status a kubelet reports for ``pod`` in ``phase``: Running and Ready, or Succeeded/Failed with its
+    containers terminated (exit 0, or ``exit_code``, default 1), as of ``at`` (default now)."""
+    when = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if phase == "Running":
+        state: Obj = {"running": {"startedAt": when}}
+        ready = "True"
+    else:
+        code = 0 if phase == "Succeeded" else (1 if exit_code is None else exit_code)
+        state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                "startedAt": when, "finishedAt": when}}
+        ready = "False"
+    return {
+        "phase": phase, "startTime": when, "hostIP": "127.0.0.1", "podIP": "10.0.0.1",
+        "podIPs": [{"ip": "10.0.0.1"}], "hostIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": t, "status": ready if t != "PodScheduled" else "True", "lastTransitionTime": when}
+                       for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+        "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": ready == "True",
+                               "restartCount": 0, "started": phase == "Running", "state": state}
+                              for c in pod["spec"]["containers"]],
+    }
 
 
 @asynccontextmanager

@@ -1,25 +1,26 @@
 """Playing the kubelet for a Job's pod: run what its container would run, here, then report how it ended
-(docs/design.md#testing). Every role of the image is a ``promptcache`` subcommand, so the container's args run as
-``promptcache <args>`` with the container's environment resolved from its Secrets and ConfigMaps."""
+(docs/design.md#testing). Every role of the image is a ``promptcache`` subcommand and containers give only args,
+so a container runs as ``promptcache <args>`` with its environment resolved from its Secrets and ConfigMaps."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from support.cluster import Cluster, eventually
+from support.cluster import Cluster, Obj, eventually, pod_status
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 
 
 async def container_env(kube: Cluster, namespace: str, container: Mapping[str, Any]) -> dict[str, str]:
-    """The container's ``env``, with ``valueFrom`` Secret and ConfigMap keys read from the cluster."""
+    """What the kubelet would put in the container's environment: values, Secret and ConfigMap keys."""
     env: dict[str, str] = {}
     for var in container.get("env") or []:
         if "value" in var:
@@ -38,25 +39,53 @@ async def container_env(kube: Cluster, namespace: str, container: Mapping[str, A
     return env
 
 
-async def run_job_pod(kube: Cluster, namespace: str, job: str, *, kubeconfig: Path | None = None,
-                      within: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Wait for the Job's pod, run its one container's ``promptcache`` command here, and mark the pod Succeeded
-    or Failed by the exit code, so the real job controller completes or retries the Job."""
+async def new_pod(kube: Cluster, namespace: str, job: Mapping[str, Any], seen: set[str] | None = None) -> Obj:
+    """The pod the job controller created for ``job``, not yet run (and not one of ``seen``)."""
+    selector = f"{CONTROLLER_UID}={job['metadata']['uid']}"
 
-    async def pod() -> dict[str, Any] | None:
-        pods = await kube.list("v1", "pods", namespace, label_selector=f"job-name={job}")
-        pending = [p for p in pods if (p.get("status") or {}).get("phase", "Pending") == "Pending"]
-        return pending[0] if pending else None
+    async def created() -> Obj | None:
+        for pod in await kube.list("v1", "pods", namespace, label_selector=selector):
+            if pod["metadata"]["name"] not in (seen or set()) and \
+                    (pod.get("status") or {}).get("phase", "Pending") == "Pending":
+                return pod
+        return None
 
-    found = await eventually(pod, within=within, what=f"the pod of Job {namespace}/{job}")
-    [container] = found["spec"]["containers"]
-    assert container.get("command") in (None, ["promptcache"]), container.get("command")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-           **await container_env(kube, namespace, container)}
+    return await eventually(created, within=60, what=f"the job controller to create a pod of {job['metadata']['name']}")
+
+
+async def run_pod(kube: Cluster, namespace: str, pod: Mapping[str, Any],
+                  kubeconfig: Path | None = None) -> tuple[int, str]:
+    """Run the pod's one container here, with its environment (and ``kubeconfig`` as the token the pod would
+    mount); (exit code, output)."""
+    [container] = pod["spec"]["containers"]
+    assert "command" not in container, "containers give args only; the image's entrypoint is promptcache"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTCACHE_") and k != "KUBECONFIG"}
+    env = {**base, **await container_env(kube, namespace, container)}
     if kubeconfig is not None:
         env["KUBECONFIG"] = str(kubeconfig)
-    done = await asyncio.to_thread(subprocess.run, [PROMPTCACHE, *container.get("args", [])], env=env,
-                                   capture_output=True, text=True, timeout=120, check=False)
-    await kube.play_kubelet(namespace, f"job-name={job}", phase="Succeeded" if done.returncode == 0 else "Failed",
-                            only_pending=True)
-    return done
+    process = await asyncio.create_subprocess_exec(PROMPTCACHE, *container.get("args", []), env=env,
+                                                   stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def pod_finished(kube: Cluster, namespace: str, pod: Mapping[str, Any], exit_code: int, *,
+                       ago: timedelta = timedelta(0)) -> None:
+    """Report the pod Succeeded (exit 0) or Failed as the kubelet would, finished ``ago`` (a failure a minute ago
+    has outlived the job controller's retry backoff of 10 s, then 20 s, so it retries at once)."""
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    status = pod_status(pod, phase, exit_code=exit_code, at=datetime.now(UTC) - ago)
+    await kube.patch("v1", "pods", namespace, pod["metadata"]["name"], {"status": status}, subresource="status")
+
+
+async def run_job_pod(kube: Cluster, namespace: str, job: str, *,
+                      kubeconfig: Path | None = None) -> tuple[int, str]:
+    """The Job's next pod, run here and reported finished, so the real job controller completes or retries it."""
+    live = await eventually(lambda: kube.get_or_none("batch/v1", "jobs", namespace, job), within=60,
+                            what=f"the Job {namespace}/{job}")
+    pod = await new_pod(kube, namespace, live)
+    code, output = await run_pod(kube, namespace, pod, kubeconfig)
+    await pod_finished(kube, namespace, pod, code)
+    return code, output
