@@ -115,14 +115,27 @@ async def test_model_lifecycle_create_update_status_only_delete(
         assert (await kube.get("apps/v1", "deployments", ns, "llama-proxy"))["metadata"]["resourceVersion"] == \
             deployment_rv
 
-        # Delete: the tariff closes, the finalizer goes, owned objects are garbage-collected.
+        # The real controllers made the ReplicaSets (one per rollout) and their pods, owned by the Deployment.
+        deployment = await kube.get("apps/v1", "deployments", ns, "llama-proxy")
+        async def owned_by(uids: set[str], group_version: str, plural: str) -> set[str]:
+            return {o["metadata"]["uid"] for o in await kube.list(group_version, plural, ns)
+                    if {r["uid"] for r in o["metadata"].get("ownerReferences", [])} & uids}
+
+        replica_sets = await owned_by({deployment["metadata"]["uid"]}, "apps/v1", "replicasets")
+        pods = await owned_by(replica_sets, "v1", "pods")
+        assert replica_sets and pods
+
+        # Delete: the tariff closes, the finalizer goes, the garbage collector deletes everything the model owned,
+        # down to the Deployment's ReplicaSets and pods.
         await kube.delete(API_VERSION, "deployedmodels", ns, "llama")
 
         async def gone() -> bool:
             return await get_model(kube, ns, "llama") is None and \
-                await kube.get_or_none("apps/v1", "deployments", ns, "llama-proxy") is None
+                await kube.get_or_none("apps/v1", "deployments", ns, "llama-proxy") is None and \
+                not await owned_by({deployment["metadata"]["uid"]}, "apps/v1", "replicasets") and \
+                not await owned_by(replica_sets, "v1", "pods")
 
-        await eventually(gone, what="the model and its objects to be deleted")
+        await eventually(gone, within=60, what="the model and everything it owned to be deleted")
         assert await kube.get_or_none("v1", "configmaps", ns, "llama-proxy-config") is None
         assert await kube.get_or_none("v1", "services", ns, "llama-proxy") is None
         assert all(t["valid_until"] is not None for t in await tariffs(pg_dsn, alias))
