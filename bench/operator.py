@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import re
 import secrets
@@ -42,10 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import psutil
-import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -53,9 +50,10 @@ from promptcache.operator.constants import API_VERSION, MODELS, POLICIES
 from promptcache.operator.handlers.manifests import names
 from promptcache.proxy.storage.schema import migrate
 
-from support.cluster import Cluster, KubeError, connected, eventually, object_path
+from support.cluster import Cluster, connected, eventually, object_path
 from support.controlplane import ControlPlane, control_plane
 from support.operator_process import OperatorEnvironment, audited, operator_identity, running_operator
+from support.proxy import redis_prefix
 from support.resources import model, policy
 
 ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -89,21 +87,6 @@ async def scratch_database() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
-
-
-@asynccontextmanager
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"opbench:{secrets.token_hex(4)}:"
-    try:
-        yield prefix
-    finally:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
 
 
 @dataclass
@@ -157,34 +140,17 @@ def classifiers(progress: Progress) -> dict[tuple[str, str], Callable[[Obj], Non
 
 async def watch(cluster: Cluster, group_version: str, plural: str, classify: Callable[[Obj], None],
                 opened: asyncio.Event) -> None:
-    """List, then watch from the list's resourceVersion (resumed where the server closes it), every ADDED and
-    MODIFIED object to ``classify``; one stream on the Cluster's own aiohttp session."""
+    """List, then watch from the list's resourceVersion (``Cluster.watch``: resumed where the server closes it),
+    every ADDED and MODIFIED object to ``classify``."""
     path = object_path(group_version, plural, NS)
     listing = await cluster.call("GET", path)
     for item in listing["items"]:
         classify(item)
     version = str(listing["metadata"]["resourceVersion"])
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    while True:
-        params = {"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true"}
-        async with cluster.session.get(cluster.url + path, params=params, timeout=timeout) as response:
-            if response.status >= 400:
-                raise KubeError(response.status, await response.text())
-            opened.set()
-            buffer = b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, _, buffer = buffer.partition(b"\n")
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
-                        raise KubeError(int(obj.get("code") or 500), obj)
-                    version = str(obj["metadata"]["resourceVersion"])
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        classify(obj)
+    opened.set()  # everything after the list's version reaches the watch, however late it connects
+    async for kind, obj in cluster.watch(path, version):
+        if kind in ("ADDED", "MODIFIED"):
+            classify(obj)
 
 
 class CpuMeter:
@@ -349,7 +315,7 @@ async def measure_floor(cluster: Cluster, plane: ControlPlane, objects: list[tup
 
 
 async def bench(plane: ControlPlane, n: int, within: float, floor: bool) -> Bench:
-    async with scratch_database() as dsn, redis_prefix() as prefix, connected(plane) as cluster:
+    async with scratch_database() as dsn, redis_prefix(REDIS_URL, "opbench") as prefix, connected(plane) as cluster:
         version = str((await cluster.call("GET", "/version")).get("gitVersion"))
         for namespace in (NS, FLOOR_NS):
             await cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})

@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
 from promptcache.proxy.http.server import serving
@@ -30,7 +29,7 @@ from support.operator_process import (
     operator_identity,
     running_operator,
 )
-from support.proxy import unique, write_word_tokenizer
+from support.proxy import redis_prefix, write_word_tokenizer
 
 # A URL-form DSN of a maintenance database; test databases are created next to it.
 PG_ADMIN_DSN = os.environ.get(
@@ -124,15 +123,8 @@ async def kube(control_plane: ControlPlane, kube_setup: Identity) -> AsyncIterat
 @pytest.fixture
 async def operator_env(pg_dsn: str, redis_url: str) -> AsyncIterator[OperatorEnvironment]:
     """The session's database, the shared Redis under a key prefix of the test's own (deleted after)."""
-    prefix = f"{unique('optest')}:"
-    yield OperatorEnvironment(database_url=pg_dsn, redis_url=redis_url, redis_prefix=prefix)
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    async with redis_prefix(redis_url, "optest") as prefix:
+        yield OperatorEnvironment(database_url=pg_dsn, redis_url=redis_url, redis_prefix=prefix)
 
 
 @pytest.fixture

@@ -52,13 +52,12 @@ from promptcache.proxy.domain.policy import CachePolicy, PolicyError
 from promptcache.proxy.domain.tiers import TIERS
 from promptcache.proxy.storage.requestlog import LoggedRequest
 
-from support.cluster import Cluster, KubeError, connected, eventually, install_crds, load_crds, object_path
+from support.cluster import Cluster, KubeError, connected, eventually, install_crds, object_path
 from support.controlplane import ControlPlane
+from support.crds import KINDS, PLURALS, crd, schema, walk
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-PLURALS = {"DeployedModel": MODELS, "CachePolicy": POLICIES, "PlanReplay": REPLAYS}
-KINDS = list(PLURALS)
 CRDS = "apiextensions.k8s.io/v1"
 NOT_CHECKED = "some validation rules were not checked because the object was invalid"
 KUBECTL = shutil.which("kubectl")
@@ -70,27 +69,8 @@ Obj = dict[str, Any]
 # ------------------------------------------------------------------------------------------------ the schemas
 
 
-def crd_documents() -> dict[str, Obj]:
-    return {doc["spec"]["names"]["kind"]: doc for doc in load_crds()}
+CRD = {kind: crd(kind) for kind in KINDS}
 
-
-CRD = crd_documents()
-
-
-def schema(kind: str) -> Obj:
-    node: Obj = CRD[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return node
-
-
-def walk(node: Obj, path: str = "") -> Iterator[tuple[str, Obj]]:
-    """Every schema node with its path (``.*``: a map's values, ``[]``: a list's items)."""
-    yield path, node
-    for name, sub in node.get("properties", {}).items():
-        yield from walk(sub, f"{path}.{name}")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from walk(node["additionalProperties"], f"{path}.*")
-    if isinstance(node.get("items"), dict):
-        yield from walk(node["items"], f"{path}[]")
 
 
 def described_paths(kind: str) -> Iterator[tuple[str, Obj]]:

@@ -13,12 +13,9 @@ publish every description. Here, what needs no server:
 
 from __future__ import annotations
 
-import copy
-import functools
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,20 +23,15 @@ from typing import Any
 import pytest
 import yaml
 
-from promptcache.operator.constants import API_VERSION, GROUP, MODELS, POLICIES, REPLAYS, VERSION
+from promptcache.operator.constants import API_VERSION, GROUP, VERSION
 from promptcache.proxy.domain.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, policy_from_document
 from promptcache.proxy.domain.tiers import TIERS
+
+from support.crds import KINDS, PLURALS, crd, schema, walk
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples"
-CRD_FILES = {
-    "DeployedModel": "promptcache.io_deployedmodels.yaml",
-    "CachePolicy": "promptcache.io_cachepolicies.yaml",
-    "PlanReplay": "promptcache.io_planreplays.yaml",
-}
-PLURALS = {"DeployedModel": MODELS, "CachePolicy": POLICIES, "PlanReplay": REPLAYS}
-KINDS = list(CRD_FILES)
 STATUS_FIELDS = {
     "DeployedModel": {"endpoint", "tariffVersion", "configChecksum", "mode"},
     "CachePolicy": {"boundModels", "tariffVersions", "redisApplied", "redisMessage"},
@@ -61,35 +53,6 @@ Obj = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-@functools.cache
-def _crd(kind: str) -> Obj:
-    docs = [d for d in yaml.safe_load_all((CRDS / CRD_FILES[kind]).read_text()) if d is not None]
-    assert len(docs) == 1, f"{CRD_FILES[kind]} must hold exactly one document"
-    doc: Obj = docs[0]
-    return doc
-
-
-def crd(kind: str) -> Obj:
-    return copy.deepcopy(_crd(kind))
-
-
-def schema(kind: str) -> Obj:
-    """The openAPIV3Schema of the kind's v1alpha1 version."""
-    node: Obj = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return node
-
-
-def walk(node: Obj, path: str = "") -> Iterator[tuple[str, Obj]]:
-    """Every schema node under ``node`` with its path (``*``: a map value, ``[]``: a list item)."""
-    yield path, node
-    for name, sub in node.get("properties", {}).items():
-        yield from walk(sub, f"{path}.{name}")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from walk(node["additionalProperties"], f"{path}.*")
-    if isinstance(node.get("items"), dict):
-        yield from walk(node["items"], f"{path}[]")
 
 
 def resources(path: Path) -> list[Obj]:
@@ -120,7 +83,7 @@ def test_crd_shape(kind: str) -> None:
     assert names["shortNames"] == SHORT_NAMES[kind] and not set(names["shortNames"]) & TAKEN_SHORT_NAMES
     assert names["categories"] == ["promptcache"]
     assert doc["metadata"]["name"] == f"{names['plural']}.{GROUP}"
-    assert CRD_FILES[kind] == f"{GROUP}_{names['plural']}.yaml"
+    assert (CRDS / f"{GROUP}_{names['plural']}.yaml").exists()
     assert doc["spec"]["group"] == GROUP
     assert doc["spec"]["scope"] == "Namespaced"
     (version,) = doc["spec"]["versions"]

@@ -15,19 +15,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import aiohttp
-import yaml
 
 from promptcache.operator.constants import API_VERSION, MODELS, POLICIES, REPLAYS
 
 from support.controlplane import ControlPlane
+from support.crds import load_crds
 
 T = TypeVar("T")
 Obj = dict[str, Any]
-CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
 TABLE = "application/json;as=Table;g=meta.k8s.io;v=v1"
 PATCH_TYPES = {
     "merge": "application/merge-patch+json",
@@ -56,10 +54,6 @@ def object_path(group_version: str, plural: str, namespace: str | None = None, n
     if subresource is not None:
         path += f"/{subresource}"
     return path
-
-
-def load_crds(directory: Path = CRD_DIR) -> list[Obj]:
-    return [yaml.safe_load(p.read_text()) for p in sorted(directory.glob("*.yaml"))]
 
 
 @dataclass
@@ -205,6 +199,32 @@ class Cluster:
 
         return await eventually(complete, within=within, interval=0.2, what=f"the rollout of {namespace}/{name}")
 
+    async def watch(self, path: str, version: str,
+                    params: Mapping[str, str] | None = None) -> AsyncIterator[tuple[str, Obj]]:
+        """(type, object) of every ADDED/MODIFIED/DELETED event at ``path`` after ``version``, for as long as the
+        caller iterates: a watch the server closes is resumed from the last version seen (bookmarks move it on
+        too); an ERROR event (e.g. 410 Gone) is raised as a KubeError."""
+        while True:
+            query = {**(params or {}), "watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true"}
+            async with self.session.get(self.url + path, params=query,
+                                        timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as response:
+                if response.status >= 400:
+                    raise KubeError(response.status, await response.text())
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, _, buffer = buffer.partition(b"\n")
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            raise KubeError(int(obj.get("code") or 500), obj)
+                        version = str(obj["metadata"]["resourceVersion"])
+                        if event["type"] != "BOOKMARK":
+                            yield str(event["type"]), obj
+
     @asynccontextmanager
     async def watching(self, group_version: str, plural: str, namespace: str | None,
                        name: str) -> AsyncIterator[Recording]:
@@ -221,27 +241,8 @@ class Cluster:
         version = str(listing["metadata"]["resourceVersion"])
 
         async def stream() -> None:
-            nonlocal version
-            while True:
-                params = {**selector, "watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true"}
-                async with self.session.get(self.url + path, params=params,
-                                            timeout=aiohttp.ClientTimeout(total=None)) as response:
-                    if response.status >= 400:
-                        raise KubeError(response.status, await response.text())
-                    buffer = b""
-                    async for chunk in response.content.iter_any():
-                        buffer += chunk
-                        while b"\n" in buffer:
-                            line, _, buffer = buffer.partition(b"\n")
-                            if not line.strip():
-                                continue
-                            event = json.loads(line)
-                            obj = event["object"]
-                            if event["type"] == "ERROR":
-                                raise KubeError(int(obj.get("code") or 500), obj)
-                            version = str(obj["metadata"]["resourceVersion"])
-                            if event["type"] != "BOOKMARK":
-                                recording.events.append((str(event["type"]), obj))
+            async for kind, obj in self.watch(path, version, selector):
+                recording.events.append((kind, obj))
 
         task = asyncio.create_task(stream())
         try:

@@ -33,9 +33,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from support.crds import load_crds
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / ".ci" / "k8s" / "build"
-CRD_DIR = ROOT / "crds"
 OPERATOR_NAMESPACE = "promptcache-system"
 OPERATOR_ACCOUNT = "promptcache"
 """The service account the chart gives the operator (release ``promptcache`` in ``promptcache-system``)."""
@@ -242,8 +243,7 @@ def _install_crds(plane: ControlPlane, within: float) -> None:
     kinds as owners from the start (it rediscovers resources only every 30 s)."""
     path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     names = []
-    for file in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(file.read_text())
+    for crd in load_crds():
         _request(plane, "POST", path, crd)
         names.append(crd["metadata"]["name"])
     deadline = time.monotonic() + within

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 import yaml
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -27,6 +28,22 @@ def write_word_tokenizer(path: Path) -> Path:
     tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(path))
     return path
+
+
+@asynccontextmanager
+async def redis_prefix(redis_url: str, name: str) -> AsyncIterator[str]:
+    """A Redis key prefix of the caller's own on a shared server; every key under it is deleted at the end."""
+    prefix = f"{unique(name)}:"
+    try:
+        yield prefix
+    finally:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 def unique(name: str) -> str:
