@@ -1,5 +1,5 @@
 # The README's two fresh-machine commands; each does its own set-up (.ci/setup).
-.PHONY: demo test lint typecheck bench k8s image
+.PHONY: demo test lint typecheck bench k8s model-server image
 
 demo:
 	@bash .ci/setup
@@ -14,6 +14,13 @@ k8s:
 image:
 	@bash .ci/setup
 	@bash .ci/image
+
+# The real model server the billing tests use (llama.cpp's llama-server, built once per machine; test-only, AGPL),
+# in the foreground on 127.0.0.1:8080 for a person to try.
+model-server:
+	@bash .ci/setup
+	@bash .ci/engine/build >/dev/null
+	cd tests && PROMPTCACHE_ENGINE_BIN="$$(bash ../.ci/engine/build)" ../.venv/bin/python -P -m support.engine
 
 test:
 	@bash .ci/setup
