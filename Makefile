@@ -25,7 +25,8 @@ model-server:
 test:
 	@bash .ci/setup
 	@bash .ci/k8s/build >/dev/null
-	PROMPTCACHE_K8S_BIN="$$(bash .ci/k8s/build)" .venv/bin/pytest -q
+	@bash .ci/engine/build >/dev/null
+	PROMPTCACHE_K8S_BIN="$$(bash .ci/k8s/build)" PROMPTCACHE_ENGINE_BIN="$$(bash .ci/engine/build)" .venv/bin/pytest -q
 
 lint:
 	@bash .ci/setup

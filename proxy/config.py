@@ -195,18 +195,18 @@ def _model(item: Any, where: str) -> ModelConfig:
 def _tokenizer(raw: Any, where: str) -> None:
     """The shape only; whether the vocabulary loads is the runtime's business (no tokenizer: list price)."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a mapping (type: tiktoken|huggingface)")
+        raise ConfigError(f"{where} must be a mapping (type: tiktoken|huggingface|gguf)")
     kind = raw.get("type")
     if kind == "tiktoken":
         _known(raw, {"type", "encoding", "path"}, where)
         _str(raw, "encoding", where)
         if "path" in raw:
             _str(raw, "path", where)
-    elif kind == "huggingface":
+    elif kind in ("huggingface", "gguf"):
         _known(raw, {"type", "path"}, where)
         _str(raw, "path", where)
     else:
-        raise ConfigError(f"{where}.type must be tiktoken or huggingface, got {kind!r}")
+        raise ConfigError(f"{where}.type must be tiktoken, huggingface or gguf, got {kind!r}")
 
 
 def _auth(raw: Any) -> AuthConfig:

@@ -21,6 +21,7 @@ from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 from support.cluster import Cluster, connected
 from support.controlplane import ControlPlane
 from support.controlplane import control_plane as start_control_plane
+from support.engine import Engine, llama_server
 from support.operator_process import (
     Identity,
     OperatorEnvironment,
@@ -138,3 +139,10 @@ def start_operator(kube_setup: Identity, operator_env: OperatorEnvironment, tmp_
                                 namespaces=namespaces)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """llama-server with SmolLM2-135M-Instruct, one per session (started on first use)."""
+    with llama_server() as server:
+        yield server

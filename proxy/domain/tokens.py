@@ -121,8 +121,80 @@ class HuggingFaceTokenizer:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
 
+# llama.cpp's pre-tokenizer for each ``tokenizer.ggml.pre`` of a byte-level BPE vocabulary (src/llama-vocab.cpp):
+# GPT-2's split, for some after every digit is split off on its own. A ``pre`` not listed is refused, never guessed.
+_GPT2_PRE = frozenset({"default", "gpt2", "mpt", "olmo", "jais", "trillion", "granite-docling"})
+_DIGITS_THEN_GPT2_PRE = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva",
+                                   "mellum2"})
+
+
+class GgufTokenizer:
+    """A GGUF model's own vocabulary and merges, read from the file's metadata (``gguf``; no weights loaded), counted
+    the way llama.cpp counts them. Byte-level BPE (``tokenizer.ggml.model: gpt2``) with a pre-tokenizer llama.cpp
+    names in ``tokenizer.ggml.pre``; anything else is refused with the reason."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tokens, merges, kind, pre, special = _gguf_vocabulary(path)
+        if kind != "gpt2":
+            raise TokenizerUnavailable(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level "
+                                       "BPE, tokenizer.ggml.model gpt2)")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in _GPT2_PRE:
+            pre_tokenizer: Any = byte_level
+        elif pre in _DIGITS_THEN_GPT2_PRE:
+            pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            raise TokenizerUnavailable(f"{path}: GGUF pre-tokenizer {pre!r} is not supported")
+        vocab = {token: index for index, token in enumerate(tokens)}
+        pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+        tokenizer = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))  # type: ignore[arg-type]
+        tokenizer.pre_tokenizer = pre_tokenizer
+        tokenizer.decoder = decoders.ByteLevel()
+        # llama-server tokenizes the templated prompt with special tokens parsed: a control token's text is one
+        # token wherever it appears, content included.
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        self._tokenizer = tokenizer
+        digest = hashlib.sha256("\n".join([pre, *tokens, "", *merges]).encode()).hexdigest()
+        self.version = f"gguf:{pre}:{digest[:12]}"
+
+    def count(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+_CONTROL, _USER_DEFINED = 3, 4
+"""llama.cpp's token types (``tokenizer.ggml.token_type``) whose text is matched whole before BPE."""
+
+
+def _gguf_vocabulary(path: str) -> tuple[list[str], list[str], str, str, list[str]]:
+    """(tokens, merges, tokenizer model, pre-tokenizer, special tokens) from a GGUF file's metadata."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except FileNotFoundError:
+        raise TokenizerUnavailable(f"no GGUF file at {path}") from None
+    except Exception as exc:  # the reader raises plain ValueErrors and struct errors on a file that is not GGUF
+        raise TokenizerUnavailable(f"{path} is not a readable GGUF file: {exc}") from None
+
+    def field(name: str) -> Any:
+        found = reader.fields.get(name)
+        return None if found is None else found.contents()
+
+    tokens, merges, kind = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges"), field("tokenizer.ggml.model")
+    if not isinstance(tokens, list) or not tokens or not isinstance(kind, str):
+        raise TokenizerUnavailable(f"{path} holds no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens)")
+    pre = field("tokenizer.ggml.pre")
+    types = field("tokenizer.ggml.token_type") or []
+    names = [str(t) for t in tokens]
+    special = [name for name, kind_of in zip(names, types, strict=False) if kind_of in (_CONTROL, _USER_DEFINED)]
+    return names, [str(m) for m in merges or []], kind, pre if isinstance(pre, str) else "default", special
+
+
 def load_tokenizer(spec: Mapping[str, Any] | None) -> Tokenizer:
-    """``{type: tiktoken, encoding, path?}`` or ``{type: huggingface, path}``."""
+    """``{type: tiktoken, encoding, path?}``, ``{type: huggingface, path}`` or ``{type: gguf, path}``."""
     if not isinstance(spec, Mapping):
         raise TokenizerUnavailable("no tokenizer configured")
     kind = spec.get("type")
@@ -137,17 +209,24 @@ def load_tokenizer(spec: Mapping[str, Any] | None) -> Tokenizer:
         if not isinstance(path, str):
             raise TokenizerUnavailable("huggingface tokenizer needs the path of a tokenizer.json")
         return HuggingFaceTokenizer(path)
-    raise TokenizerUnavailable(f"unknown tokenizer type {kind!r}; use tiktoken or huggingface")
+    if kind == "gguf":
+        path = spec.get("path")
+        if not isinstance(path, str):
+            raise TokenizerUnavailable("gguf tokenizer needs the path of the model's .gguf file")
+        return GgufTokenizer(path)
+    raise TokenizerUnavailable(f"unknown tokenizer type {kind!r}; use tiktoken, huggingface or gguf")
 
 
 def parse_tokenizer_flag(flag: str) -> dict[str, str]:
-    """The CLI's ``tiktoken:ENCODING`` / ``hf:PATH`` shorthand as a tokenizer spec."""
+    """The CLI's ``tiktoken:ENCODING`` / ``hf:PATH`` / ``gguf:PATH`` shorthand as a tokenizer spec."""
     kind, _, arg = flag.partition(":")
     if kind == "tiktoken" and arg:
         return {"type": "tiktoken", "encoding": arg}
     if kind in ("hf", "huggingface") and arg:
         return {"type": "huggingface", "path": arg}
-    raise TokenizerUnavailable(f"tokenizer must be tiktoken:ENCODING or hf:PATH, got {flag!r}")
+    if kind == "gguf" and arg:
+        return {"type": "gguf", "path": arg}
+    raise TokenizerUnavailable(f"tokenizer must be tiktoken:ENCODING, hf:PATH or gguf:PATH, got {flag!r}")
 
 
 class BlockCounter:

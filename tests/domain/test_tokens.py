@@ -216,9 +216,9 @@ def test_parse_tokenizer_flag(flag: str, spec: dict[str, str]) -> None:
     assert parse_tokenizer_flag(flag) == spec
 
 
-@pytest.mark.parametrize("flag", ["", "tiktoken", "tiktoken:", "hf:", "spm:model", "cl100k_base"])
+@pytest.mark.parametrize("flag", ["", "tiktoken", "tiktoken:", "hf:", "gguf:", "spm:model", "cl100k_base"])
 def test_parse_tokenizer_flag_rejects(flag: str) -> None:
-    with pytest.raises(TokenizerUnavailable, match="tiktoken:ENCODING or hf:PATH"):
+    with pytest.raises(TokenizerUnavailable, match="tiktoken:ENCODING, hf:PATH or gguf:PATH"):
         parse_tokenizer_flag(flag)
 
 

@@ -73,8 +73,8 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("models.0.upstream.forwardCacheControl", "yes", "models[0].upstream.forwardCacheControl must be true or false"),
     # tokenizer (its shape; whether it loads is decided at run time)
     ("models.0.tokenizer", "tiktoken", "models[0].tokenizer must be a mapping"),
-    ("models.0.tokenizer", {"type": "sentencepiece", "path": "/t"}, "models[0].tokenizer.type must be tiktoken or "
-                                                                     "huggingface"),
+    ("models.0.tokenizer", {"type": "sentencepiece", "path": "/t"}, "models[0].tokenizer.type must be tiktoken, "
+                                                                     "huggingface or gguf, got 'sentencepiece'"),
     ("models.0.tokenizer", {"path": "/t"}, "models[0].tokenizer.type"),
     ("models.0.tokenizer", {"type": "tiktoken"}, "models[0].tokenizer.encoding must be a non-empty string"),
     ("models.0.tokenizer", {"type": "tiktoken", "encoding": "cl100k_base", "path": 3},
