@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from fractions import Fraction
 from functools import cached_property
 from types import MappingProxyType
 
@@ -85,22 +86,43 @@ class Split:
         return self.prompt - self.read - self.creation_tokens
 
 
-def reconcile(prompt: int, completion: int, classification: Classification | None) -> Split:
-    """Fit our split into the upstream's prompt count.
+OVERCOUNT_LIMIT = Fraction(5, 4)
+"""How far our count of the cached blocks may exceed the engine's prompt count and still be fitted (25 %): joint
+tokenization of a whole prompt differs from the sum of its blocks by a few percent; beyond this the tokenizer is
+not the engine's, and the split would be fiction."""
 
-    No classification (index down, no tokenizer, deadline passed) is list price. If read plus
-    creation overshoots the prompt, the read shrinks to fit; if creation alone does, the
-    split is corrupt: list price, zero cache fields, and ``cache_valid`` False so nothing is
+
+def reconcile(prompt: int, completion: int, classification: Classification | None) -> Split:
+    """Fit our split into the upstream's prompt count (docs/design.md#billing-caps).
+
+    No classification (index down, no tokenizer, deadline passed) is list price. A split that fits is billed as
+    it is; the rest of the prompt, the chat template's tokens included, is uncached. A split over the prompt by up
+    to :data:`OVERCOUNT_LIMIT` is scaled down, every part in proportion, to exactly the prompt; one over by more,
+    or with a negative count, is corrupt: list price, zero cache fields, ``cache_valid`` False so nothing is
     written.
     """
     if classification is None:
         return Split(prompt, completion)
-    creation = dict(classification.creation)
-    created = sum(creation.values())
-    if created > prompt or (creation and min(creation.values()) < 0):
+    parts = [classification.read_tokens, *classification.creation.values()]
+    ours = sum(parts)
+    if min(parts) < 0 or ours > prompt * OVERCOUNT_LIMIT:
         return Split(prompt, completion, cache_valid=False)
-    read = min(classification.read_tokens, prompt - created)
-    return Split(prompt, completion, read, MappingProxyType(creation))
+    if ours > prompt:
+        parts = _apportion(parts, prompt)
+    creation = dict(zip(classification.creation, parts[1:], strict=True))
+    return Split(prompt, completion, parts[0], MappingProxyType(creation))
+
+
+def _apportion(parts: Sequence[int], total: int) -> list[int]:
+    """``parts`` scaled to sum to exactly ``total`` (< their sum): each floored, the remaining tokens given one each
+    to the largest remainders, earlier parts first on ties (Hamilton's method: never above the exact share + 1)."""
+    whole = sum(parts)
+    shares = [divmod(part * total, whole) for part in parts]
+    result = [share for share, _ in shares]
+    by_remainder = sorted(range(len(parts)), key=lambda k: (-shares[k][1], k))
+    for k in by_remainder[:total - sum(result)]:
+        result[k] += 1
+    return result
 
 
 def _coefficient(*factors: Decimal) -> tuple[int, int]:

@@ -120,28 +120,55 @@ def test_reconcile_passes_a_fitting_split_through() -> None:
     assert cost(split, tariff("3.00", "15.00")) == D("0.0228")
 
 
-def test_read_plus_creation_over_prompt_reduces_the_read() -> None:
+def test_a_split_over_the_prompt_is_scaled_in_proportion_never_list_price() -> None:
+    # Ours 9,000 against the engine's 8,000 (12.5 % over): every part times 8/9, the last token to the largest
+    # remainder: 6000·8/9 = 5333.3, 3000·8/9 = 2666.7 → 5333 + 2667 = 8000.
     split = reconcile(8_000, 10, classification(6_000, m5=3_000))
     assert (split.read, dict(split.creation), split.uncached, split.cache_valid) == (
-        5_000,
-        creation(m5=3_000),
-        0,
-        True,
-    )
-    # 5000·3·0.1 + 3000·3·1.25 + 10·15 = 1500 + 11250 + 150 = 12900 → 0.0129
-    assert cost(split, tariff("3.00", "15.00")) == D("0.0129")
+        5_333, creation(m5=2_667), 0, True)
+    # 5333·3·0.1 + 2667·3·1.25 + 10·15 = 1599.9 + 10001.25 + 150 = 11751.15 → 0.01175115
+    assert cost(split, tariff("3.00", "15.00")) == D("0.01175115")
 
 
-def test_creation_exactly_the_prompt_is_valid() -> None:
+def test_a_one_percent_overcount_keeps_the_discount() -> None:
+    """The field bug this rule exists for: per-block counts about 1 % above the engine's prompt_tokens."""
+    split = reconcile(10_000, 0, classification(0, m5=1_010, h1=9_090))
+    assert (split.read, dict(split.creation), split.uncached, split.cache_valid) == (
+        0, creation(m5=1_000, h1=9_000), 0, True)
+
+
+def test_creation_the_whole_prompt_shares_it_with_the_read() -> None:
+    # 3,500 of ours in 3,000: 500·6/7 = 428 r 2000, 3000·6/7 = 2571 r 1500; the spare token to the read's remainder.
     split = reconcile(3_000, 0, classification(500, h1=3_000))
-    assert (split.read, split.creation_tokens, split.uncached, split.cache_valid) == (0, 3_000, 0, True)
+    assert (split.read, split.creation_tokens, split.uncached, split.cache_valid) == (429, 2_571, 0, True)
+    exact = reconcile(3_000, 0, classification(0, h1=3_000))
+    assert (exact.read, exact.creation_tokens, exact.uncached, exact.cache_valid) == (0, 3_000, 0, True)
 
 
-def test_creation_alone_over_prompt_is_list_price() -> None:
-    split = reconcile(8_000, 500, classification(1_000, m5=5_000, h1=4_000))
+def test_an_overcount_beyond_a_quarter_is_not_the_engines_tokenizer() -> None:
+    split = reconcile(8_000, 500, classification(1_000, m5=5_000, h1=4_001))  # 10,001 > 8,000 · 5/4
     assert split == Split(8_000, 500, 0, creation(), cache_valid=False)
     t = tariff("3.00", "15.00")
     assert cost(split, t) == list_cost(split, t) == D("0.0315")  # 24000 + 7500
+    assert reconcile(8_000, 500, classification(1_000, m5=5_000, h1=4_000)).cache_valid  # exactly 5/4: fitted
+
+
+@given(prompt=st.integers(0, 10**7), read=st.integers(0, 10**7),
+       tiers=st.fixed_dictionaries({t: st.integers(0, 10**7) for t in TIERS}))
+def test_every_split_fits_the_prompt(prompt: int, read: int, tiers: dict[str, int]) -> None:
+    c = Classification(Read(0, h(0), read, "5m", T0) if read else None, (), tiers)
+    split = reconcile(prompt, 7, c)
+    ours = read + sum(tiers.values())
+    assert split.read + split.creation_tokens <= prompt and split.uncached >= 0
+    assert (split.prompt, split.completion) == (prompt, 7)
+    if ours <= prompt:
+        assert (split.read, dict(split.creation), split.cache_valid) == (read, tiers, True)
+    elif ours * 4 <= prompt * 5:
+        assert split.cache_valid and split.read + split.creation_tokens == prompt
+        for part, fitted in zip([read, *tiers.values()], [split.read, *split.creation.values()], strict=True):
+            assert part * prompt // ours <= fitted <= part * prompt // ours + 1 and fitted <= part
+    else:
+        assert split == Split(prompt, 7, cache_valid=False)
 
 
 def test_negative_creation_is_corrupt() -> None:
