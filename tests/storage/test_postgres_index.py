@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -643,16 +644,22 @@ async def locked_read(pg: Database, db: Conn, pg_dsn: str) -> LockedRead:
     return LockedRead(db, scope, record, before, locker, lock)
 
 
-def app_name() -> str:
-    return f"pc-test-{secrets.token_hex(4)}"
+@asynccontextmanager
+async def named_pool(pg_dsn: str, *, min_size: int = 1, max_size: int = 10) -> AsyncIterator[tuple[Database, str]]:
+    """A pool of the test's own under an application_name of its own, so the test can find (and kill) its
+    backends in pg_stat_activity; closed at the end."""
+    app = f"pc-test-{secrets.token_hex(4)}"
+    pg = await Database.connect(pg_dsn, application_name=app, min_size=min_size, max_size=max_size)
+    try:
+        yield pg, app
+    finally:
+        await pg.close()
 
 
 async def test_backend_killed_mid_commit_twice_leaves_nothing_then_commit_succeeds(
     pg_dsn: str, db: Conn, admin: Conn
 ) -> None:
-    app = app_name()
-    pg = await Database.connect(pg_dsn, application_name=app)
-    try:
+    async with named_pool(pg_dsn) as (pg, app):
         case = await locked_read(pg, db, pg_dsn)
         record = case.record
         try:
@@ -671,16 +678,12 @@ async def test_backend_killed_mid_commit_twice_leaves_nothing_then_commit_succee
         assert await Ledger(pg).commit(record) is True
         assert len(await ledger_rows(db, record.request_id)) == 1
         assert await entry(db, case.scope, "held") == IndexEntry(hh("held"), 2000, "5m", T0, T0 + 6 * MIN)
-    finally:
-        await pg.close()
 
 
 async def test_one_kill_mid_commit_is_survived_by_the_retry(
     pg_dsn: str, db: Conn, admin: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = app_name()
-    pg = await Database.connect(pg_dsn, application_name=app)
-    try:
+    async with named_pool(pg_dsn) as (pg, app):
         case = await locked_read(pg, db, pg_dsn)
         record = case.record
         try:
@@ -691,8 +694,6 @@ async def test_one_kill_mid_commit_is_survived_by_the_retry(
         finally:
             await case.release()
         assert await commit is True
-    finally:
-        await pg.close()
     assert len(await ledger_rows(db, record.request_id)) == 1
     assert RETRY_LOG in caplog.text
 
@@ -717,9 +718,7 @@ async def test_statement_timeout_is_unavailable_and_rolled_back(
 
 
 async def test_idle_connection_killed_between_requests_is_survived(pg_dsn: str, admin: Conn) -> None:
-    app = app_name()
-    pg = await Database.connect(pg_dsn, min_size=1, max_size=1, application_name=app)
-    try:
+    async with named_pool(pg_dsn, min_size=1, max_size=1) as (pg, app):
         scope = new_scope()
         await served(pg, scope, T0, chain(("idle", 2000, "1h")))
         killed = await admin.fetchval(
@@ -728,5 +727,3 @@ async def test_idle_connection_killed_between_requests_is_survived(pg_dsn: str, 
         assert killed == 1
 
         assert list(await PrefixIndex(pg).lookup(scope, [hh("idle")])) == [hh("idle")]
-    finally:
-        await pg.close()
