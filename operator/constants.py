@@ -32,3 +32,14 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "promptcache-operator"
 PROXY_APP = "promptcache-proxy"
 REPLAY_APP = "promptcache-replay"
+
+TOKENIZER_VOLUME = "tokenizer"
+"""The proxy pod's volume holding a tokenizer file (a ConfigMap or ``spec.tokenizer.volume``): a sidecar server can
+mount the same volume by this name."""
+VOLUME_SOURCES = (
+    "awsElasticBlockStore", "azureDisk", "azureFile", "cephfs", "cinder", "configMap", "csi", "ephemeral", "fc",
+    "flexVolume", "gcePersistentDisk", "glusterfs", "hostPath", "image", "iscsi", "nfs", "persistentVolumeClaim",
+    "portworxVolume", "projected", "rbd", "secret", "vsphereVolume",
+)
+"""The core/v1 volume sources ``spec.tokenizer.volume`` may be (the CRD declares the same; the deprecated in-tree
+ones Kubernetes no longer serves are left out)."""

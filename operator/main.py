@@ -17,6 +17,7 @@ from promptcache.operator.constants import (
     MODELS,
     NAME_LABEL,
     POLICIES,
+    PROXY_APP,
     REPLAY_APP,
     REPLAYS,
     VERSION,
@@ -64,6 +65,12 @@ async def model_deleted(*, spec: kopf.Spec, namespace: str | None, memo: Operato
 async def deployment_changed(*, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
     """Ready follows the owned Deployment's availability."""
     await models.deployment_changed(body, memo.kube)
+
+
+@kopf.on.event("", "v1", "pods", labels={NAME_LABEL: PROXY_APP, MODEL_LABEL: kopf.PRESENT})
+async def proxy_pod_changed(*, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
+    """A proxy pod that refused its config (a tokenizer it cannot load) stalls its model with the proxy's reason."""
+    await models.proxy_pod_changed(body, memo.kube)
 
 
 @kopf.on.resume(GROUP, VERSION, POLICIES)

@@ -22,6 +22,11 @@ AUTH_MODES = ("apiKeys", "header")
 DEFAULT_PRINCIPAL_HEADER = "x-promptcache-principal"
 
 
+EX_CONFIG = 78
+"""sysexits' EX_CONFIG: how a proxy that refuses its config exits. The operator reads it off the pod, with the last
+``invalid config:`` line of the log as the reason, and stalls the model instead of waiting on its rollout."""
+
+
 class ConfigError(ValueError):
     """The file cannot be used; the message names the key. A running proxy keeps its last good config."""
 
@@ -193,7 +198,8 @@ def _model(item: Any, where: str) -> ModelConfig:
 
 
 def _tokenizer(raw: Any, where: str) -> None:
-    """The shape only; whether the vocabulary loads is the runtime's business (no tokenizer: list price)."""
+    """The shape only; loading the vocabulary is the runtime's (``Runtimes.load``), which refuses the config if it
+    cannot."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping (type: tiktoken|huggingface|gguf)")
     kind = raw.get("type")

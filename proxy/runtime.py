@@ -1,7 +1,9 @@
-"""A model's live state: its config, its loaded tokenizer (or why there is none), its tariff.
+"""A model's live state: its config, its loaded tokenizer (none if the config names none), its tariff.
 
 Tokenizers are loaded once per spec and kept across config reloads, so a price change does not
-re-read a vocabulary.
+re-read a vocabulary. A configured tokenizer that cannot be loaded makes the whole config invalid
+(docs/design.md#tokenizers-and-their-identity): the proxy refuses to start on it and a reload keeps
+the last good config, so a typo in a path never silently turns caching off.
 """
 
 from __future__ import annotations
@@ -10,9 +12,8 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from promptcache.proxy.config import ModelConfig, ProxyConfig
+from promptcache.proxy.config import ConfigError, ModelConfig, ProxyConfig
 from promptcache.proxy.domain.pricing import Tariff
 from promptcache.proxy.domain.tokens import BlockCounter, Tokenizer, TokenizerUnavailable, load_tokenizer
 
@@ -23,7 +24,7 @@ _log = logging.getLogger("promptcache.runtime")
 class ModelRuntime:
     config: ModelConfig
     counter: BlockCounter | None
-    """None: no usable tokenizer, so the model is served at list price without caching."""
+    """None: the config names no tokenizer, so the model is served at list price without caching."""
     tariff: Tariff
 
     @property
@@ -33,23 +34,34 @@ class ModelRuntime:
 
 class Runtimes:
     def __init__(self) -> None:
-        self._tokenizers: dict[str, Tokenizer | None] = {}
+        self._tokenizers: dict[str, Tokenizer] = {}
         self.models: dict[str, ModelRuntime] = {}
 
-    def _tokenizer(self, spec: Mapping[str, Any] | None, alias: str) -> Tokenizer | None:
-        key = json.dumps(spec, sort_keys=True, default=str)
-        if key not in self._tokenizers:
-            try:
-                self._tokenizers[key] = load_tokenizer(spec)
-            except TokenizerUnavailable as exc:
-                _log.error("model %s has no usable tokenizer, caching disabled: %s", alias, exc)
-                self._tokenizers[key] = None
-        return self._tokenizers[key]
+    def load(self, config: ProxyConfig) -> dict[str, Tokenizer | None]:
+        """Every model's tokenizer, loaded (or reused); ConfigError naming the model if one cannot be.
+
+        A failure is not remembered, so the next config or restart tries the file again."""
+        loaded: dict[str, Tokenizer | None] = {}
+        for alias, model in config.models.items():
+            if model.tokenizer is None:
+                loaded[alias] = None
+                continue
+            key = json.dumps(model.tokenizer, sort_keys=True, default=str)
+            if key not in self._tokenizers:
+                try:
+                    self._tokenizers[key] = load_tokenizer(model.tokenizer)
+                except TokenizerUnavailable as exc:
+                    raise ConfigError(f"model {alias!r}: cannot load its tokenizer: {exc}") from None
+                _log.info("tokenizer loaded", extra={"model": alias, "tokenizer": self._tokenizers[key].version})
+            loaded[alias] = self._tokenizers[key]
+        return loaded
 
     def apply(self, config: ProxyConfig, tariffs: Mapping[str, Tariff]) -> None:
+        """Swap in ``config``; nothing changes if a tokenizer cannot be loaded (ConfigError)."""
+        tokenizers = self.load(config)
         models: dict[str, ModelRuntime] = {}
         for alias, model in config.models.items():
-            tokenizer = self._tokenizer(model.tokenizer, alias)
+            tokenizer = tokenizers[alias]
             previous = self.models.get(alias)
             if previous is not None and previous.counter is not None and tokenizer is previous.counter.tokenizer \
                     and previous.config.image_tokens == model.image_tokens:

@@ -110,6 +110,12 @@ class Kube:
     async def job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Job", "metadata": {"namespace": namespace, "name": name}})
 
+    async def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
+        listed = await self._call(self.core.list_namespaced_pod, namespace, label_selector=label_selector,
+                                  _preload_content=False)
+        return list(json.loads(cast(Any, listed).data).get("items") or [])
+
     async def create(self, obj: dict[str, Any]) -> None:
         """Create ``obj`` as it is: for Jobs, whose pod template cannot be converged in place."""
         await self._call(self._op("create", obj["kind"]), obj["metadata"]["namespace"], obj)

@@ -22,9 +22,17 @@ from promptcache.operator.constants import (
     NAME_LABEL,
     PROXY_APP,
     REPLAY_APP,
+    TOKENIZER_VOLUME,
     WINDOW_ANNOTATION,
 )
-from promptcache.operator.handlers.render import CONFIG_DIR, CONFIG_FILE, TOKENIZER_DIR, UPSTREAM_KEY_ENV, Rendered
+from promptcache.operator.handlers.render import (
+    CONFIG_DIR,
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    UPSTREAM_KEY_ENV,
+    Rendered,
+    tokenizer_volume,
+)
 
 PROXY_PORT = 8080
 SERVICE_PORT = 80
@@ -123,8 +131,8 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
                     "valueFrom": {"secretKeyRef": {"name": key_ref["name"], "key": key_ref["key"]}}})
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"}]
-    if (spec.get("tokenizer") or {}).get("configMapRef"):
-        mounts.append({"name": "tokenizer", "mountPath": TOKENIZER_DIR, "readOnly": True})
+    if tokenizer_volume(spec) is not None:
+        mounts.append({"name": TOKENIZER_VOLUME, "mountPath": TOKENIZER_DIR, "readOnly": True})
     return {
         "name": "proxy",
         "image": proxy.get("image") or settings.proxy_image,
@@ -136,6 +144,7 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         "resources": proxy.get("resources") or DEFAULT_RESOURCES,
         "securityContext": _secure_container(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # a refused config's reason: see proxypods
     }
 
 
@@ -146,9 +155,9 @@ def deployment(model: str, namespace: str, spec: Mapping[str, Any], rendered: Re
         {"name": "config", "configMap": {"name": names(model)["configmap"]}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    ref = (spec.get("tokenizer") or {}).get("configMapRef")
-    if ref:
-        volumes.append({"name": "tokenizer", "configMap": {"name": ref["name"]}})
+    source = tokenizer_volume(spec)
+    if source is not None:
+        volumes.append({"name": TOKENIZER_VOLUME, **source})
     containers = [_proxy_container(spec, settings)]
     if rendered.sidecar:
         containers.append(dict(spec["server"]))

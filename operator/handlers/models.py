@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests
+from promptcache.operator.handlers import manifests, proxypods
 from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
@@ -36,16 +36,18 @@ STALLED_REASONS = ("CachePolicyNotFound", "InvalidSpec")
 
 
 def deployment_ready(deployment: Mapping[str, Any] | None) -> Condition:
-    """Ready follows the Deployment: every desired replica updated and available."""
+    """Ready follows the Deployment: every desired replica updated and available, and no older pod left (an old pod
+    available beside a new one that is not would otherwise pass for the new config)."""
     if deployment is None:
         return Condition("Ready", False, "DeploymentMissing", "the proxy Deployment does not exist yet")
     want = (deployment.get("spec") or {}).get("replicas", 1)
     status = deployment.get("status") or {}
     available = status.get("availableReplicas", 0) or 0
     updated = status.get("updatedReplicas", 0) or 0
+    total = status.get("replicas", 0) or 0
     if want == 0:
         return Condition("Ready", False, "ScaledToZero", "spec.proxy.replicas is 0")
-    if available >= want and updated >= want:
+    if available >= want and updated >= want and total <= want:
         return Condition("Ready", True, "DeploymentAvailable", f"{available}/{want} proxy replicas available")
     return Condition("Ready", False, "DeploymentProgressing", f"{available}/{want} proxy replicas available")
 
@@ -92,8 +94,10 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
             await policybus.publish(redis, settings.redis_prefix, policy_key(namespace, policy_ref),
                                     {k: v for k, v in policy.items() if k != "redis"})
     ready = deployment_ready(await kube.deployment(namespace, manifests.names(name)["deployment"]))
-    conditions = [ready, Condition("Stalled", False, "Reconciled", ""),
-                  Condition("Reconciling", not ready.status, ready.reason, ready.message)]
+    rejected = proxypods.first_rejection(await kube.pods(namespace, manifests.selector(name)), rendered.checksum)
+    conditions = proxypods.stalled(rejected) if rejected else [
+        ready, Condition("Stalled", False, "Reconciled", ""),
+        Condition("Reconciling", not ready.status, ready.reason, ready.message)]
     status = {
         "observedGeneration": generation,
         "conditions": merge(current, conditions, generation),
@@ -104,31 +108,64 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
     if tariff_version is not None:
         status["tariffVersion"] = tariff_version
     outcome = Outcome(status, conditions=conditions)
+    if rejected and _stalled_message(current) != rejected:
+        outcome.events.append(("Warning", "InvalidSpec", rejected))
     if "created" in changes or "updated" in changes or body.status.get("configChecksum") != rendered.checksum:
         outcome.events.append(
             ("Normal", "Rendered", f"proxy config {rendered.checksum[:12]} applied ({status['mode']} mode)"))
     return outcome
 
 
+def _condition(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == kind), None)
+
+
+def _stalled_message(conditions: list[dict[str, Any]] | None) -> str | None:
+    stalled = _condition(conditions or [], "Stalled")
+    return str(stalled.get("message")) if stalled and stalled.get("status") == "True" else None
+
+
 async def deployment_changed(deployment: kopf.Body, kube: Kube) -> None:
-    """Ready and Reconciling follow the owned Deployment, unless the model is stalled on its spec."""
+    """Ready and Reconciling follow the owned Deployment, unless the model is stalled on its spec. A model its pods
+    stalled (they refused the config) recovers once the Deployment is complete: the config loads after all."""
     namespace, model = deployment.metadata.namespace or "default", deployment.metadata.labels[MODEL_LABEL]
     owner = await kube.get_resource(MODELS, namespace, model)
     if owner is None or (owner.get("status") or {}).get("observedGeneration") is None:
         return
     current = owner["status"].get("conditions") or []
     ready = deployment_ready(dict(deployment))
-    before = next((c for c in current if c.get("type") == "Ready"), None)
+    before = _condition(current, "Ready")
     unchanged = before is not None and before.get("reason") == ready.reason and \
         before.get("status") == ("True" if ready.status else "False")
-    if unchanged or (before is not None and before.get("reason") in STALLED_REASONS):
+    rejected = before is not None and before.get("reason") == proxypods.REJECTED
+    if unchanged or (before is not None and before.get("reason") in STALLED_REASONS) or (rejected and not ready.status):
         return
     generation = owner["metadata"].get("generation")
-    reconciling = Condition("Reconciling", not ready.status, ready.reason, ready.message)
-    conditions = merge(current, [ready, reconciling], generation)
+    updates = [ready, Condition("Reconciling", not ready.status, ready.reason, ready.message)]
+    if rejected:
+        updates.append(Condition("Stalled", False, "Reconciled", ""))
+    conditions = merge(current, updates, generation)
     await kube.patch_resource_status(MODELS, namespace, model, {"conditions": conditions})
     kopf.event(kopf.Body(cast(kopf.RawBody, owner)), type="Normal", reason="Ready" if ready.status else "NotReady",
                message=ready.message)
+
+
+async def proxy_pod_changed(pod: kopf.Body, kube: Kube) -> None:
+    """A pod of the model's current config whose proxy refused it stalls the model, with the proxy's reason."""
+    message = proxypods.rejection(dict(pod))
+    if message is None:
+        return
+    namespace, model = pod.metadata.namespace or "default", pod.metadata.labels[MODEL_LABEL]
+    owner = await kube.get_resource(MODELS, namespace, model)
+    status = (owner or {}).get("status") or {}
+    if owner is None or status.get("configChecksum") != proxypods.checksum(dict(pod)):
+        return
+    current = status.get("conditions") or []
+    if _stalled_message(current) == message:
+        return
+    conditions = merge(current, proxypods.stalled(message), owner["metadata"].get("generation"))
+    await kube.patch_resource_status(MODELS, namespace, model, {"conditions": conditions})
+    kopf.event(kopf.Body(cast(kopf.RawBody, owner)), type="Warning", reason="InvalidSpec", message=message)
 
 
 async def deleted(kube: Kube, pg: Database | None, namespace: str, spec: Mapping[str, Any]) -> None:

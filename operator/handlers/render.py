@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from promptcache.operator.constants import VOLUME_SOURCES
 from promptcache.operator.errors import SpecError
 from promptcache.proxy.config import ConfigError, ProxyConfig, parse_config
 
@@ -48,16 +49,47 @@ def sidecar_url(spec: Mapping[str, Any]) -> str:
     return f"http://127.0.0.1:{port}" + ("/v1" if api == "openai" else "")
 
 
+def tokenizer_volume(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The pod volume source of ``spec.tokenizer`` (its ConfigMap or ``volume``), checked as the CRD does, for an
+    API server that did not."""
+    tokenizer = spec.get("tokenizer") or {}
+    ref, volume = tokenizer.get("configMapRef"), tokenizer.get("volume")
+    if ref is not None:
+        return {"configMap": {"name": ref["name"]}}
+    if volume is None:
+        return None
+    if not isinstance(volume, Mapping) or len(volume) != 1 or next(iter(volume)) not in VOLUME_SOURCES \
+            or not isinstance(next(iter(volume.values())), Mapping):
+        raise SpecError("InvalidSpec", "spec.tokenizer.volume must be exactly one volume source "
+                                       f"({', '.join(VOLUME_SOURCES)}), as in a Pod's volumes[] without the name")
+    return dict(volume)
+
+
+def _tokenizer(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec.tokenizer`` as the proxy's config takes it: a file source becomes the path it is mounted at."""
+    raw = spec.get("tokenizer") or {}
+    tokenizer = {k: v for k, v in raw.items() if k not in ("configMapRef", "volume", "path")}
+    ref, inner = raw.get("configMapRef"), raw.get("path")
+    if tokenizer_volume(spec) is None:
+        return tokenizer
+    if ref is not None:
+        kind = tokenizer.get("type", "huggingface")
+        tokenizer["path"] = f"{TOKENIZER_DIR}/{ref.get('key') or DEFAULT_TOKENIZER_KEYS.get(kind, 'tokenizer.json')}"
+    else:
+        if not isinstance(inner, str) or not inner or inner.startswith("/") or \
+                any(part in ("", ".", "..") for part in inner.split("/")):
+            raise SpecError("InvalidSpec", "spec.tokenizer.path must be a relative path inside the volume "
+                                           "(no leading /, no empty, . or .. segments)")
+        tokenizer["path"] = f"{TOKENIZER_DIR}/{inner}"
+    return tokenizer
+
+
 def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Mapping[str, Any]) -> Rendered:
     """The proxy config for one DeployedModel under its CachePolicy, validated by the proxy's loader."""
     upstream = dict(spec.get("upstream") or {})
     sidecar = bool(spec.get("server"))
     url = sidecar_url(spec) if sidecar else upstream.get("url")
-    tokenizer = dict(spec.get("tokenizer") or {})
-    ref = tokenizer.pop("configMapRef", None)
-    if ref is not None:
-        kind = tokenizer.get("type", "huggingface")
-        tokenizer["path"] = f"{TOKENIZER_DIR}/{ref.get('key') or DEFAULT_TOKENIZER_KEYS.get(kind, 'tokenizer.json')}"
+    tokenizer = _tokenizer(spec)
     model: dict[str, Any] = {
         "alias": spec.get("alias"),
         "upstream": {

@@ -88,12 +88,13 @@ class Exchange:
 
 
 class Proxy:
-    def __init__(self, config: ProxyConfig, store: Store, metrics: Metrics, *, degraded_ok: bool = False) -> None:
+    def __init__(self, config: ProxyConfig, store: Store, metrics: Metrics, *, degraded_ok: bool = False,
+                 runtimes: Runtimes | None = None) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
         self.degraded_ok = degraded_ok
-        self.runtimes = Runtimes()
+        self.runtimes = runtimes or Runtimes()
         self.http: aiohttp.ClientSession | None = None
         self.commits: set[asyncio.Task[None]] = set()
 

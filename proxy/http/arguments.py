@@ -18,3 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="report ready even when Postgres is down (requests are then billed at list price)")
     p.add_argument("--reload-interval", type=float, default=None, help="seconds between config file checks")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--check", action="store_true",
+                   help="load the config and its tokenizers, print each model's tokenizer and exit "
+                        "(0: valid, 78: invalid, with the reason)")

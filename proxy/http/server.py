@@ -21,12 +21,13 @@ import uvloop
 from aiohttp import web
 
 from promptcache.proxy import policybus
-from promptcache.proxy.config import ConfigError, ProxyConfig, load_config
+from promptcache.proxy.config import EX_CONFIG, ConfigError, ProxyConfig, load_config
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Tariff
 from promptcache.proxy.http.app import Proxy
 from promptcache.proxy.http.arguments import add_arguments
 from promptcache.proxy.metrics import Metrics
+from promptcache.proxy.runtime import Runtimes
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
@@ -103,13 +104,15 @@ class ProxyServer:
     @classmethod
     async def create(cls, options: ProxyOptions) -> ProxyServer:
         config = load_config(options.config_path)
+        runtimes = Runtimes()
+        runtimes.load(config)  # before any connection: a bad tokenizer is reported as such, not as a timeout
         metrics = Metrics()
         pg: Database | None = None
         if options.database_url:
             pg = await Database.connect(options.database_url, min_size=0, connect_timeout=1.0)
         redis = RedisAccelerator.from_url(options.redis_url, options.redis_prefix) if options.redis_url else None
         store = Store(pg, redis, metrics)
-        proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok)
+        proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok, runtimes=runtimes)
         proxy.apply_config(config, await sync_tariffs(config, pg, options.manage_tariffs))
         server = cls(options, config, proxy)
         server._config_bytes = options.config_path.read_bytes()
@@ -156,6 +159,7 @@ class ProxyServer:
         self._config_bytes = raw
         try:
             config = load_config(self.options.config_path)
+            self.proxy.runtimes.load(config)
         except ConfigError as exc:
             _log.error("invalid config, keeping the last good one: %s", exc)
             self.proxy.metrics.config_reloads.labels("error").inc()
@@ -241,8 +245,23 @@ def serve(options: ProxyOptions, host: str, port: int) -> None:
                 loop=uvloop.new_event_loop())
 
 
+def check(config_path: str) -> int:
+    """``--check``: load the config and every tokenizer it names, as a start would, and serve nothing."""
+    try:
+        config = load_config(config_path)
+        tokenizers = Runtimes().load(config)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    for alias, tokenizer in sorted(tokenizers.items()):
+        print(f"{alias}: tokenizer {tokenizer.version if tokenizer else 'none (served without caching)'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
+    if args.check:
+        return check(args.config)
     options = options_from_env(
         args.config, database_url=args.database, redis_url=args.redis, manage_tariffs=args.manage_tariffs,
         degraded_ok=args.degraded_ok or None, reload_interval=args.reload_interval,
@@ -251,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         serve(options, args.host, args.port)
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
-        return 2
+        return EX_CONFIG
     except IndexUnavailable as exc:
         print(f"database unavailable: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from gguf import GGUFWriter
 from promptcache.proxy.domain.tokens import GgufTokenizer, TokenizerUnavailable, load_tokenizer, parse_tokenizer_flag
 
 from support.engine import Engine, model_path
+from support.gguf import gguf_without_tokenizer
 
 EDGES = [
     "", " ", "  ", "\n", "\n\n\n", "\t", " \t \n ", "a", "Hello world", "  leading spaces", "trailing   ",
@@ -77,17 +78,6 @@ def test_a_file_that_is_not_gguf(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(TokenizerUnavailable, match=r"is not a readable GGUF file"):
         GgufTokenizer(str(path))
-
-
-def gguf_without_tokenizer(path: Path, **fields: str) -> Path:
-    writer = GGUFWriter(str(path), "llama")
-    for key, value in fields.items():
-        writer.add_string(key, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_a_gguf_without_a_tokenizer(tmp_path: Path) -> None:

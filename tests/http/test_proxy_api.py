@@ -55,17 +55,16 @@ def text(t: str, ttl: str | None = None) -> dict[str, Any]:
 
 
 def api_config(url: str, tokenizer: Path, **top: Any) -> dict[str, Any]:
-    """chat / claude with the word tokenizer (5m and 1h enabled); two models with no usable tokenizer."""
-    no_file = model_config("chat-notok", url + "/v1", "openai", tokenizer)
-    no_file["tokenizer"] = {"type": "huggingface", "path": "/nonexistent/promptcache/tokenizer.json"}
-    no_tokenizer = model_config("claude-notok", url, "anthropic", tokenizer)
-    del no_tokenizer["tokenizer"]
+    """chat / claude with the word tokenizer (5m and 1h enabled); chat-notok / claude-notok configured without one."""
+    without = [model_config(alias, base, api, tokenizer)
+               for alias, base, api in (("chat-notok", url + "/v1", "openai"), ("claude-notok", url, "anthropic"))]
+    for model in without:
+        del model["tokenizer"]
     return {
         "models": [
             model_config("chat", url + "/v1", "openai", tokenizer, enabledTtls=["5m", "1h"]),
             model_config("claude", url, "anthropic", tokenizer, enabledTtls=["5m", "1h"]),
-            no_file,
-            no_tokenizer,
+            *without,
         ],
         "limits": {"maxBodyBytes": MAX_BODY},
         **top,
@@ -848,10 +847,10 @@ async def test_broken_config_keeps_the_last_good_one(
         assert registry.get_sample_value("promptcache_config_reloads_total", {"result": "ok"}) is None
 
 
-# -- a model without a usable tokenizer: list price, zero cache fields, not an error ----------------
+# -- a model configured without a tokenizer: list price, zero cache fields, not an error ---------------
 
 
-async def test_model_without_a_usable_tokenizer_is_served_at_list_price(
+async def test_model_without_a_tokenizer_is_served_at_list_price(
         proxy: RunningProxy, pg_dsn: str, key: str) -> None:
     messages = first_turn_openai()
     for _ in range(2):  # the second time would read, had anything been cached

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client import V1Volume
 
-from promptcache.operator.constants import API_VERSION, GROUP, VERSION
+from promptcache.operator.constants import API_VERSION, GROUP, VERSION, VOLUME_SOURCES
 from promptcache.proxy.domain.policy import AUTOMATIC_MODES, POLICY_KEYS, CachePolicy, policy_from_document
 from promptcache.proxy.domain.tiers import TIERS
 
@@ -332,3 +333,9 @@ def test_kubectl_kustomize_builds_the_same_set(name: str) -> None:
         return o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]
 
     assert sorted(yaml.safe_load_all(built), key=key) == sorted(kustomize(EXAMPLE_SETS[name]), key=key)
+
+
+def test_the_tokenizer_volume_sources_are_the_operators_and_real_pod_volume_sources() -> None:
+    volume = dict(walk(schema("DeployedModel")))[".spec.tokenizer.volume"]
+    assert tuple(volume["properties"]) == VOLUME_SOURCES
+    assert set(VOLUME_SOURCES) <= set(V1Volume.attribute_map.values()) - {"name"}

@@ -1,0 +1,65 @@
+"""The tokenizer's file source in the rendered config and pod (operator/handlers/render.py): a ConfigMap key or a
+file inside ``spec.tokenizer.volume`` becomes a path under the mount; what the CRD refuses, the operator refuses
+too (an API server that skipped CEL), as InvalidSpec with the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from promptcache.operator.errors import SpecError
+from promptcache.operator.handlers import manifests
+from promptcache.operator.handlers.render import render
+
+from support.resources import model, policy
+
+PVC = {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+
+
+def rendered(tokenizer: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the proxy config's tokenizer, the Deployment) for a model with ``tokenizer``."""
+    spec = model("m", "smol", "p", ns="ns", tokenizer=tokenizer)["spec"]
+    out = render("ns", spec, "p", policy("p", ns="ns")["spec"])
+    deployment = manifests.deployment("m", "ns", spec, out, manifests.OperatorSettings(proxy_image="img"))
+    return dict(out.config.models["smol"].tokenizer or {}), deployment
+
+
+def test_a_gguf_from_a_volume_is_mounted_and_named_by_its_path_inside() -> None:
+    tokenizer, deployment = rendered({"type": "gguf", "volume": PVC, "path": "smollm2/model.gguf"})
+    assert tokenizer == {"type": "gguf", "path": "/etc/promptcache/tokenizer/smollm2/model.gguf"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "tokenizer", **PVC} in pod["volumes"]
+    assert {"name": "tokenizer", "mountPath": "/etc/promptcache/tokenizer", "readOnly": True} in \
+        pod["containers"][0]["volumeMounts"]
+
+
+def test_a_configmap_tokenizer_is_still_its_key() -> None:
+    tokenizer, deployment = rendered({"type": "huggingface", "configMapRef": {"name": "tok", "key": "t.json"}})
+    assert tokenizer == {"type": "huggingface", "path": "/etc/promptcache/tokenizer/t.json"}
+    assert {"name": "tokenizer", "configMap": {"name": "tok"}} in deployment["spec"]["template"]["spec"]["volumes"]
+
+
+def test_a_bundled_tokenizer_mounts_nothing() -> None:
+    tokenizer, deployment = rendered({"type": "tiktoken", "encoding": "cl100k_base"})
+    assert tokenizer == {"type": "tiktoken", "encoding": "cl100k_base"}
+    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["config", "tmp"]
+
+
+@pytest.mark.parametrize(("tokenizer", "reason"), [
+    ({"type": "gguf", "volume": {}, "path": "m.gguf"}, "spec.tokenizer.volume must be exactly one volume source"),
+    ({"type": "gguf", "volume": {**PVC, "hostPath": {"path": "/m"}}, "path": "m.gguf"}, "exactly one volume source"),
+    ({"type": "gguf", "volume": {"name": "x"}, "path": "m.gguf"}, "exactly one volume source"),
+    ({"type": "gguf", "volume": {"hostPath": "/m"}, "path": "m.gguf"}, "exactly one volume source"),
+    ({"type": "gguf", "volume": ["hostPath"], "path": "m.gguf"}, "exactly one volume source"),
+    ({"type": "gguf", "volume": PVC, "path": "/etc/passwd"}, "spec.tokenizer.path must be a relative path"),
+    ({"type": "gguf", "volume": PVC, "path": "../../etc/passwd"}, "relative path"),
+    ({"type": "gguf", "volume": PVC, "path": "a//b"}, "relative path"),
+    ({"type": "gguf", "volume": PVC}, "relative path"),
+    ({"type": "gguf", "volume": PVC, "path": 7}, "relative path"),
+    ({"type": "gguf"}, "tokenizer.path must be a non-empty string"),
+])
+def test_what_the_crd_refuses_the_operator_refuses(tokenizer: dict[str, Any], reason: str) -> None:
+    with pytest.raises(SpecError, match=reason) as caught:
+        rendered(tokenizer)
+    assert caught.value.reason == "InvalidSpec"
