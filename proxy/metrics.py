@@ -15,6 +15,12 @@ class Metrics:
                                 ["api", "model", "outcome"], registry=r)
         self.read_tokens = Counter("promptcache_read_tokens", "Prompt tokens billed as cache reads",
                                    ["model"], registry=r)
+        self.engine_cached_tokens = Counter(
+            "promptcache_engine_cached_tokens", "Prompt tokens the upstream reported serving from its own KV cache "
+            "(beside promptcache_read_tokens: the share of billed reads backed by real reuse)", ["model"], registry=r)
+        self.billing_caps = Counter("promptcache_billing_caps", "Bills whose split exceeded the upstream's prompt "
+                                    "count: scaled to fit, or list_price (over by more than 25 %)",
+                                    ["model", "action"], registry=r)
         self.creation_tokens = Counter("promptcache_creation_tokens", "Prompt tokens billed as cache writes",
                                        ["model", "tier"], registry=r)
         self.billed_cost = Counter("promptcache_billed_cost_usd", "Billed cost in USD (the ledger is exact)",

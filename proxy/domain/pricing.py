@@ -76,6 +76,8 @@ class Split:
     read: int = 0
     creation: Mapping[str, int] = field(default_factory=lambda: _ZERO_CREATION)
     cache_valid: bool = True
+    scaled: bool = False
+    """Our split exceeded the prompt and was scaled down to fit it (see :func:`reconcile`)."""
 
     @property
     def creation_tokens(self) -> int:
@@ -107,10 +109,11 @@ def reconcile(prompt: int, completion: int, classification: Classification | Non
     ours = sum(parts)
     if min(parts) < 0 or ours > prompt * OVERCOUNT_LIMIT:
         return Split(prompt, completion, cache_valid=False)
-    if ours > prompt:
+    scaled = ours > prompt
+    if scaled:
         parts = _apportion(parts, prompt)
     creation = dict(zip(classification.creation, parts[1:], strict=True))
-    return Split(prompt, completion, parts[0], MappingProxyType(creation))
+    return Split(prompt, completion, parts[0], MappingProxyType(creation), scaled=scaled)
 
 
 def _apportion(parts: Sequence[int], total: int) -> list[int]:

@@ -34,7 +34,7 @@ from promptcache.proxy.domain.steps import run_async
 from promptcache.proxy.http import jsonio
 from promptcache.proxy.http.apierrors import error_response
 from promptcache.proxy.http.sse import encode, events
-from promptcache.proxy.http.usage import rewrite, upstream_totals
+from promptcache.proxy.http.usage import engine_cached, rewrite, upstream_totals
 from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
 from promptcache.proxy.storage.errors import IndexUnavailable
@@ -376,6 +376,7 @@ class Proxy:
             self._finish(ex, 502, None, "no_usage")
             return error_response(ex.api, 502, "the upstream model reported no usage", None, ex.request_id)
         split = reconcile(*totals, await ex.settled())
+        engine = engine_cached(data, ex.api)
         data["usage"] = rewrite(split, data["usage"], ex.api)
         if request.transport is None or request.transport.is_closing():
             self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
@@ -388,7 +389,7 @@ class Proxy:
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
             return response
-        self._finish(ex, 200, split, "ok")  # after the answer is out: the commit never delays it
+        self._finish(ex, 200, split, "ok", engine)  # after the answer is out: the commit never delays it
         return response
 
     async def _relay_error(self, ex: Exchange, status: int, raw: bytes) -> web.Response:
@@ -442,14 +443,15 @@ class Proxy:
         if status != 200 and status != CLIENT_CLOSED:
             with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
                 await response.write(_stream_error(ex.api, "the upstream stream ended before it completed"))
-        self._finish(ex, status, split, outcome)
+        self._finish(ex, status, split, outcome, rewriter.engine_cached if split is not None else None)
         with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
             await response.write_eof()
         return response
 
     # -- settling ----------------------------------------------------------------------------
 
-    def _finish(self, ex: Exchange, status: int, split: Split | None, outcome: str) -> None:
+    def _finish(self, ex: Exchange, status: int, split: Split | None, outcome: str,
+                engine_cached_tokens: int | None = None) -> None:
         """Record the outcome and commit in the background: billed only for a complete 2xx with usage."""
         model = ex.model.alias
         self.metrics.requests.labels(ex.api, model, outcome).inc()
@@ -464,10 +466,14 @@ class Proxy:
             request_id=ex.request_id, started_at=ex.started_at, scope=ex.scope, api=ex.api, status=status,
             split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.sent if ex.chain else None,
             classification=classification if split.cache_valid else None,
-            latency_ms=(time.perf_counter() - ex.t0) * 1000,
+            latency_ms=(time.perf_counter() - ex.t0) * 1000, engine_cached_tokens=engine_cached_tokens,
         )
         if record.billable:
             self.metrics.read_tokens.labels(model).inc(split.read)
+            if engine_cached_tokens is not None:
+                self.metrics.engine_cached_tokens.labels(model).inc(engine_cached_tokens)
+            if not split.cache_valid or split.scaled:
+                self.metrics.billing_caps.labels(model, "scaled" if split.cache_valid else "list_price").inc()
             for tier, tokens in split.creation.items():
                 if tokens:
                     self.metrics.creation_tokens.labels(model, tier).inc(tokens)
@@ -476,7 +482,8 @@ class Proxy:
         _log.info("request", extra={
             "request_id": ex.request_id, "principal": ex.scope.principal_id, "model": model, "status": status,
             "outcome": outcome, "prompt_tokens": split.prompt, "read_tokens": split.read,
-            "creation_tokens": split.creation_tokens, "cost": str(record.cost) if record.billable else None,
+            "creation_tokens": split.creation_tokens, "engine_cached_tokens": engine_cached_tokens,
+            "cost": str(record.cost) if record.billable else None,
         })
         task = self.store.submit(record)
         self.commits.add(task)
@@ -492,6 +499,8 @@ class _StreamRewriter:
         self.prompt: int | None = None
         self.split: Split | None = None
         self.complete = False
+        self.engine_cached: int | None = None
+        """The upstream's own cache count, from whichever event reported it last."""
 
     async def rewrite(self, event: Any) -> bytes | None:
         if self.ex.api == "openai":
@@ -507,6 +516,7 @@ class _StreamRewriter:
         chunk = event.json()
         if not isinstance(chunk, dict) or not chunk.get("usage"):
             return bytes(event.raw)
+        self.engine_cached = engine_cached(chunk, "openai")
         totals = upstream_totals(chunk["usage"], "openai")
         if totals is None:
             return bytes(event.raw)
@@ -535,6 +545,7 @@ class _StreamRewriter:
             if totals is None or not isinstance(message, dict):
                 return bytes(event.raw)
             self.prompt = totals[0]
+            self.engine_cached = engine_cached(message, "anthropic")
             task = self.ex.classification
             ready = task is not None and task.done() and not task.cancelled()
             early = reconcile(totals[0], totals[1], task.result() if ready and task is not None else None)
@@ -550,6 +561,8 @@ class _StreamRewriter:
         completion = usage.get("output_tokens")
         if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
             return bytes(event.raw)
+        self.engine_cached = engine_cached(payload, "anthropic") if "cache_read_input_tokens" in usage \
+            else self.engine_cached
         self.split = reconcile(self.prompt, completion, await self.ex.settled())
         payload["usage"] = rewrite(self.split, usage, "anthropic")
         return encode(event.name, payload)

@@ -36,6 +36,29 @@ def upstream_totals(usage: Any, api: Api) -> tuple[int, int] | None:
     return prompt, completion
 
 
+def engine_cached(body: Any, api: Api) -> int | None:
+    """How many prompt tokens the upstream says it served from its own KV cache, or None when it does not say.
+
+    ``body`` is the response (a completion, a stream chunk, an Anthropic message): OpenAI-style servers (vLLM,
+    SGLang, llama-server) report ``usage.prompt_tokens_details.cached_tokens``, llama-server also
+    ``timings.cache_n``, and an Anthropic-style upstream ``usage.cache_read_input_tokens``. Read before the
+    usage is rewritten, since our split replaces those fields."""
+    if not isinstance(body, Mapping):
+        return None
+    usage = body.get("usage")
+    found: int | None = None
+    if isinstance(usage, Mapping):
+        if api == "openai":
+            details = usage.get("prompt_tokens_details")
+            found = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else None
+        else:
+            found = _int(usage.get("cache_read_input_tokens"))
+    timings = body.get("timings")
+    if found is None and isinstance(timings, Mapping):
+        found = _int(timings.get("cache_n"))
+    return found
+
+
 def _creation(split: Split) -> dict[str, int]:
     return {f"ephemeral_{tier}_input_tokens": split.creation.get(tier, 0) for tier in TIERS}
 

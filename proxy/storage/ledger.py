@@ -39,6 +39,8 @@ class RequestRecord:
     latency_ms: float = 0.0
     sent_tiers: Sequence[str | None] | None = None
     """The markers as the client sent them, per chain block, for the request log (default: the chain's)."""
+    engine_cached_tokens: int | None = None
+    """The upstream's own count of prompt tokens served from its KV cache; None when it did not report one."""
 
     @property
     def billable(self) -> bool:
@@ -80,11 +82,11 @@ WITH log AS (
     INSERT INTO ledger (
         request_id, principal_id, virtual_model, tokenizer_version, tariff_version,
         prompt_tokens, completion_tokens, read_tokens, creation_5m, creation_1h, creation_24h,
-        uncached_tokens, cost, list_cost, started_at
+        uncached_tokens, cost, list_cost, started_at, engine_cached_tokens
     )
     SELECT {request_id}, {principal_id}, {virtual_model}, {tokenizer_version}, {tariff_version}::bigint,
         {prompt_tokens}, {completion_tokens}, {read_tokens}, {creation_5m}, {creation_1h}, {creation_24h},
-        {uncached_tokens}::integer, {cost}::numeric, {list_cost}, {ts}
+        {uncached_tokens}::integer, {cost}::numeric, {list_cost}, {ts}, {engine_cached_tokens}::integer
     WHERE {billable}::boolean
     ON CONFLICT (request_id) DO NOTHING
     RETURNING 1
@@ -174,6 +176,7 @@ def _commit_values(record: RequestRecord, refresh_read: bool) -> dict[str, objec
         "chain_tokens": [b.tokens for b in chain],
         "chain_roles": [b.role for b in chain],
         "chain_tiers": list(record.sent_tiers) if record.sent_tiers is not None else [b.tier for b in chain],
+        "engine_cached_tokens": record.engine_cached_tokens,
         "tariff_version": tariff.version or None,  # version 0: prices not (yet) stored as a tariff
         "uncached_tokens": split.uncached,
         "cost": record.cost,

@@ -35,6 +35,8 @@ _KEYS = (
     "id", "ts", "principal", "model", "tokenizer_version", "api", "status", "prompt_tokens", "completion_tokens",
     "read_tokens", "creation_tokens", "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost", "chain",
 )  # fmt: skip
+_OPTIONAL = ("engine_cached_tokens",)
+"""Keys a line may leave out: a fact the upstream did not report (docs/design.md#fields)."""
 _CHAIN_KEYS = ("h", "t", "r", "m")
 _MONEY = ("input_per_mtok", "output_per_mtok", "billed_cost", "list_cost")
 _KEY_SETS = {keys: frozenset(keys) for keys in (_KEYS, _CHAIN_KEYS, TIERS)}
@@ -43,7 +45,7 @@ COLUMNS = (
     "request_id", "ts", "principal_id", "virtual_model", "tokenizer_version", "api", "status",
     "prompt_tokens", "completion_tokens", "read_tokens", "creation_5m", "creation_1h", "creation_24h",
     "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost",
-    "chain_hashes", "chain_tokens", "chain_roles", "chain_tiers",
+    "chain_hashes", "chain_tokens", "chain_roles", "chain_tiers", "engine_cached_tokens",
 )  # fmt: skip
 """The request_log columns the format carries, in :func:`_to_row` order: export selects them, import and
 the ledger's commit insert them (the commit adds ``latency_ms``, which the format leaves out)."""
@@ -75,6 +77,8 @@ class LoggedRequest:
     list_cost: Decimal
     chain: tuple[ChainBlock, ...]
     """Per block: the first bytes of its prefix hash, cumulative tokens, role and marker tier."""
+    engine_cached_tokens: int | None = None
+    """The upstream's own count of prompt tokens it served from its KV cache; None: not reported."""
 
 
 class LogFormatError(ValueError):
@@ -125,6 +129,8 @@ def to_json_line(request: LoggedRequest) -> str:
         **{key: format(getattr(request, key), "f") for key in _MONEY},
         "chain": [{"h": b.hash.hex(), "t": b.tokens, "r": b.role, "m": b.tier} for b in request.chain],
     }
+    if request.engine_cached_tokens is not None:
+        document["engine_cached_tokens"] = request.engine_cached_tokens
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -240,6 +246,7 @@ def _from_row(row: asyncpg.Record) -> LoggedRequest:
         billed_cost=row["billed_cost"],
         list_cost=row["list_cost"],
         chain=tuple(ChainBlock(*block) for block in chain),
+        engine_cached_tokens=row["engine_cached_tokens"],
     )
 
 
@@ -250,6 +257,7 @@ def _to_row(r: LoggedRequest) -> tuple[object, ...]:
         r.prompt_tokens, r.completion_tokens, r.read_tokens, *(r.creation_tokens[tier] for tier in TIERS),
         r.input_per_mtok, r.output_per_mtok, r.billed_cost, r.list_cost,
         [b.hash for b in r.chain], [b.tokens for b in r.chain], [b.role for b in r.chain], [b.tier for b in r.chain],
+        r.engine_cached_tokens,
     )  # fmt: skip
 
 
@@ -267,7 +275,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _request(document: object) -> LoggedRequest:
+    optional = {key: document.pop(key) for key in _OPTIONAL if key in document} if isinstance(document, dict) else {}
     fields = _exact_keys(document, _KEYS, None)
+
     status = fields["status"]
     if not _is_int(status) or not 100 <= status <= 599:
         _invalid("status", "must be an HTTP status (an integer from 100 to 599)", status)
@@ -292,6 +302,8 @@ def _request(document: object) -> LoggedRequest:
         billed_cost=_money(fields, "billed_cost"),
         list_cost=_money(fields, "list_cost"),
         chain=_chain(chain),
+        engine_cached_tokens=_count(optional["engine_cached_tokens"], "engine_cached_tokens")
+        if "engine_cached_tokens" in optional else None,
     )
 
 

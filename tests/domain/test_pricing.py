@@ -162,9 +162,9 @@ def test_every_split_fits_the_prompt(prompt: int, read: int, tiers: dict[str, in
     assert split.read + split.creation_tokens <= prompt and split.uncached >= 0
     assert (split.prompt, split.completion) == (prompt, 7)
     if ours <= prompt:
-        assert (split.read, dict(split.creation), split.cache_valid) == (read, tiers, True)
+        assert (split.read, dict(split.creation), split.cache_valid, split.scaled) == (read, tiers, True, False)
     elif ours * 4 <= prompt * 5:
-        assert split.cache_valid and split.read + split.creation_tokens == prompt
+        assert split.cache_valid and split.scaled and split.read + split.creation_tokens == prompt
         for part, fitted in zip([read, *tiers.values()], [split.read, *split.creation.values()], strict=True):
             assert part * prompt // ours <= fitted <= part * prompt // ours + 1 and fitted <= part
     else:

@@ -7,6 +7,8 @@ stored is what the proxy would store; expected values are written out by hand.
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import hashlib
 import secrets
@@ -216,10 +218,12 @@ async def test_commit_bills_once_and_writes_once(pg: Database, db: Conn) -> None
 async def test_request_log_row(pg: Database, db: Conn) -> None:
     scope = new_scope()
     blocks = chain(("log-sys", 1500, "1h"), ("log-q", 1800, None))
-    record = await request(pg, scope, T0, blocks, completion=7)
+    record = dataclasses.replace(await request(pg, scope, T0, blocks, completion=7), engine_cached_tokens=1499)
     await Ledger(pg).commit(record)
 
     row = await db.fetchrow("SELECT * FROM request_log WHERE request_id = $1", record.request_id)
+    billed = await db.fetchval("SELECT engine_cached_tokens FROM ledger WHERE request_id = $1", record.request_id)
+    assert billed == 1499
 
     assert row is not None
     expected = {
@@ -245,6 +249,7 @@ async def test_request_log_row(pg: Database, db: Conn) -> None:
         "chain_tokens": [1500, 1800],
         "chain_roles": ["user", "user"],
         "chain_tiers": ["1h", None],
+        "engine_cached_tokens": 1499,
     }
     assert dict(row) == expected
 

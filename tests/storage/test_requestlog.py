@@ -7,6 +7,7 @@ again, which must give the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -62,6 +63,8 @@ REQUESTS: list[tuple[str, datetime, Scope, list[ChainBlock], int, int]] = [
     ("req-4", T0 + timedelta(hours=1), ALICE, FIRST, 3010, 200),
 ]
 EXPORT_ORDER = ["req-1", "req-2", "req-3", "req-4", "req-5"]
+ENGINE_CACHED = {"req-2": 2999}
+"""The upstream's own cache count, where it reported one (the others leave the key out)."""
 
 # req-1 against an empty index: writes the 1h breakpoint (2100 tokens) and the 5m one (900 more);
 # 10 prompt tokens of template overhead are uncached. Billed: (10·3 + 2100·3·2.0 + 900·3·1.25
@@ -121,6 +124,7 @@ async def commit(
         chain=chain,
         classification=classification,
         latency_ms=42.0,
+        engine_cached_tokens=ENGINE_CACHED.get(request_id),
     )
     assert await Ledger(pg).commit(record) is True
 
@@ -171,7 +175,9 @@ def test_export_writes_the_documented_json_lines(exported: Path) -> None:
     documents = [json.loads(line) for line in lines]
     assert [d["id"] for d in documents] == EXPORT_ORDER
     assert documents[0] == FIRST_LINE
-    assert all(list(d) == DOCUMENTED_KEYS for d in documents)
+    assert all(list(d) == DOCUMENTED_KEYS + (["engine_cached_tokens"] if d["id"] in ENGINE_CACHED else [])
+               for d in documents)
+    assert [d.get("engine_cached_tokens") for d in documents] == [None, 2999, None, None, None]
     assert lines[0] == json.dumps(FIRST_LINE, separators=(",", ":"))
 
     second, failed, unmarked = documents[1], documents[2], documents[4]
@@ -316,6 +322,11 @@ MALFORMED = [
     (line_with(chain=chain_with(2, r="")), 'chain[2].r: must be a non-empty string, got ""'),
     (line_with(chain=chain_with(2, m=...)), "chain[2].m: missing"),
     (line_with(chain=chain_with(0, x=1)), "chain[0]: unexpected key 'x'"),
+    (line_with(engine_cached_tokens=-1), f"engine_cached_tokens: {COUNT} -1"),
+    (line_with(engine_cached_tokens="12"), f'engine_cached_tokens: {COUNT} "12"'),
+    (line_with(engine_cached_tokens=None), f"engine_cached_tokens: {COUNT} null"),
+    (line_with(engine_cached_tokens=2**63), f"engine_cached_tokens: {COUNT} 9223372036854775808"),
+    (line_with(engine_cached_tokens=1e300), f"engine_cached_tokens: {COUNT} 1e+300"),
 ]
 
 
@@ -379,5 +390,8 @@ def test_line_round_trip_keeps_precision_and_normalises_time() -> None:
         '"billed_cost":"0.0000001","list_cost":"0.0000000000","chain":[]}'
     )
     assert parse_json_line(line) == request
+    reported = dataclasses.replace(request, engine_cached_tokens=4)
+    assert to_json_line(reported) == line[:-1] + ',"engine_cached_tokens":4}'
+    assert parse_json_line(to_json_line(reported)) == reported
     shifted = parse_json_line(line.replace("2025-03-01T13:00:00.000001Z", "2025-03-01t14:00:00.000001+01:00"))
     assert shifted.ts == request.ts and shifted.ts.tzinfo is UTC
