@@ -22,6 +22,9 @@ AUTH_MODES = ("apiKeys", "header")
 DEFAULT_PRINCIPAL_HEADER = "x-promptcache-principal"
 
 
+CACHE_SALTS = ("principal",)
+"""What ``upstream.cacheSalt`` may derive the forwarded ``cache_salt`` from: the cache scope of the principal."""
+
 EX_CONFIG = 78
 """sysexits' EX_CONFIG: how a proxy that refuses its config exits. The operator reads it off the pod, with the last
 ``invalid config:`` line of the log as the reason, and stalls the model instead of waiting on its rollout."""
@@ -38,6 +41,8 @@ class Upstream:
     api: Api
     api_key_env: str | None = None
     forward_cache_control: bool = False
+    cache_salt: str | None = None
+    """``principal``: forward a ``cache_salt`` keyed on the cache scope, so the engine's KV reuse is per tenant."""
 
     @property
     def endpoint(self) -> str:
@@ -146,7 +151,7 @@ def _model(item: Any, where: str) -> ModelConfig:
     up = item.get("upstream")
     if not isinstance(up, Mapping):
         raise ConfigError(f"{where}.upstream must be a mapping with url, model and api")
-    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl"}, f"{where}.upstream")
+    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl", "cacheSalt"}, f"{where}.upstream")
     url = _str(up, "url", f"{where}.upstream")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.upstream.url must be an http(s) URL, got {url!r}")
@@ -159,6 +164,9 @@ def _model(item: Any, where: str) -> ModelConfig:
     forward = up.get("forwardCacheControl", False)
     if not isinstance(forward, bool):
         raise ConfigError(f"{where}.upstream.forwardCacheControl must be true or false")
+    salt = up.get("cacheSalt")
+    if salt is not None and salt not in CACHE_SALTS:
+        raise ConfigError(f"{where}.upstream.cacheSalt must be one of {list(CACHE_SALTS)} or absent, got {salt!r}")
     tokenizer = item.get("tokenizer")
     if tokenizer is not None:
         _tokenizer(tokenizer, f"{where}.tokenizer")
@@ -187,7 +195,7 @@ def _model(item: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.cachePolicy must be namespace/name")
     return ModelConfig(
         alias=alias,
-        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), api, key_env, forward),
+        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), api, key_env, forward, salt),
         tokenizer=tokenizer,
         input_per_mtok=prices[0],
         output_per_mtok=prices[1],

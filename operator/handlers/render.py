@@ -106,6 +106,8 @@ def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Ma
     }
     if upstream.get("apiKeySecretRef"):
         model["upstream"]["apiKeyEnv"] = UPSTREAM_KEY_ENV
+    if upstream.get("cacheSalt") is not None:
+        model["upstream"]["cacheSalt"] = upstream["cacheSalt"]
     text = yaml.safe_dump({"models": [model]}, sort_keys=True)
     try:
         config = parse_config(text)

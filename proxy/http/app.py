@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +31,7 @@ from promptcache.proxy.domain.entries import Scope
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.prepare import Admission, admit
 from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
+from promptcache.proxy.domain.salt import cache_salt
 from promptcache.proxy.domain.steps import run_async
 from promptcache.proxy.http import jsonio
 from promptcache.proxy.http.apierrors import error_response
@@ -39,6 +41,7 @@ from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.secrets import KEY_BYTES
 from promptcache.proxy.storage.store import Store
 
 _log = logging.getLogger("promptcache.proxy")
@@ -94,6 +97,10 @@ class Proxy:
         self.store = store
         self.metrics = metrics
         self.degraded_ok = degraded_ok
+        self.salt_key = secrets.token_bytes(KEY_BYTES)
+        """Keys the forwarded ``cache_salt``: this process's own until the database's shared one is read (salts then
+        differ between replicas, so KV reuse is lower for a while but never crosses principals)."""
+        self.salt_key_shared = False
         self.runtimes = runtimes or Runtimes()
         self.http: aiohttp.ClientSession | None = None
         self.commits: set[asyncio.Task[None]] = set()
@@ -347,6 +354,8 @@ class Proxy:
         body["model"] = ex.model.upstream.model
         if ex.api == "openai" and body.get("stream") is True:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if ex.model.upstream.cache_salt == "principal":  # ours replaces any the client sent: isolation is not theirs
+            body["cache_salt"] = cache_salt(self.salt_key, ex.scope)
         return body
 
     async def _upstream_failed(self, ex: Exchange, status: int, message: str) -> web.Response:

@@ -31,10 +31,13 @@ from promptcache.proxy.runtime import Runtimes
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
+from promptcache.proxy.storage.secrets import shared_key
 from promptcache.proxy.storage.store import Store
 from promptcache.proxy.storage.tariffs import Tariffs
 
 _log = logging.getLogger("promptcache.server")
+SALT_KEY = "cache_salt"
+"""The ``proxy_secrets`` row keying the forwarded ``cache_salt``."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -116,6 +119,7 @@ class ProxyServer:
         proxy.apply_config(config, await sync_tariffs(config, pg, options.manage_tariffs))
         server = cls(options, config, proxy)
         server._config_bytes = options.config_path.read_bytes()
+        await server._share_salt_key()
         return server
 
     def app(self) -> web.Application:
@@ -169,7 +173,21 @@ class ProxyServer:
         _log.info("config reloaded", extra={"digest": config.digest[:12], "models": sorted(config.models)})
         return True
 
+    async def _share_salt_key(self) -> None:
+        """Read (or make) the database's cache-salt key once some model forwards a salt; retried with the tariffs."""
+        pg, proxy = self.proxy.store.pg, self.proxy
+        if pg is None or proxy.salt_key_shared or \
+                not any(m.upstream.cache_salt for m in self.file_config.models.values()):
+            return
+        try:
+            proxy.salt_key = await shared_key(pg, SALT_KEY)
+        except IndexUnavailable as exc:
+            _log.warning("cache-salt key unavailable, salting with this process's own until Postgres is back: %s", exc)
+            return
+        proxy.salt_key_shared = True
+
     async def _apply(self, config: ProxyConfig) -> None:
+        await self._share_salt_key()
         self.file_config = config
         effective = self._with_published_policies(config)
         tariffs = await sync_tariffs(effective, self.proxy.store.pg, self.options.manage_tariffs)

@@ -414,6 +414,7 @@ DEPLOYED_MODEL = spec_cases("DeployedModel", [
      "upstream.apiKeySecretRef.key", "maxLength"),
     ("forwardCacheControl a string", {"upstream.forwardCacheControl": "yes"}, "upstream.forwardCacheControl",
      "type"),
+    ("cacheSalt unknown", {"upstream.cacheSalt": "request"}, "upstream.cacheSalt", "enum"),
     ("tokenizer without type", {"tokenizer": {"encoding": "cl100k_base"}}, "tokenizer.type", "required"),
     ("tokenizer type unknown", {"tokenizer.type": "sentencepiece"}, "tokenizer.type", "enum"),
     ("tiktoken encoding unknown", {"tokenizer.encoding": "gpt2"}, "tokenizer.encoding", "enum"),
@@ -732,6 +733,7 @@ VALID: list[tuple[str, str, dict[str, Any]]] = [
     ("100 replicas and quantities", "DeployedModel", {"proxy": {"replicas": 100, "resources": {
         "requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 2, "memory": "1.5Gi"}}}}),
     ("a secret key", "DeployedModel", {"upstream.apiKeySecretRef": {"name": "upstream.key", "key": "api_key-1.x"}}),
+    ("a cache salt per principal", "DeployedModel", {"upstream.cacheSalt": "principal"}),
     ("every policy key at a bound", "CachePolicy", {
         "enabledTtls": ["24h", "5m", "1h"], "defaultTtl": "24h", "readMultiplier": "99.99",
         "writeMultipliers": {"5m": "0", "1h": "2.0", "24h": "99.999"}, "automatic": {"mode": "lastUserMessage"},

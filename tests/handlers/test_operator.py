@@ -213,7 +213,7 @@ async def test_startup_applies_migrations_to_an_empty_database(
     async with start_operator(namespaces=[ns], environment=environment):
         conn = await asyncpg.connect(empty_pg_dsn)
         try:
-            assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == [1, 2]
+            assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == [1, 2, 3]
         finally:
             await conn.close()
 

@@ -71,6 +71,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("models.0.upstream.model", "", "models[0].upstream.model must be a non-empty string"),
     ("models.0.upstream.apiKeyEnv", 5, "models[0].upstream.apiKeyEnv must be a string"),
     ("models.0.upstream.forwardCacheControl", "yes", "models[0].upstream.forwardCacheControl must be true or false"),
+    ("models.0.upstream.cacheSalt", "tenant", "models[0].upstream.cacheSalt must be one of ['principal'] or absent"),
     # tokenizer (its shape; whether it loads is decided at run time)
     ("models.0.tokenizer", "tiktoken", "models[0].tokenizer must be a mapping"),
     ("models.0.tokenizer", {"type": "sentencepiece", "path": "/t"}, "models[0].tokenizer.type must be tiktoken, "
@@ -270,7 +271,7 @@ CONFIG_KEYS = {
     "limits.classifyStartDelaySeconds",  # ours: not in docs/design.md#the-request-path's minimum
     "models", "models.*.alias", "models.*.imageTokens",
     "models.*.upstream", "models.*.upstream.url", "models.*.upstream.model", "models.*.upstream.api",
-    "models.*.upstream.apiKeyEnv", "models.*.upstream.forwardCacheControl",
+    "models.*.upstream.apiKeyEnv", "models.*.upstream.forwardCacheControl", "models.*.upstream.cacheSalt",
     "models.*.tokenizer", "models.*.tokenizer.type", "models.*.tokenizer.encoding", "models.*.tokenizer.path",
     "models.*.pricing", "models.*.pricing.inputPerMTok", "models.*.pricing.outputPerMTok",
     "models.*.cache", "models.*.cache.enabledTtls", "models.*.cache.defaultTtl", "models.*.cache.writeMultipliers",

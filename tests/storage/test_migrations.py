@@ -9,24 +9,27 @@ import pytest
 
 from promptcache.proxy.storage.schema import MigrationError, available, migrate
 
-TABLES = {"schema_migrations", "cache_entries", "tariffs", "api_keys", "ledger", "request_log"}
+TABLES = {"schema_migrations", "cache_entries", "tariffs", "api_keys", "ledger", "request_log", "proxy_secrets"}
+
+
+SHIPPED = [(1, "init"), (2, "engine_cached_tokens"), (3, "proxy_secrets")]
 
 
 def test_shipped_migrations_are_numbered_from_one() -> None:
-    assert [(m.version, m.name) for m in available()] == [(1, "init"), (2, "engine_cached_tokens")]
+    assert [(m.version, m.name) for m in available()] == SHIPPED
 
 
 async def test_concurrent_migrators_apply_each_version_once(empty_pg_dsn: str) -> None:
     first, second = await asyncio.gather(migrate(empty_pg_dsn), migrate(empty_pg_dsn))
 
-    assert sorted([first, second]) == [[], [1, 2]]
+    assert sorted([first, second]) == [[], [1, 2, 3]]
     conn = await asyncpg.connect(empty_pg_dsn)
     try:
         recorded = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
         tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     finally:
         await conn.close()
-    assert [tuple(r) for r in recorded] == [(1, "init"), (2, "engine_cached_tokens")]
+    assert [tuple(r) for r in recorded] == SHIPPED
     assert {r["tablename"] for r in tables} == TABLES
 
 

@@ -7,8 +7,6 @@ stored is what the proxy would store; expected values are written out by hand.
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
 import hashlib
 import secrets
@@ -218,7 +216,7 @@ async def test_commit_bills_once_and_writes_once(pg: Database, db: Conn) -> None
 async def test_request_log_row(pg: Database, db: Conn) -> None:
     scope = new_scope()
     blocks = chain(("log-sys", 1500, "1h"), ("log-q", 1800, None))
-    record = dataclasses.replace(await request(pg, scope, T0, blocks, completion=7), engine_cached_tokens=1499)
+    record = replace(await request(pg, scope, T0, blocks, completion=7), engine_cached_tokens=1499)
     await Ledger(pg).commit(record)
 
     row = await db.fetchrow("SELECT * FROM request_log WHERE request_id = $1", record.request_id)

@@ -1,6 +1,6 @@
-"""The tokenizer's file source in the rendered config and pod (operator/handlers/render.py): a ConfigMap key or a
-file inside ``spec.tokenizer.volume`` becomes a path under the mount; what the CRD refuses, the operator refuses
-too (an API server that skipped CEL), as InvalidSpec with the reason."""
+"""What the rendered config and pod take from the spec (operator/handlers/render.py): a tokenizer's ConfigMap key or
+file inside ``spec.tokenizer.volume`` becomes a path under the mount, and what the CRD refuses there the operator
+refuses too (an API server that skipped CEL), as InvalidSpec with the reason; ``upstream.cacheSalt`` passes through."""
 
 from __future__ import annotations
 
@@ -63,3 +63,12 @@ def test_what_the_crd_refuses_the_operator_refuses(tokenizer: dict[str, Any], re
     with pytest.raises(SpecError, match=reason) as caught:
         rendered(tokenizer)
     assert caught.value.reason == "InvalidSpec"
+
+
+def test_the_cache_salt_reaches_the_proxy_config_only_when_asked_for() -> None:
+    spec = model("m", "smol", "p", ns="ns")["spec"]
+    assert render("ns", spec, "p", policy("p", ns="ns")["spec"]).config.models["smol"].upstream.cache_salt is None
+    spec["upstream"]["cacheSalt"] = "principal"
+    rendered = render("ns", spec, "p", policy("p", ns="ns")["spec"])
+    assert rendered.config.models["smol"].upstream.cache_salt == "principal"
+    assert "cacheSalt: principal" in rendered.yaml
