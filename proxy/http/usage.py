@@ -12,12 +12,14 @@ from typing import Any
 from promptcache.proxy.domain.blocks import Api
 from promptcache.proxy.domain.pricing import Split
 from promptcache.proxy.domain.tiers import TIERS
+from promptcache.proxy.storage.requestlog import MAX_COUNT
 
 _ANTHROPIC_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation")
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token count as the ledger can hold it; anything else (negative, fractional, huge) is not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT else None
 
 
 def upstream_totals(usage: Any, api: Api) -> tuple[int, int] | None:

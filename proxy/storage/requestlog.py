@@ -21,8 +21,9 @@ import asyncpg
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.tiers import TIERS
 
-_MAX_INT = 2**31 - 1
-"""Token counts are Postgres ``integer`` columns: a larger value is refused on read, not on insert."""
+MAX_COUNT = 2**31 - 1
+"""Token counts are Postgres ``integer`` columns: a larger value is refused where it comes in (a log line, an
+upstream's usage), never left to fail the insert."""
 
 _TIMESTAMP = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -361,11 +362,11 @@ def _timestamp(value: object) -> datetime:
         raise _Invalid("ts", str(exc)) from None
 
 
-_COUNT_RULE = f"must be an integer from 0 to {_MAX_INT}"
+_COUNT_RULE = f"must be an integer from 0 to {MAX_COUNT}"
 
 
 def _counted(value: object) -> TypeGuard[int]:
-    return _is_int(value) and 0 <= value <= _MAX_INT
+    return _is_int(value) and 0 <= value <= MAX_COUNT
 
 
 def _count(value: object, field: str) -> int:
