@@ -967,10 +967,11 @@ async def test_the_example_sets_apply_with_kubectl(cluster: Cluster, tmp_path: P
         assert [line for line in lines if line.endswith("unchanged")] == [
             "cachepolicy.promptcache.io/standard unchanged", "deployedmodel.promptcache.io/llama unchanged",
             "namespace/llm unchanged"], out
-        assert len([line for line in lines if line.endswith(" created")]) == 5, out
+        assert len([line for line in lines if line.endswith(" created")]) == 6, out
         listed = {plural: sorted(o["metadata"]["name"] for o in await cluster.list(API_VERSION, plural, "llm"))
                   for plural in PLURALS.values()}
-        assert listed == {MODELS: ["assistant-mini", "llama", "llama-3-1-8b"], POLICIES: ["extended", "standard"],
+        assert listed == {MODELS: ["assistant-mini", "llama", "llama-3-1-8b", "smollm2"],
+                          POLICIES: ["extended", "standard"],
                           REPLAYS: ["assistant-mini-extended", "cheaper-reads"]}
     finally:
         await cluster.forget("llm")
