@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 
 from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
@@ -21,6 +18,7 @@ from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 from support.cluster import Cluster, connected
 from support.controlplane import ControlPlane
 from support.controlplane import control_plane as start_control_plane
+from support.database import scratch_database
 from support.engine import Engine, llama_server
 from support.operator_process import (
     Identity,
@@ -31,30 +29,6 @@ from support.operator_process import (
     running_operator,
 )
 from support.proxy import redis_prefix, write_word_tokenizer
-
-# A URL-form DSN of a maintenance database; test databases are created next to it.
-PG_ADMIN_DSN = os.environ.get(
-    "PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@asynccontextmanager
-async def scratch_database(prefix: str = "promptcache_test") -> AsyncIterator[str]:
-    """A new, empty database named ``{prefix}_<random hex>``, dropped (FORCE) afterwards; yields its DSN."""
-    name = f"{prefix}_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield urlsplit(PG_ADMIN_DSN)._replace(path=f"/{name}").geturl()
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import scratch_database
 
 from promptcache.operator.cli import main
 from promptcache.operator.replay.engine import canonical, report, simulate
@@ -30,6 +29,8 @@ from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.storage.requestlog import LoggedRequest, import_rows, read_jsonl, to_json_line
 from promptcache.proxy.storage.schema import migrate
+
+from support.database import scratch_database
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)

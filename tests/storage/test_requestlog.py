@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import scratch_database
 
 from promptcache.operator.cli import main
 from promptcache.proxy.domain.classify import ChainBlock, candidates, classify
@@ -31,6 +30,8 @@ from promptcache.proxy.storage.ledger import Ledger, RequestRecord
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.requestlog import LogFormatError, LoggedRequest, parse_json_line, to_json_line
 from promptcache.proxy.storage.schema import migrate
+
+from support.database import scratch_database
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

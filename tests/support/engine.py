@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +51,11 @@ def model_path() -> Path:
     return path
 
 
-def command(port: int, *, binary_dir: Path | None = None, model: Path | None = None) -> list[str]:
+def command(port: int, *, binary_dir: Path | None = None, model: Path | None = None,
+            extra: Sequence[str] = ()) -> list[str]:
     return [str((binary_dir or engine_dir()) / "llama-server"), "--model", str(model or model_path()),
             "--host", "127.0.0.1", "--port", str(port), "--ctx-size", str(CONTEXT), "--parallel", "1",
-            "--threads", str(os.cpu_count() or 2), "--no-webui", "--metrics"]
+            "--threads", str(os.cpu_count() or 2), "--no-webui", "--metrics", *extra]
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,9 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def llama_server(*, within: float = 120.0) -> Iterator[Engine]:
-    """The server started and healthy (model loaded); stopped at the end. A failure to start raises with the
-    server's log: the tests that need it fail, they never skip."""
+def llama_server(*, within: float = 120.0, extra: Sequence[str] = ()) -> Iterator[Engine]:
+    """The server started (``extra`` arguments appended, e.g. a chat template) and healthy (model loaded); stopped
+    at the end. A failure to start raises with the server's log: the tests that need it fail, they never skip."""
     from support.controlplane import free_port
 
     port = free_port()
@@ -83,7 +84,7 @@ def llama_server(*, within: float = 120.0) -> Iterator[Engine]:
     with tempfile.TemporaryDirectory(prefix="promptcache-engine-") as tmp:
         log = Path(tmp) / "llama-server.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command(port, extra=extra), stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 deadline = time.monotonic() + within
