@@ -103,7 +103,7 @@ TERMINATION_TAIL = 2048
 
 
 def _stage_volume(volume: Mapping[str, Any], config_map: Mapping[str, Any] | None, into: Path) -> str:
-    """The host directory a pod volume is: a ConfigMap's keys written out, a hostPath as it is, a fresh emptyDir."""
+    """The host directory a pod volume is: a ConfigMap's keys written out, a hostPath as it is."""
     if config_map is not None:
         into.mkdir(parents=True)
         for key, value in (config_map.get("data") or {}).items():
@@ -113,9 +113,6 @@ def _stage_volume(volume: Mapping[str, Any], config_map: Mapping[str, Any] | Non
         return str(into)
     if "hostPath" in volume:
         return str(volume["hostPath"]["path"])
-    if "emptyDir" in volume:
-        into.mkdir(parents=True)
-        return str(into)
     raise AssertionError(f"a volume the test cannot play: {volume}")
 
 
@@ -156,11 +153,14 @@ async def run_container(kube: Cluster, namespace: str, pod: Mapping[str, Any], n
                         *extra_args: str) -> tuple[int, str]:
     """Run container ``name`` of ``pod`` here until it exits (``extra_args`` appended, e.g. ``--check``), as root
     in a private mount namespace (``unshare``) where each of its volumes is bind-mounted at its mountPath
-    (read-only where the pod says so); (exit code, output)."""
+    (read-only where the pod says so; an emptyDir is the host's directory as it is); (exit code, output)."""
     [container] = [c for c in pod["spec"]["containers"] if c["name"] == name]
     assert "command" not in container, "containers give args only; the image's entrypoint is promptcache"
     volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
-    mounts = sorted(container.get("volumeMounts") or [], key=lambda m: len(m["mountPath"]))
+    # An emptyDir is scratch space (/tmp under a read-only root); the host's directory already is, and mounting an
+    # empty one there would hide what runs the container (a clone under /tmp, its .venv).
+    mounts = sorted((m for m in container.get("volumeMounts") or [] if "emptyDir" not in volumes[m["name"]]),
+                    key=lambda m: len(m["mountPath"]))
     stage = _new_stage()
     made = _absent([m["mountPath"] for m in mounts])
     try:
