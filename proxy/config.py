@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from promptcache.proxy.domain.blocks import APIS, Api
+from promptcache.proxy.domain.nesting import TooDeep, load_yaml
 from promptcache.proxy.domain.policy import CachePolicy, PolicyError, parse_decimal
 
 AUTH_MODES = ("apiKeys", "header")
@@ -101,9 +102,11 @@ def load_config(path: str | Path) -> ProxyConfig:
 def parse_config(raw: bytes | str) -> ProxyConfig:
     data = raw.encode() if isinstance(raw, str) else raw
     try:
-        doc = yaml.safe_load(data)
+        doc = load_yaml(data)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config is not valid YAML: {exc}") from None
+    except TooDeep as exc:
+        raise ConfigError(f"config is {exc}") from None
     if not isinstance(doc, Mapping):
         raise ConfigError("config must be a mapping with a `models` list")
     _known(doc, {"models", "auth", "limits"}, "config")

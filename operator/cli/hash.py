@@ -25,6 +25,7 @@ def register(commands: Commands) -> None:
 
 
 def load_policy_file(path: str | None) -> CachePolicy:
+    from promptcache.proxy.domain.nesting import TooDeep, load_yaml
     from promptcache.proxy.domain.policy import CachePolicy, PolicyError, policy_from_document
 
     if path is None:
@@ -32,8 +33,8 @@ def load_policy_file(path: str | None) -> CachePolicy:
     import yaml
 
     try:
-        return policy_from_document(yaml.safe_load(options.read_input(path)))
-    except (yaml.YAMLError, PolicyError) as exc:
+        return policy_from_document(load_yaml(options.read_input(path)))
+    except (yaml.YAMLError, PolicyError, TooDeep) as exc:
         options.fail(f"invalid policy file {path}: {exc}")
 
 

@@ -17,12 +17,20 @@ def register(commands: Commands) -> None:
     p = commands.add_parser("keys", help="create or revoke API keys (only their hashes are stored)")
     keys = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     k = keys.add_parser("create", help="create a key for a principal and print it once")
-    k.add_argument("--principal", required=True)
+    k.add_argument("--principal", required=True, type=_principal)
     options.add_database(k)
     k = keys.add_parser("revoke", help="revoke a key by its id")
     k.add_argument("key_id")
     options.add_database(k)
     p.set_defaults(func=cmd_keys)
+
+
+def _principal(name: str) -> str:
+    from promptcache.proxy.domain.entries import PRINCIPAL_RULE, valid_principal
+
+    if not valid_principal(name):
+        raise argparse.ArgumentTypeError(f"{PRINCIPAL_RULE}, got {name!r}")
+    return name
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

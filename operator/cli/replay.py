@@ -140,11 +140,12 @@ def load_proposal_policy(path: str) -> tuple[CachePolicy, dict[str, Any]]:
 
     from promptcache.operator.errors import SpecError
     from promptcache.operator.replay import proposal
+    from promptcache.proxy.domain.nesting import TooDeep, load_yaml
 
     where = f"invalid policy file {path}"
     try:
-        spec = yaml.safe_load(options.read_input(path))
-    except yaml.YAMLError as exc:
+        spec = load_yaml(options.read_input(path))
+    except (yaml.YAMLError, TooDeep) as exc:
         options.fail(f"{where}: {' '.join(str(exc).split())}")
     if isinstance(spec, Mapping) and spec.get("kind") == "CachePolicy":
         spec = spec.get("spec")

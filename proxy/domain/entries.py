@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+PRINCIPAL_RULE = "a principal is printable text, not empty, without leading or trailing spaces"
+
+
+def valid_principal(name: str) -> bool:
+    """Whether ``name`` can be a principal: what the ledger, the salt and every log can carry as it is (bytes that
+    were not UTF-8 arrive from a header as unprintable surrogate escapes)."""
+    return bool(name) and name == name.strip() and name.isprintable()
+
 
 class Scope(NamedTuple):
     """Entries are never shared across principals, models or tokenizers."""

@@ -27,14 +27,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from promptcache.proxy.config import ModelConfig, ProxyConfig
 from promptcache.proxy.domain.blocks import Api
 from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify
-from promptcache.proxy.domain.entries import Scope
+from promptcache.proxy.domain.entries import PRINCIPAL_RULE, Scope, valid_principal
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
+from promptcache.proxy.domain.nesting import deeper_than, too_deep
 from promptcache.proxy.domain.prepare import Admission, admit
 from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
 from promptcache.proxy.domain.salt import cache_salt
 from promptcache.proxy.domain.steps import run_async
 from promptcache.proxy.http import jsonio
 from promptcache.proxy.http.apierrors import error_response
+from promptcache.proxy.http.bodies import BodyTooLarge, UndecodableBody, decoded
 from promptcache.proxy.http.sse import encode, events
 from promptcache.proxy.http.usage import engine_cached, rewrite, upstream_totals
 from promptcache.proxy.metrics import Metrics
@@ -108,7 +110,10 @@ class Proxy:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024**3, middlewares=[self._request_id])
+        # Bodies are decoded here (bodies.decoded), not by aiohttp: a bad or unknown encoding is the API's 400, and a
+        # compressed body cannot expand past the body limit.
+        app = web.Application(client_max_size=1024**3, middlewares=[self._request_id],
+                              handler_args={"auto_decompress": False})
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_get("/v1/models", self.models)
@@ -139,9 +144,15 @@ class Proxy:
         request[REQUEST_ID] = "req_" + uuid.uuid4().hex
         try:
             response = await handler(request)
-        except web.HTTPException as exc:  # the router's own 404 / 405
-            exc.headers["x-request-id"] = request[REQUEST_ID]
-            raise
+        except web.HTTPException as exc:  # the router's own 404 / 405, in the API's shape so SDKs raise their errors
+            api: Api = "anthropic" if request.path.startswith("/v1/messages") or \
+                "anthropic-version" in request.headers else "openai"
+            if exc.status == 405:
+                message = f"{request.method} is not allowed on {request.path}"
+            else:
+                message = (f"no route {request.method} {request.path}: this proxy serves POST /v1/chat/completions,"
+                           " POST /v1/messages and GET /v1/models")
+            return error_response(api, exc.status, message, None, request[REQUEST_ID])
         if not response.prepared:
             response.headers["x-request-id"] = request[REQUEST_ID]
         return response
@@ -241,6 +252,8 @@ class Proxy:
             principal = request.headers.get(auth.header, "").strip()
             if not principal:
                 raise _Reject(401, f"missing trusted principal header {auth.header}")
+            if not valid_principal(principal):
+                raise _Reject(401, f"trusted principal header {auth.header}: {PRINCIPAL_RULE}")
             return principal
         key = request.headers.get("x-api-key", "").strip()
         bearer = request.headers.get("authorization", "")
@@ -248,6 +261,8 @@ class Proxy:
             key = bearer[7:].strip()
         if not key:
             raise _Reject(401, "missing API key: send Authorization: Bearer <key> or x-api-key")
+        if not (key.isascii() and key.isprintable()):
+            raise _Reject(401, "invalid API key")  # keys are printable ASCII; this one cannot be any key
         try:
             known = await self.store.principal_for_key(key)
         except IndexUnavailable:
@@ -271,7 +286,12 @@ class Proxy:
             size += len(chunk)
         if size > limit:
             raise _Reject(413, f"request body is larger than the {limit}-byte limit")
-        raw = b"".join(chunks)
+        try:
+            raw = decoded(b"".join(chunks), request.headers.get("Content-Encoding", ""), limit)
+        except BodyTooLarge as exc:
+            raise _Reject(413, str(exc)) from None
+        except UndecodableBody as exc:
+            raise _Reject(400, str(exc)) from None
         try:
             body = jsonio.loads_text(raw)
         except jsonio.UnpairedSurrogate as exc:
@@ -279,9 +299,11 @@ class Proxy:
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Reject(400, f"request body is not valid JSON: {exc}") from None
         except RecursionError:
-            raise _Reject(400, "request body is nested too deeply") from None
+            raise _Reject(400, f"request body is {too_deep()}") from None
         if not isinstance(body, dict):
             raise _Reject(400, "request body must be a JSON object")
+        if deeper_than(body):
+            raise _Reject(400, f"request body is {too_deep()}")
         return body
 
     # -- classification, concurrent with the upstream call ----------------------------------

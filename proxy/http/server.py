@@ -213,15 +213,23 @@ class ProxyServer:
         _log.info("cache policy updated from Redis", extra={"policy": name})
 
     async def _watch_config(self) -> None:
+        """Hot reload for the life of the process: whatever one round raises is logged and counted, never fatal."""
         while True:
             await asyncio.sleep(self.options.reload_interval)
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:
+                _log.exception("config reload failed, keeping the last good config")
+                self.proxy.metrics.config_reloads.labels("error").inc()
 
     async def _refresh_tariffs(self) -> None:
         """Pick up tariff versions written by the operator, and retry ones Postgres missed."""
         while True:
             await asyncio.sleep(self.options.tariff_refresh)
-            await self._apply(self.file_config)
+            try:
+                await self._apply(self.file_config)
+            except Exception:
+                _log.exception("tariff refresh failed; retrying next round")
 
     @property
     def tariffs(self) -> Mapping[str, Tariff]:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeGuard
 import asyncpg
 
 from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.nesting import deeper_than, too_deep
 from promptcache.proxy.domain.tiers import TIERS
 
 MAX_COUNT = 2**31 - 1
@@ -138,7 +139,12 @@ def to_json_line(request: LoggedRequest) -> str:
 def parse_json_line(line: str, lineno: int = 1) -> LoggedRequest:
     """Read one line; anything off the format raises :class:`LogFormatError` naming ``lineno``."""
     try:
-        return _request(json.loads(line.rstrip("\r\n"), object_pairs_hook=_no_duplicates))
+        document = json.loads(line.rstrip("\r\n"), object_pairs_hook=_no_duplicates)
+        if deeper_than(document):
+            raise _Invalid(None, too_deep())
+        return _request(document)
+    except RecursionError:
+        raise LogFormatError(lineno, None, too_deep()) from None
     except json.JSONDecodeError as exc:
         raise LogFormatError(lineno, None, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     except _Invalid as exc:

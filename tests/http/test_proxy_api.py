@@ -35,6 +35,7 @@ from promptcache.proxy.storage.keys import ApiKeys
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.testing.simulator import REPLY, Simulator
 
+from support.apierrors import assert_anthropic_error, assert_error, assert_openai_error, post_raw
 from support.proxy import RunningProxy, ledger, model_config, new_key, running_proxy, settle, unique, words
 
 MAX_BODY = 65536
@@ -107,52 +108,6 @@ def first_turn_openai() -> list[dict[str, Any]]:
 def second_turn_openai() -> list[dict[str, Any]]:
     return [{"role": "system", "content": [text(SYSTEM, "1h")]}, {"role": "user", "content": USER[0]},
             {"role": "assistant", "content": REPLY}, {"role": "user", "content": [text(USER[1], "5m")]}]
-
-
-def assert_openai_error(body: Any, code: str | None = None) -> str:
-    """The OpenAI error shape exactly; returns the message."""
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert error["param"] is None
-    assert error["code"] == code
-    message: str = error["message"]
-    return message
-
-
-def assert_anthropic_error(body: Any, kind: str, code: str | None = None) -> str:
-    """The Anthropic error shape exactly (``code`` is our extra field for invalid markers)."""
-    assert isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error", body
-    error = body["error"]
-    assert error["type"] == kind
-    assert isinstance(error["message"], str) and error["message"]
-    if code is None:
-        assert set(error) == {"type", "message"}
-    else:
-        assert set(error) == {"type", "message", "code"} and error["code"] == code
-    message: str = error["message"]
-    return message
-
-
-def assert_error(api: str, status: int, body: Any, code: str | None = None) -> str:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "request_too_large", 503: "overloaded_error"}
-    if api == "openai":
-        return assert_openai_error(body, code)
-    return assert_anthropic_error(body, kinds[status], code)
-
-
-async def post_raw(http: aiohttp.ClientSession, url: str, data: Any,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any, str | None]:
-    async with http.post(url, data=data, headers=headers or {}) as response:
-        raw = await response.read()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = raw
-        return response.status, body, response.headers.get("x-request-id")
 
 
 # -- bad input (docs/design.md#the-request-path): 400 / 404 / 413 in the calling API's shape, never a 5xx

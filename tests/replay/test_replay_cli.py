@@ -292,6 +292,8 @@ def bad_files(folder: Path) -> Iterator[tuple[str, str]]:
     yield "malformed.jsonl", "\n".join([*lines[:2], lines[2].replace('"status":200', '"status":"ok"'), *lines[3:]])
     yield "shuffled.jsonl", "\n".join([lines[1], lines[0], *lines[2:]])
     yield "not-json.jsonl", "{\n"
+    yield "deep.jsonl", "\n".join([lines[0], "[" * 100_000 + "]" * 100_000])
+    yield "deep-policy.yaml", "enabledTtls: " + "[" * 5_000 + "]" * 5_000 + "\n"
     yield "empty.jsonl", ""
     yield "unknown-key.yaml", "enabledTtls: [5m]\nmaxBreakpoint: 3\n"
     yield "not-yaml.yaml", "enabledTtls: [5m\n"
@@ -303,6 +305,9 @@ BAD = [
     (["--log", "{folder}/malformed.jsonl"],
      '{folder}/malformed.jsonl: line 3: status: must be an HTTP status (an integer from 100 to 599), got "ok"'),
     (["--log", "{folder}/not-json.jsonl"], "{folder}/not-json.jsonl: line 1: not valid JSON"),
+    (["--log", "{folder}/deep.jsonl"], "{folder}/deep.jsonl: line 2: nested more than 128 levels deep"),
+    (["--policy", "{folder}/deep-policy.yaml"],
+     "invalid policy file {folder}/deep-policy.yaml: nested more than 128 levels deep"),
     (["--log", "{folder}/shuffled.jsonl"], "is out of (ts, id) order"),
     (["--log", "{folder}/empty.jsonl"], "no logged requests in the selected window"),
     (["--models", "model-c"], "no logged requests in the selected window (--models model-c)"),
