@@ -1,5 +1,5 @@
 """Hostile input never gets a 5xx or an unbilled 200 (issue 13, items 1-7): bytes that are not UTF-8 in the
-credentials, nesting past the one limit (docs/design.md#nesting), bodies whose Content-Encoding is wrong or unknown,
+credentials, nesting past the one limit (docs/design.md#request-bodies), bodies whose Content-Encoding is wrong or unknown,
 a config nested to death, routes that do not exist, and principals no ledger can carry.
 
 Counts as in test_proxy_api: with the word tokenizer ``words(p, n)`` is n tokens, the simulated upstream adds 3
