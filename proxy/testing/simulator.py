@@ -7,7 +7,7 @@ healthy upstream and every failure the proxy must survive:
 
 ``/v1/...`` healthy · ``/error/v1/...`` HTTP 500 · ``/hang/v1/...`` never answers ·
 ``/disconnect/v1/...`` drops the connection mid-stream · ``/cached/v1/...`` reports provider
-cache fields that the proxy must replace.
+cache fields that the proxy must replace · ``/huge/v1/...`` reports 2³¹ more prompt tokens than it counted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from promptcache.proxy.domain.blocks import Api, extract_blocks
 from promptcache.proxy.domain.tokens import BlockCounter, Tokenizer
 
 REPLY = "Simulated reply from the local test upstream."
-BEHAVIOURS = ("ok", "error", "hang", "disconnect", "cached")
+BEHAVIOURS = ("ok", "error", "hang", "disconnect", "cached", "huge")
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Simulator:
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         behaviour, body, answer_at = await self._begin(request)
-        prompt = self.prompt_tokens(body, "openai")
+        prompt = self.prompt_tokens(body, "openai") + (2**31 if behaviour == "huge" else 0)
         await _until(answer_at)
         usage: dict[str, Any] = {
             "prompt_tokens": prompt,
@@ -129,7 +129,7 @@ class Simulator:
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         behaviour, body, answer_at = await self._begin(request)
-        prompt = self.prompt_tokens(body, "anthropic")
+        prompt = self.prompt_tokens(body, "anthropic") + (2**31 if behaviour == "huge" else 0)
         await _until(answer_at)
         usage: dict[str, Any] = {"input_tokens": prompt, "output_tokens": self.reply_tokens}
         if behaviour == "cached":

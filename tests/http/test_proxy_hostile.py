@@ -220,6 +220,43 @@ def test_keys_create_refuses_an_empty_or_blank_principal(pg_dsn: str) -> None:
         assert "key:" not in done.stdout
 
 
+# -- 5. an upstream reporting absurd usage -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_usage_beyond_any_context_is_the_upstreams_error_not_a_free_answer(
+        tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator], word_tokenizer: Path, api: str,
+        stream: bool) -> None:
+    """2³¹ prompt tokens fit no ledger column and no context window: a 502 (stream: an error event), never a 200
+    whose ledger row Postgres would refuse."""
+    cfg = {"models": [model_config("chat", simulator[0] + "/huge/v1", "openai", word_tokenizer),
+                      model_config("claude", simulator[0] + "/huge", "anthropic", word_tokenizer)]}
+    async with running_proxy(cfg, tmp_path, pg_dsn) as running:
+        key = await new_key(pg_dsn, unique("huge"))
+        async with aiohttp.ClientSession() as http:
+            async with http.post(running.url + ENDPOINT[api], json=request(api, stream=stream),
+                                 headers={"x-api-key": key}) as response:
+                raw = await response.read()
+                request_id = response.headers["x-request-id"]
+                status = response.status
+        await settle(running)
+        if stream:
+            assert status == 200 and b"the upstream stream ended before it completed" in raw
+        else:
+            assert status == 502
+            assert assert_error(api, 502, json.loads(raw)) == \
+                "the upstream model reported no usage"
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM ledger WHERE request_id = $1", request_id) == 0
+            logged = await conn.fetchrow("SELECT status, billed_cost FROM request_log WHERE request_id = $1",
+                                         request_id)
+        finally:
+            await conn.close()
+        assert logged is not None and logged["status"] == 502 and logged["billed_cost"] == 0
+
+
 # -- 6. a config nested to death leaves hot reload working ----------------------------------------------------
 
 
