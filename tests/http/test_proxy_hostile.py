@@ -1,6 +1,7 @@
 """Hostile input never gets a 5xx or an unbilled 200 (issue 13, items 1-7): bytes that are not UTF-8 in the
-credentials, nesting past the one limit (docs/design.md#request-bodies), bodies whose Content-Encoding is wrong or unknown,
-a config nested to death, routes that do not exist, and principals no ledger can carry.
+credentials, nesting past the one limit (docs/design.md#request-bodies), bodies whose Content-Encoding is wrong or
+unknown, absurd usage from upstream, a config nested to death, routes that do not exist, and principals no ledger
+can carry.
 
 Counts as in test_proxy_api: with the word tokenizer ``words(p, n)`` is n tokens, the simulated upstream adds 3
 template tokens per message and replies with 8; prices 3.00 in / 15.00 out per million."""
@@ -234,12 +235,11 @@ async def test_usage_beyond_any_context_is_the_upstreams_error_not_a_free_answer
                       model_config("claude", simulator[0] + "/huge", "anthropic", word_tokenizer)]}
     async with running_proxy(cfg, tmp_path, pg_dsn) as running:
         key = await new_key(pg_dsn, unique("huge"))
-        async with aiohttp.ClientSession() as http:
-            async with http.post(running.url + ENDPOINT[api], json=request(api, stream=stream),
-                                 headers={"x-api-key": key}) as response:
-                raw = await response.read()
-                request_id = response.headers["x-request-id"]
-                status = response.status
+        async with aiohttp.ClientSession() as http, http.post(
+                running.url + ENDPOINT[api], json=request(api, stream=stream), headers={"x-api-key": key}) as response:
+            raw = await response.read()
+            request_id = response.headers["x-request-id"]
+            status = response.status
         await settle(running)
         if stream:
             assert status == 200 and b"the upstream stream ended before it completed" in raw
