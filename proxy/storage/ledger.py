@@ -61,7 +61,8 @@ _LOGGED = (*requestlog.COLUMNS, "latency_ms")
 
 _PARAMETERS = (
     *_LOGGED,
-    "tariff_version", "uncached_tokens", "cost", "billable",
+    "tariff_version", "write_multiplier_5m", "write_multiplier_1h", "write_multiplier_24h", "read_multiplier",
+    "uncached_tokens", "cost", "billable",
     "write_hashes", "write_tokens", "write_tiers", "write_expiries",
     "read_hash", "read_expires_at",
 )  # fmt: skip
@@ -84,7 +85,15 @@ WITH log AS (
         prompt_tokens, completion_tokens, read_tokens, creation_5m, creation_1h, creation_24h,
         uncached_tokens, cost, list_cost, started_at, engine_cached_tokens
     )
-    SELECT {request_id}, {principal_id}, {virtual_model}, {tokenizer_version}, {tariff_version}::bigint,
+    SELECT {request_id}, {principal_id}, {virtual_model}, {tokenizer_version}, COALESCE({tariff_version}::bigint, (
+            SELECT t.version FROM tariffs t
+            WHERE t.model = {virtual_model} AND t.valid_from <= {ts} AND (t.valid_until IS NULL OR {ts} < t.valid_until)
+                AND t.input_per_mtok = {input_per_mtok} AND t.output_per_mtok = {output_per_mtok}
+                AND t.write_multiplier_5m = {write_multiplier_5m}::numeric
+                AND t.write_multiplier_1h = {write_multiplier_1h}::numeric
+                AND t.write_multiplier_24h = {write_multiplier_24h}::numeric
+                AND t.read_multiplier = {read_multiplier}::numeric
+            ORDER BY t.version DESC LIMIT 1)),
         {prompt_tokens}, {completion_tokens}, {read_tokens}, {creation_5m}, {creation_1h}, {creation_24h},
         {uncached_tokens}::integer, {cost}::numeric, {list_cost}, {ts}, {engine_cached_tokens}::integer
     WHERE {billable}::boolean
@@ -178,6 +187,8 @@ def _commit_values(record: RequestRecord, refresh_read: bool) -> dict[str, objec
         "chain_tiers": list(record.sent_tiers) if record.sent_tiers is not None else [b.tier for b in chain],
         "engine_cached_tokens": record.engine_cached_tokens,
         "tariff_version": tariff.version or None,  # version 0: prices not (yet) stored as a tariff
+        **{f"write_multiplier_{tier}": tariff.write_multipliers[tier] for tier in TIERS},
+        "read_multiplier": tariff.read_multiplier,
         "uncached_tokens": split.uncached,
         "cost": record.cost,
         "billable": record.billable,

@@ -187,6 +187,25 @@ async def test_scope_isolation(pg: Database) -> None:
 # --- commit -------------------------------------------------------------------------------------
 
 
+async def test_a_bill_made_without_knowing_its_tariff_version_names_the_one_in_force(pg: Database, db: Conn) -> None:
+    """A proxy that priced from its config while Postgres was away (version 0) still gets a ledger row naming the
+    stored version in force at the request's start with exactly those prices; other prices, or before any version
+    was in force, stay NULL rather than name a tariff they were not billed at."""
+    model = f"unversioned-{secrets.token_hex(4)}"
+    priced = replace(TARIFF, model=model)
+    stored = await Tariffs(pg).set(priced, T0)
+    blocks = chain(("sys", 2048, "1h"), ("q", 2500, None))
+    cases = [(T0 + MIN, priced, stored.version), (T0 - MIN, priced, None),
+             (T0 + MIN, replace(priced, input_per_mtok=Decimal("4")), None),
+             (T0 + MIN, replace(priced, read_multiplier=Decimal("0.2")), None)]
+    for at, tariff, version in cases:
+        scope = Scope(f"principal-{secrets.token_hex(4)}", model, "cl100k_base@test")
+        record = await request(pg, scope, at, blocks, tariff=tariff)
+        assert tariff.version == 0 and await Ledger(pg).commit(record) is True
+        [row] = await ledger_rows(db, record.request_id)
+        assert row["tariff_version"] == version, (at, tariff)
+
+
 async def test_commit_bills_once_and_writes_once(pg: Database, db: Conn) -> None:
     scope = new_scope()
     tariff = await Tariffs(pg).set(replace(TARIFF, model=f"priced-{secrets.token_hex(4)}"), T0 - MIN)
