@@ -38,6 +38,8 @@ class Metrics:
                                        "from a lower index tier, by reason", ["reason"], registry=r)
         self.markers_rejected = Counter("promptcache_markers_rejected", "Requests rejected for invalid "
                                         "cache_control, by rule", ["rule"], registry=r)
+        self.auth_throttled = Counter("promptcache_auth_throttled", "Requests answered 429 without a key lookup: "
+                                      "their address sent too many invalid keys", registry=r)
         self.ledger_queued = Gauge("promptcache_ledger_queue_depth", "Commits waiting for Postgres", registry=r)
         self.ledger_dropped = Counter("promptcache_ledger_dropped", "Commits dropped because the queue was full "
                                       "(each is also logged with its full row)", registry=r)

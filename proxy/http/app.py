@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -36,6 +37,7 @@ from promptcache.proxy.domain.salt import cache_salt
 from promptcache.proxy.domain.steps import run_async
 from promptcache.proxy.http import jsonio
 from promptcache.proxy.http.apierrors import error_response
+from promptcache.proxy.http.authguard import AuthGuard
 from promptcache.proxy.http.bodies import BodyTooLarge, UndecodableBody, decoded
 from promptcache.proxy.http.sse import encode, events
 from promptcache.proxy.http.usage import engine_cached, rewrite, upstream_totals
@@ -55,10 +57,11 @@ REQUEST_ID = web.RequestKey("request_id", str)
 class _Reject(Exception):
     """A request the proxy answers itself, in the calling API's error shape."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Proxy:
         differ between replicas, so KV reuse is lower for a while but never crosses principals)."""
         self.salt_key_shared = False
         self.runtimes = runtimes or Runtimes()
+        self.auth_guard = AuthGuard()
         self.http: aiohttp.ClientSession | None = None
         self.commits: set[asyncio.Task[None]] = set()
 
@@ -205,7 +209,10 @@ class Proxy:
             outcome = "rejected_" + str(rej.status)
             self.metrics.requests.labels(api, "-", outcome).inc()
             _log.info("rejected", extra={"request_id": request_id, "status": rej.status, "reason": str(rej)})
-            return error_response(api, rej.status, str(rej), rej.code, request_id)
+            response = error_response(api, rej.status, str(rej), rej.code, request_id)
+            if rej.retry_after is not None:
+                response.headers["Retry-After"] = str(rej.retry_after)
+            return response
         try:
             if body.get("stream") is True:
                 return await self._stream(request, exchange, body)
@@ -263,12 +270,23 @@ class Proxy:
             raise _Reject(401, "missing API key: send Authorization: Bearer <key> or x-api-key")
         if not (key.isascii() and key.isprintable()):
             raise _Reject(401, "invalid API key")  # keys are printable ASCII; this one cannot be any key
+        digest = hashlib.sha256(key.encode()).digest()
+        address = request.remote or "-"
+        if self.store.cached_principal(digest) is None:  # a lookup would be needed: only if it may be worth one
+            if self.auth_guard.known_unknown(digest):
+                raise _Reject(401, "invalid API key")
+            wait = self.auth_guard.retry_after(address)
+            if wait is not None:
+                self.metrics.auth_throttled.inc()
+                raise _Reject(429, f"too many invalid API keys from this address; retry in {wait} s",
+                              retry_after=wait)
         try:
             known = await self.store.principal_for_key(key)
         except IndexUnavailable:
             self.metrics.index_fallbacks.labels("auth_unavailable").inc()
             raise _Reject(503, "cannot verify API keys right now; retry shortly") from None
         if known is None:
+            self.auth_guard.failed(address, digest)
             raise _Reject(401, "invalid API key")
         return known
 

@@ -243,6 +243,11 @@ class Store:
             if self.queue:
                 await self.retry_queued()
 
+    def cached_principal(self, digest: bytes) -> str | None:
+        """The principal of a key hash known a moment ago, without asking Postgres."""
+        cached = self._keys.get(digest)
+        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
     async def principal_for_key(self, key: str) -> str | None:
         """The key's principal; known keys are cached briefly so a Postgres outage does not lock clients out."""
         digest = hashlib.sha256(key.encode()).digest()
