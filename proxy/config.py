@@ -74,6 +74,11 @@ class Limits:
     classify_start_delay_seconds: float = 0.002
     """How long after the forward hashing starts: the upload goes first, and an upstream on the same
     host reads the request without competing with it (measured in bench/proxy.py)."""
+    header_timeout_seconds: float = 30.0
+    """A connection without a complete request head this long after it opened (or after its last response) is
+    closed: aiohttp's keep-alive timeout, which also bounds idle keep-alive connections. Read at start."""
+    body_timeout_seconds: float = 60.0
+    """A request body not received in full this long after its head is a 408."""
 
 
 @dataclass(frozen=True)
@@ -242,15 +247,17 @@ def _auth(raw: Any) -> AuthConfig:
 def _limits(raw: Any) -> Limits:
     if not isinstance(raw, Mapping):
         raise ConfigError("limits must be a mapping")
-    _known(raw, {"maxBodyBytes", "classifyDeadlineSeconds", "upstreamTimeoutSeconds", "classifyStartDelaySeconds"},
-           "limits")
+    _known(raw, {"maxBodyBytes", "classifyDeadlineSeconds", "upstreamTimeoutSeconds", "classifyStartDelaySeconds",
+                 "headerTimeoutSeconds", "bodyTimeoutSeconds"}, "limits")
     defaults = Limits()
     body = raw.get("maxBodyBytes", defaults.max_body_bytes)
     if isinstance(body, bool) or not isinstance(body, int) or body < 1024:
         raise ConfigError("limits.maxBodyBytes must be an integer >= 1024")
     values = []
     for key, default in (("classifyDeadlineSeconds", defaults.classify_deadline_seconds),
-                         ("upstreamTimeoutSeconds", defaults.upstream_timeout_seconds)):
+                         ("upstreamTimeoutSeconds", defaults.upstream_timeout_seconds),
+                         ("headerTimeoutSeconds", defaults.header_timeout_seconds),
+                         ("bodyTimeoutSeconds", defaults.body_timeout_seconds)):
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"limits.{key} must be a positive number of seconds")
@@ -259,4 +266,4 @@ def _limits(raw: Any) -> Limits:
     if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 < delay < values[0]:
         raise ConfigError("limits.classifyStartDelaySeconds must be a positive number of seconds, less than "
                           "classifyDeadlineSeconds")
-    return Limits(body, values[0], values[1], float(delay))
+    return Limits(body, values[0], values[1], float(delay), values[2], values[3])

@@ -117,7 +117,8 @@ class Proxy:
         # Bodies are decoded here (bodies.decoded), not by aiohttp: a bad or unknown encoding is the API's 400, and a
         # compressed body cannot expand past the body limit.
         app = web.Application(client_max_size=1024**3, middlewares=[self._request_id],
-                              handler_args={"auto_decompress": False})
+                              handler_args={"auto_decompress": False,
+                                            "keepalive_timeout": self.config.limits.header_timeout_seconds})
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_get("/v1/models", self.models)
@@ -226,7 +227,7 @@ class Proxy:
     async def _admit(self, request: web.Request, api: Api) -> tuple[Exchange, dict[str, Any]]:
         config = self.config
         principal = await self._principal(request)
-        body = await self._body(request, config.limits.max_body_bytes)
+        body = await self._body(request, config.limits.max_body_bytes, config.limits.body_timeout_seconds)
         alias = body.get("model")
         if not isinstance(alias, str) or not alias:
             raise _Reject(400, "model must be a non-empty string")
@@ -291,17 +292,21 @@ class Proxy:
         return known
 
     @staticmethod
-    async def _body(request: web.Request, limit: int) -> dict[str, Any]:
+    async def _body(request: web.Request, limit: int, within: float) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > limit:
             raise _Reject(413, f"request body is larger than the {limit}-byte limit")
         chunks: list[bytes] = []
         size = 0
-        while size <= limit:  # read() returns what has arrived so far, not n bytes
-            chunk = await request.content.read(limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        try:
+            async with asyncio.timeout(within):
+                while size <= limit:  # read() returns what has arrived so far, not n bytes
+                    chunk = await request.content.read(limit + 1 - size)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+        except TimeoutError:
+            raise _Reject(408, f"request body not received within {within:g} s") from None
         if size > limit:
             raise _Reject(413, f"request body is larger than the {limit}-byte limit")
         try:

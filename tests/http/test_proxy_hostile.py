@@ -308,3 +308,36 @@ async def test_unknown_routes_answer_in_the_apis_json_shape(proxy: RunningProxy,
     async with http.post(proxy.url + "/v1/batches", data=b"{}") as response:
         assert response.status == 404
         assert assert_error("openai", 404, await response.json()).startswith("no route POST /v1/batches")
+
+
+# -- 12. slow clients ------------------------------------------------------------------------------------------
+
+
+async def test_a_half_sent_head_is_closed_and_a_half_sent_body_is_a_408(
+        tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator], word_tokenizer: Path) -> None:
+    cfg = config(simulator[0], word_tokenizer, limits={"headerTimeoutSeconds": 0.5, "bodyTimeoutSeconds": 0.5})
+    async with running_proxy(cfg, tmp_path, pg_dsn) as running:
+        key = await new_key(pg_dsn, unique("slow"))
+        host, _, port = running.url.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-api-key: ")  # and then nothing
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+        assert 0.4 < time.monotonic() - started < 2.0
+        writer.close()
+
+        body = json.dumps(request("openai")).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-api-key: " + key.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body[:10])  # the head, a tenth of the body, then nothing
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # the answer; the connection lingers
+        assert 0.4 < time.monotonic() - started < 2.0
+        lines = head.decode().split("\r\n")
+        length = next(int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:"))
+        answer = json.loads(await reader.readexactly(length))
+        writer.close()
+        await writer.wait_closed()
+        assert lines[0].split()[1] == "408"
+        assert assert_error("openai", 408, answer) == "request body not received within 0.5 s"

@@ -38,8 +38,8 @@ def assert_anthropic_error(body: Any, kind: str, code: str | None = None) -> str
 
 def assert_error(api: str, status: int, body: Any, code: str | None = None) -> str:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 502: "api_error",
-             503: "overloaded_error"}
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "request_too_large",
+             429: "rate_limit_error", 502: "api_error", 503: "overloaded_error"}
     if api == "openai":
         return assert_openai_error(body, code)
     return assert_anthropic_error(body, kinds[status], code)
