@@ -136,7 +136,9 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
     return {
         "name": "proxy",
         "image": proxy.get("image") or settings.proxy_image,
-        "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(PROXY_PORT), "--no-manage-tariffs"],
+        # --degraded-ok: a Postgres outage must not take every proxy out of its Service; they serve at list price
+        "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(PROXY_PORT), "--no-manage-tariffs",
+                 "--degraded-ok"],
         "ports": [{"name": "http", "containerPort": PROXY_PORT, "protocol": "TCP"}],
         "env": env,
         "volumeMounts": mounts,

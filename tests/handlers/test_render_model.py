@@ -72,3 +72,13 @@ def test_the_cache_salt_reaches_the_proxy_config_only_when_asked_for() -> None:
     rendered = render("ns", spec, "p", policy("p", ns="ns")["spec"])
     assert rendered.config.models["smol"].upstream.cache_salt == "principal"
     assert "cacheSalt: principal" in rendered.yaml
+
+
+def test_proxy_pods_stay_ready_while_postgres_is_down() -> None:
+    """Readiness must not follow Postgres in a cluster (issue 13 item 10): the pods run --degraded-ok, whose /readyz
+    tests/http cover; here, that the operator asks for it."""
+    _, deployment = rendered({"type": "tiktoken", "encoding": "cl100k_base"})
+    [proxy] = deployment["spec"]["template"]["spec"]["containers"]
+    assert proxy["args"] == ["proxy", "--config", "/etc/promptcache/proxy.yaml", "--port", "8080",
+                             "--no-manage-tariffs", "--degraded-ok"]
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
