@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from promptcache.operator.handlers.housekeeping import Housekeeping
 from promptcache.operator.handlers.manifests import OperatorSettings
+from promptcache.operator.handlers.serverpolicy import RESTRICTED, UNRESTRICTED
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class OperatorConfig:
                 redis_url=redis_url,
                 redis_prefix=env.get("PROMPTCACHE_REDIS_PREFIX", defaults.redis_prefix),
                 replay_service_account=env.get("PROMPTCACHE_REPLAY_SERVICE_ACCOUNT") or None,
+                server_security=_choice(env, "PROMPTCACHE_SERVER_SECURITY", (RESTRICTED, UNRESTRICTED)),
             ),
             housekeeping=Housekeeping(
                 interval=timedelta(seconds=_number(env, "PROMPTCACHE_SWEEP_INTERVAL_SECONDS", 300)),
@@ -56,6 +58,14 @@ class EnvironmentError_(ValueError):
 
 
 _LIMIT = 10**9
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when unset)."""
+    raw = env.get(name, "").strip() or choices[0]
+    if raw not in choices:
+        raise EnvironmentError_(f"{name} must be one of {', '.join(choices)}, got {raw[:40]!r}")
+    return raw
 
 
 def _number(env: Mapping[str, str], name: str, default: int, *, integer: bool = False) -> float:

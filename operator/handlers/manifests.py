@@ -25,6 +25,7 @@ from promptcache.operator.constants import (
     TOKENIZER_VOLUME,
     WINDOW_ANNOTATION,
 )
+from promptcache.operator.handlers import serverpolicy
 from promptcache.operator.handlers.render import (
     CONFIG_DIR,
     CONFIG_FILE,
@@ -54,6 +55,8 @@ class OperatorSettings:
     redis_prefix: str = "promptcache:"
     replay_service_account: str | None = None
     """The ServiceAccount replay Jobs run as (in the PlanReplay's namespace); None: the namespace's default."""
+    server_security: str = serverpolicy.RESTRICTED
+    """``restricted``: sidecar servers get the security baseline (serverpolicy); ``unrestricted``: as written."""
 
 
 def names(model: str) -> dict[str, str]:
@@ -162,7 +165,7 @@ def deployment(model: str, namespace: str, spec: Mapping[str, Any], rendered: Re
         volumes.append({"name": TOKENIZER_VOLUME, **source})
     containers = [_proxy_container(spec, settings)]
     if rendered.sidecar:
-        containers.append(dict(spec["server"]))
+        containers.append(serverpolicy.server_container(spec["server"], settings.server_security))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

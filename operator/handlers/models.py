@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests, proxypods
+from promptcache.operator.handlers import manifests, proxypods, serverpolicy
 from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
@@ -70,6 +70,7 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
     if policy is None:
         raise Stalled("CachePolicyNotFound", f"CachePolicy {namespace}/{policy_ref} does not exist")
     try:
+        serverpolicy.check(spec, settings.server_security)
         rendered = render(namespace, spec, policy_ref, policy)
     except SpecError as exc:
         raise Stalled(exc.reason, str(exc)) from exc

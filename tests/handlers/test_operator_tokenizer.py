@@ -10,6 +10,7 @@ end reported as a kubelet with ``FallbackToLogsOnError`` would.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from promptcache.operator.constants import CHECKSUM_ANNOTATION, MODEL_LABEL, NAM
 from support.cluster import Cluster, Obj, eventually
 from support.engine import model_path
 from support.gguf import BAD_GGUF, bad_gguf
-from support.operator_process import StartOperator
+from support.operator_process import OperatorEnvironment, StartOperator
 from support.pods import container_crashed, run_container
 from support.proxy import unique
 from support.resources import condition, model, policy
@@ -51,7 +52,9 @@ async def conditions(kube: Cluster, ns: str, name: str) -> dict[str, tuple[str, 
 
 
 async def test_a_gguf_the_proxy_cannot_load_stalls_the_model_until_the_pods_load_one(
-        kube: Cluster, start_operator: StartOperator, pg_dsn: str, tmp_path: Path) -> None:
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, pg_dsn: str,
+        tmp_path: Path) -> None:
+    """The played kubelet's volume is a hostPath, which the restricted server baseline refuses: unrestricted."""
     ns = await kube.namespace("gguf")
     models = tmp_path / "models"
     models.mkdir()
@@ -60,7 +63,8 @@ async def test_a_gguf_the_proxy_cannot_load_stalls_the_model_until_the_pods_load
     alias = unique("smol")
     tokenizer: dict[str, Any] = {"type": "gguf", "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
                                  "path": "missing.gguf"}
-    async with start_operator(namespaces=[ns]):
+    unrestricted = dataclasses.replace(operator_env, extra={"PROMPTCACHE_SERVER_SECURITY": "unrestricted"})
+    async with start_operator(namespaces=[ns], environment=unrestricted):
         await kube.create(policy("standard", ns=ns, minPrefixTokens=16))
         await kube.create(model("smol", alias, "standard", ns=ns, tokenizer=tokenizer, proxy={"replicas": 1}))
         for case in sorted(BAD_GGUF, key=lambda c: c != "missing"):  # missing first: the spec starts with it

@@ -4,12 +4,13 @@ refuses too (an API server that skipped CEL), as InvalidSpec with the reason; ``
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests
+from promptcache.operator.handlers import manifests, serverpolicy
 from promptcache.operator.handlers.render import render
 
 from support.resources import model, policy
@@ -82,3 +83,54 @@ def test_proxy_pods_stay_ready_while_postgres_is_down() -> None:
     assert proxy["args"] == ["proxy", "--config", "/etc/promptcache/proxy.yaml", "--port", "8080",
                              "--no-manage-tariffs", "--degraded-ok"]
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+SERVER = {"name": "vllm", "image": "vllm/vllm-openai:v0.9", "ports": [{"containerPort": 8000}]}
+
+
+def sidecar(**server: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = model("m", "smol", "p", ns="ns", server={**SERVER, **server})["spec"]
+    del spec["upstream"]["url"]
+    return spec
+
+
+@pytest.mark.parametrize(("context", "why"), [
+    ({"privileged": True}, "spec.server.securityContext.privileged: a privileged server is not allowed"),
+    ({"allowPrivilegeEscalation": True}, "spec.server.securityContext.allowPrivilegeEscalation: must be false"),
+    ({"runAsUser": 0}, "spec.server.securityContext.runAsUser: 0 is root"),
+    ({"runAsNonRoot": False}, "spec.server.securityContext.runAsNonRoot: must be true"),
+    ({"capabilities": {"add": ["SYS_ADMIN"]}}, "spec.server.securityContext.capabilities.add: no capability"),
+    ({"seccompProfile": {"type": "Unconfined"}}, "spec.server.securityContext.seccompProfile.type: Unconfined"),
+])
+def test_the_server_baseline_refuses_what_contradicts_it(context: dict[str, Any], why: str) -> None:
+    spec = sidecar(securityContext=context)
+    with pytest.raises(SpecError, match=re.escape(why)) as caught:
+        serverpolicy.check(spec, serverpolicy.RESTRICTED)
+    assert caught.value.reason == "InvalidSpec"
+    serverpolicy.check(spec, serverpolicy.UNRESTRICTED)
+
+
+def test_every_violation_is_named_and_a_hostpath_tokenizer_is_one() -> None:
+    spec = sidecar(securityContext={"privileged": True, "runAsUser": 0})
+    spec["tokenizer"] = {"type": "gguf", "volume": {"hostPath": {"path": "/models"}}, "path": "m.gguf"}
+    with pytest.raises(SpecError) as caught:
+        serverpolicy.check(spec, serverpolicy.RESTRICTED)
+    assert str(caught.value) == (
+        "the security baseline (PROMPTCACHE_SERVER_SECURITY=restricted) refuses "
+        "spec.server.securityContext.privileged: a privileged server is not allowed; "
+        "spec.server.securityContext.runAsUser: 0 is root; "
+        "spec.tokenizer.volume.hostPath: the node's filesystem may not be mounted")
+
+
+def test_the_baseline_is_filled_in_under_what_the_spec_sets() -> None:
+    spec = sidecar(securityContext={"runAsUser": 1000, "readOnlyRootFilesystem": True})
+    out = render("ns", spec, "p", policy("p", ns="ns")["spec"])
+    settings = manifests.OperatorSettings(proxy_image="img")
+    [_, server] = manifests.deployment("m", "ns", spec, out, settings)["spec"]["template"]["spec"]["containers"]
+    assert server["securityContext"] == {
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        "runAsUser": 1000, "readOnlyRootFilesystem": True}
+    loose = manifests.OperatorSettings(proxy_image="img", server_security=serverpolicy.UNRESTRICTED)
+    [_, as_written] = manifests.deployment("m", "ns", spec, out, loose)["spec"]["template"]["spec"]["containers"]
+    assert as_written == spec["server"]
