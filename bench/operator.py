@@ -33,15 +33,12 @@ import secrets
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -52,11 +49,11 @@ from promptcache.proxy.storage.schema import migrate
 
 from support.cluster import Cluster, connected, eventually, object_path
 from support.controlplane import ControlPlane, control_plane
+from support.database import scratch_database
 from support.operator_process import OperatorEnvironment, audited, operator_identity, running_operator
 from support.proxy import redis_prefix
 from support.resources import model, policy
 
-ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
 NS = "bench"
 FLOOR_NS = "floor"
@@ -67,26 +64,6 @@ OWNED = (("v1", "configmaps", "ConfigMap", "configmap"), ("apps/v1", "deployment
 """(group/version, plural, kind, part) of the three objects the operator makes per model."""
 Obj = dict[str, Any]
 HOST = "host"
-
-
-@asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    name = f"promptcache_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-        await migrate(dsn)
-        yield dsn
-    finally:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @dataclass
@@ -315,7 +292,9 @@ async def measure_floor(cluster: Cluster, plane: ControlPlane, objects: list[tup
 
 
 async def bench(plane: ControlPlane, n: int, within: float, floor: bool) -> Bench:
-    async with scratch_database() as dsn, redis_prefix(REDIS_URL, "opbench") as prefix, connected(plane) as cluster:
+    async with scratch_database("promptcache_bench") as dsn, redis_prefix(REDIS_URL, "opbench") as prefix, \
+            connected(plane) as cluster:
+        await migrate(dsn)
         version = str((await cluster.call("GET", "/version")).get("gitVersion"))
         for namespace in (NS, FLOOR_NS):
             await cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})

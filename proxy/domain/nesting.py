@@ -14,24 +14,23 @@ MAX_DEPTH = 128
 """Objects and arrays (mappings and sequences) inside one another, the outermost counted as 1."""
 
 
-def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether ``value`` nests containers more than ``limit`` deep; iterative, so any depth is safe to ask about.
+def deeper_than(value: Any, limit: int = MAX_DEPTH, *, shared: bool = False) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` deep; level by level, so any depth is safe to ask about.
 
-    A container shared by several parents (YAML aliases) is walked again only from a deeper place, so an alias
-    bomb costs its distinct nodes, not its expansion, and a cycle is, rightly, too deep."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    deepest: dict[int, int] = {}
-    while stack:
-        node, depth = stack.pop()
-        if deepest.get(id(node), 0) >= depth:
-            continue
-        deepest[id(node)] = depth
-        if not isinstance(node, dict | list):
-            continue
-        children: Iterable[Any] = node.values() if isinstance(node, dict) else node
+    ``shared``: containers may have several parents (YAML aliases); each level then keeps one of each, so an alias
+    bomb costs its distinct nodes, not its expansion, and a cycle is, rightly, too deep. JSON never shares, and a
+    request body is walked on the hot path, so it skips that bookkeeping."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+        below: list[Any] = []
+        for node in level:
+            children: Iterable[Any] = node.values() if isinstance(node, dict) else node
+            below.extend(child for child in children if isinstance(child, dict | list))
+        level = list({id(node): node for node in below}.values()) if shared else below
     return False
 
 
@@ -55,6 +54,6 @@ def load_yaml(data: str | bytes) -> Any:
         document = yaml.safe_load(data)
     except RecursionError:
         raise TooDeep() from None
-    if deeper_than(document):
+    if deeper_than(document, shared=True):
         raise TooDeep()
     return document
