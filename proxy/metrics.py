@@ -30,8 +30,10 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.classify_seconds = Histogram("promptcache_classify_seconds", "Tokenise + lookup + classify latency",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.commit_seconds = Histogram("promptcache_commit_seconds", "Commit transaction latency",
+        self.commit_seconds = Histogram("promptcache_commit_seconds", "Group commit latency (one round trip)",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.commit_batch = Histogram("promptcache_commit_batch_size", "Requests committed per group commit",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.upstream_seconds = Histogram("promptcache_upstream_seconds", "Upstream latency to the response head",
                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.index_fallbacks = Counter("promptcache_index_fallbacks", "Requests billed at list price or served "
@@ -40,8 +42,10 @@ class Metrics:
                                         "cache_control, by rule", ["rule"], registry=r)
         self.auth_throttled = Counter("promptcache_auth_throttled", "Requests answered 429 without a key lookup: "
                                       "their address sent too many invalid keys", registry=r)
-        self.ledger_queued = Gauge("promptcache_ledger_queue_depth", "Commits waiting for Postgres", registry=r)
-        self.ledger_dropped = Counter("promptcache_ledger_dropped", "Commits dropped because the queue was full "
-                                      "(each is also logged with its full row)", registry=r)
+        self.ledger_queued = Gauge("promptcache_ledger_queue_depth", "Commits in the spool, waiting for Postgres",
+                                   registry=r)
+        self.ledger_spool_bytes = Gauge("promptcache_ledger_spool_bytes", "Bytes in the ledger spool", registry=r)
+        self.ledger_dropped = Counter("promptcache_ledger_dropped", "Commits dropped because the spool was full or "
+                                      "Postgres refused the row (each is also logged with its full row)", registry=r)
         self.config_reloads = Counter("promptcache_config_reloads", "Config reloads by result", ["result"],
                                       registry=r)

@@ -109,7 +109,7 @@ class Proxy:
         self.runtimes = runtimes or Runtimes()
         self.auth_guard = AuthGuard()
         self.http: aiohttp.ClientSession | None = None
-        self.commits: set[asyncio.Task[None]] = set()
+        self.commits: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ class Proxy:
             postgres = f"down: {exc}"
         ready = postgres == "up" or self.degraded_ok
         body = {"status": "ready" if ready else "not ready", "config": self.config.digest[:12],
-                "postgres": postgres, "degraded": postgres != "up", "commit_queue": len(self.store.queue)}
+                "postgres": postgres, "degraded": postgres != "up", "spooled": self.store.spool.count}
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write tariff versions from the config (default: on outside a cluster)")
     p.add_argument("--degraded-ok", action="store_true",
                    help="report ready even when Postgres is down (requests are then billed at list price)")
+    p.add_argument("--spool-dir", help="directory for commits Postgres cannot take yet, kept across restarts "
+                                       "(default: $PROMPTCACHE_SPOOL_DIR; without either, in memory)")
+    p.add_argument("--spool-max-mb", type=int, default=None, help="bound on the spool (default: 1024)")
     p.add_argument("--reload-interval", type=float, default=None, help="seconds between config file checks")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--check", action="store_true",

@@ -32,7 +32,8 @@ from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
 from promptcache.proxy.storage.secrets import shared_key
-from promptcache.proxy.storage.store import Store
+from promptcache.proxy.storage.spool import DiskSpool, MemorySpool, Spool, SpoolError
+from promptcache.proxy.storage.store import DEFAULT_SPOOL_BYTES, Store
 from promptcache.proxy.storage.tariffs import Tariffs
 
 _log = logging.getLogger("promptcache.server")
@@ -72,6 +73,8 @@ class ProxyOptions:
     degraded_ok: bool = False
     reload_interval: float = 1.0
     tariff_refresh: float = 10.0
+    spool_dir: Path | None = None
+    spool_max_bytes: int = DEFAULT_SPOOL_BYTES
 
 
 async def sync_tariffs(config: ProxyConfig, pg: Database | None, manage: bool) -> dict[str, Tariff]:
@@ -89,6 +92,15 @@ async def sync_tariffs(config: ProxyConfig, pg: Database | None, manage: bool) -
                 _log.warning("tariffs unavailable, billing %s from config until Postgres is back: %s", alias, exc)
         out[alias] = stored or wanted
     return out
+
+
+def open_spool(options: ProxyOptions) -> Spool:
+    """The ledger spool: the directory's when there is one (taking over what an earlier process left)."""
+    if options.spool_dir is None:
+        _log.warning("the ledger spool is in memory: commits waiting for Postgres are lost if this process dies "
+                     "(set --spool-dir)")
+        return MemorySpool(options.spool_max_bytes)
+    return DiskSpool.open(options.spool_dir, options.spool_max_bytes)
 
 
 class ProxyServer:
@@ -114,7 +126,7 @@ class ProxyServer:
         if options.database_url:
             pg = await Database.connect(options.database_url, min_size=0, connect_timeout=1.0)
         redis = RedisAccelerator.from_url(options.redis_url, options.redis_prefix) if options.redis_url else None
-        store = Store(pg, redis, metrics)
+        store = Store(pg, redis, metrics, spool=open_spool(options))
         proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok, runtimes=runtimes)
         proxy.apply_config(config, await sync_tariffs(config, pg, options.manage_tariffs))
         server = cls(options, config, proxy)
@@ -143,6 +155,7 @@ class ProxyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.proxy.store.stop()
+        self.proxy.store.spool.close()
         if self._bus is not None:
             await self._bus.aclose()
         if self.proxy.store.pg is not None:
@@ -243,6 +256,7 @@ def options_from_env(config_path: str, **overrides: object) -> ProxyOptions:
         redis_url=os.environ.get("PROMPTCACHE_REDIS_URL"),
         redis_prefix=os.environ.get("PROMPTCACHE_REDIS_PREFIX", "promptcache:"),
         manage_tariffs=os.environ.get("KUBERNETES_SERVICE_HOST") is None,
+        spool_dir=Path(os.environ["PROMPTCACHE_SPOOL_DIR"]) if os.environ.get("PROMPTCACHE_SPOOL_DIR") else None,
     )
     for key, value in overrides.items():
         if value is not None:
@@ -291,7 +305,12 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_env(
         args.config, database_url=args.database, redis_url=args.redis, manage_tariffs=args.manage_tariffs,
         degraded_ok=args.degraded_ok or None, reload_interval=args.reload_interval,
+        spool_dir=Path(args.spool_dir) if args.spool_dir else None,
+        spool_max_bytes=args.spool_max_mb << 20 if args.spool_max_mb is not None else None,
     )
+    if options.spool_max_bytes <= 0:
+        print("--spool-max-mb must be positive", file=sys.stderr)
+        return 2
     try:
         serve(options, args.host, args.port)
     except ConfigError as exc:
@@ -300,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
     except IndexUnavailable as exc:
         print(f"database unavailable: {exc}", file=sys.stderr)
         return 2
+    except SpoolError as exc:
+        print(f"cannot open the ledger spool: {exc}", file=sys.stderr)
+        return EX_CONFIG
     return 0
 
 

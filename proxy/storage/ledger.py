@@ -1,8 +1,10 @@
 """What one finished request commits: its bill (ledger row), its cache changes and its log row.
 
-All three land in one statement, so in one round trip and one implicit transaction, and the
-request id makes it idempotent: a commit retried after a lost connection, or replayed from the
-proxy's queue, finds its ledger row and changes nothing, so a request is never billed twice.
+All three land in one statement, and the request id makes it idempotent: a commit retried after
+a lost connection, or replayed from the proxy's spool, finds its ledger row and changes nothing,
+so a request is never billed twice. A request becomes a :class:`CommitRow` (the statement's
+parameters, plain data the spool can keep on disk), and many rows go in one round trip and one
+transaction (a group commit: asyncpg pipelines the statement once per row).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
+
+import msgspec
 
 from promptcache.proxy.domain.classify import ChainBlock, Classification
 from promptcache.proxy.domain.entries import Scope
@@ -56,17 +60,54 @@ class RequestRecord:
         return list_cost(self.split, self.tariff)
 
 
+class CommitRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One request's commit parameters, named ``$n`` in field order. Log fields are named for their columns."""
+
+    request_id: str
+    ts: datetime
+    principal_id: str
+    virtual_model: str
+    tokenizer_version: str
+    api: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    read_tokens: int
+    creation_5m: int
+    creation_1h: int
+    creation_24h: int
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    billed_cost: Decimal
+    list_cost: Decimal
+    chain_hashes: list[bytes]
+    chain_tokens: list[int]
+    chain_roles: list[str]
+    chain_tiers: list[str | None]
+    engine_cached_tokens: int | None
+    latency_ms: float
+    tariff_version: int | None
+    write_multiplier_5m: Decimal
+    write_multiplier_1h: Decimal
+    write_multiplier_24h: Decimal
+    read_multiplier: Decimal
+    uncached_tokens: int
+    cost: Decimal
+    billable: bool
+    write_hashes: list[bytes]
+    write_tokens: list[int]
+    write_tiers: list[str]
+    write_expiries: list[datetime]
+    read_hash: bytes | None
+    read_expires_at: datetime | None
+
+
 _LOGGED = (*requestlog.COLUMNS, "latency_ms")
 """The request_log columns a commit fills: the exported format's, and the latency the format leaves out."""
 
-_PARAMETERS = (
-    *_LOGGED,
-    "tariff_version", "write_multiplier_5m", "write_multiplier_1h", "write_multiplier_24h", "read_multiplier",
-    "uncached_tokens", "cost", "billable",
-    "write_hashes", "write_tokens", "write_tiers", "write_expiries",
-    "read_hash", "read_expires_at",
-)  # fmt: skip
-"""The commit's parameters in ``$n`` order; log parameters are named for their columns."""
+_PARAMETERS: tuple[str, ...] = CommitRow.__struct_fields__
+assert set(_LOGGED) <= set(_PARAMETERS), set(_LOGGED) - set(_PARAMETERS)
+assert {f"creation_{t}" for t in TIERS} | {f"write_multiplier_{t}" for t in TIERS} <= set(_PARAMETERS)
 
 _PLACEHOLDERS = {name: f"${n}" for n, name in enumerate(_PARAMETERS, 1)}
 
@@ -139,63 +180,65 @@ class Ledger:
         self._db = db
 
     async def commit(self, record: RequestRecord, *, refresh_read: bool = True) -> bool:
-        """Log, bill and apply one finished request in a single transaction; False when already done.
+        """Commit one finished request (see :meth:`commit_many`); False when it was already committed."""
+        return (await self.commit_many([commit_row(record, refresh_read=refresh_read)]))[0]
 
-        The ledger row's request id is the idempotency key: when it already exists this is a
-        retry, and nothing else is touched, so a request is never billed or written twice.
-        A non-billable request only gets its log row. ``refresh_read=False`` leaves the read's
-        expiry to a write-behind ``PrefixIndex.refresh_many`` (Redis debounces refreshes of hot prefixes).
+    async def commit_many(self, rows: Sequence[CommitRow]) -> list[bool]:
+        """Log, bill and apply each row, all in one round trip and one transaction; per row, False when it was
+        already done (a retry). A row Postgres refuses fails the whole group (``IndexUnavailable("refused")``).
+
+        The ledger row's request id is the idempotency key: when it already exists this is a retry, and
+        nothing else is touched, so a request is never billed or written twice. A non-billable request only
+        gets its log row.
         """
-        args = _commit_args(record, refresh_read)
-        row = await self._db.run(lambda conn: conn.fetchrow(_COMMIT, *args), commit=True)
-        assert row is not None
-        return bool(row["billed"] if record.billable else row["logged"])
+        args = [msgspec.structs.astuple(row) for row in rows]
+        records = await self._db.run(lambda conn: conn.fetchmany(_COMMIT, args), commit=True)
+        return [bool(r["billed"] if row.billable else r["logged"]) for r, row in zip(records, rows, strict=True)]
 
 
-def _commit_args(record: RequestRecord, refresh_read: bool) -> list[object]:
-    """The commit's arguments in :data:`_PARAMETERS` order."""
-    values = _commit_values(record, refresh_read)
-    assert values.keys() == _PLACEHOLDERS.keys(), set(values) ^ set(_PLACEHOLDERS)
-    return [values[name] for name in _PARAMETERS]
-
-
-def _commit_values(record: RequestRecord, refresh_read: bool) -> dict[str, object]:
+def commit_row(record: RequestRecord, *, refresh_read: bool = True) -> CommitRow:
+    """The commit's parameters. ``refresh_read=False`` leaves the read's expiry to a write-behind
+    ``PrefixIndex.refresh_many`` (Redis debounces refreshes of hot prefixes)."""
     split, chain, tariff = record.split, record.chain, record.tariff
     result = record.classification if record.billable and split.cache_valid else None
     writes = result.writes if result is not None else ()
     read = result.read if result is not None and refresh_read else None
-    return {
-        "request_id": record.request_id,
-        "ts": record.started_at,
-        "principal_id": record.scope.principal_id,
-        "virtual_model": record.scope.virtual_model,
-        "tokenizer_version": record.scope.tokenizer_version,
-        "api": record.api,
-        "status": record.status,
-        "prompt_tokens": split.prompt,
-        "completion_tokens": split.completion,
-        "read_tokens": split.read,
-        **{f"creation_{tier}": split.creation.get(tier, 0) for tier in TIERS},
-        "input_per_mtok": tariff.input_per_mtok,
-        "output_per_mtok": tariff.output_per_mtok,
-        "billed_cost": record.cost if record.billable else Decimal(0),  # a failed request is logged, not billed
-        "list_cost": record.list_cost,
-        "latency_ms": record.latency_ms,
-        "chain_hashes": [b.hash[:CHAIN_HASH_BYTES] for b in chain],
-        "chain_tokens": [b.tokens for b in chain],
-        "chain_roles": [b.role for b in chain],
-        "chain_tiers": list(record.sent_tiers) if record.sent_tiers is not None else [b.tier for b in chain],
-        "engine_cached_tokens": record.engine_cached_tokens,
-        "tariff_version": tariff.version or None,  # version 0: prices not (yet) stored as a tariff
-        **{f"write_multiplier_{tier}": tariff.write_multipliers[tier] for tier in TIERS},
-        "read_multiplier": tariff.read_multiplier,
-        "uncached_tokens": split.uncached,
-        "cost": record.cost,
-        "billable": record.billable,
-        "write_hashes": [w.hash for w in writes],
-        "write_tokens": [w.tokens for w in writes],
-        "write_tiers": [w.tier for w in writes],
-        "write_expiries": [w.expires_at for w in writes],
-        "read_hash": read.hash if read is not None else None,
-        "read_expires_at": read.expires_at if read is not None else None,
-    }
+    return CommitRow(
+        request_id=record.request_id,
+        ts=record.started_at,
+        principal_id=record.scope.principal_id,
+        virtual_model=record.scope.virtual_model,
+        tokenizer_version=record.scope.tokenizer_version,
+        api=record.api,
+        status=record.status,
+        prompt_tokens=split.prompt,
+        completion_tokens=split.completion,
+        read_tokens=split.read,
+        creation_5m=split.creation.get("5m", 0),
+        creation_1h=split.creation.get("1h", 0),
+        creation_24h=split.creation.get("24h", 0),
+        input_per_mtok=tariff.input_per_mtok,
+        output_per_mtok=tariff.output_per_mtok,
+        billed_cost=record.cost if record.billable else Decimal(0),  # a failed request is logged, not billed
+        list_cost=record.list_cost,
+        latency_ms=record.latency_ms,
+        chain_hashes=[b.hash[:CHAIN_HASH_BYTES] for b in chain],
+        chain_tokens=[b.tokens for b in chain],
+        chain_roles=[b.role for b in chain],
+        chain_tiers=list(record.sent_tiers) if record.sent_tiers is not None else [b.tier for b in chain],
+        engine_cached_tokens=record.engine_cached_tokens,
+        tariff_version=tariff.version or None,  # version 0: prices not (yet) stored as a tariff
+        write_multiplier_5m=tariff.write_multipliers["5m"],
+        write_multiplier_1h=tariff.write_multipliers["1h"],
+        write_multiplier_24h=tariff.write_multipliers["24h"],
+        read_multiplier=tariff.read_multiplier,
+        uncached_tokens=split.uncached,
+        cost=record.cost,
+        billable=record.billable,
+        write_hashes=[w.hash for w in writes],
+        write_tokens=[w.tokens for w in writes],
+        write_tiers=[w.tier for w in writes],
+        write_expiries=[w.expires_at for w in writes],
+        read_hash=read.hash if read is not None else None,
+        read_expires_at=read.expires_at if read is not None else None,
+    )

@@ -3,12 +3,11 @@
 The tables have modules of their own (``index``, ``ledger``, ``tariffs``, ``keys``,
 ``retention``), each over a shared :class:`Database`, so that every statement fails the same way.
 Every failure surfaces as :class:`IndexUnavailable`, so the proxy's one rule applies (no index,
-no discount). A transient connection error is retried once, which is safe because every write
-is idempotent (the commit is keyed by request id); pool exhaustion is not retried, since
-waiting longer is exactly what the acquire timeout forbids. A commit runs after its response is
-out, so it may wait longer for a connection (``commit_acquire_timeout``) than a lookup, which
-holds up a bill: under a burst, commits queue on the pool instead of failing over to the
-proxy's retry queue.
+no discount). A transient connection error or a lost deadlock is retried once, which is safe
+because every write is idempotent (the commit is keyed by request id); pool exhaustion is not
+retried, since waiting longer is exactly what the acquire timeout forbids. A commit runs after
+its response is out, so it may wait longer for a connection (``commit_acquire_timeout``) than a
+lookup, which holds up a bill.
 """
 
 from __future__ import annotations
@@ -51,8 +50,9 @@ _CONNECTION_ERRORS = (
 )
 
 
-class _ConnectionLost(IndexUnavailable):
-    """A failure that a fresh connection may not have: the one kind :meth:`Database.run` retries."""
+class _Retryable(IndexUnavailable):
+    """A failure a second try may not have (a broken connection, a deadlock or serialization failure between
+    concurrent transactions): the one kind :meth:`Database.run` retries."""
 
 
 class Database:
@@ -105,7 +105,8 @@ class Database:
         await self.run(lambda conn: conn.execute("SELECT 1"))
 
     async def run(self, fn: Callable[[Conn], Awaitable[_T]], *, commit: bool = False) -> _T:
-        """Run ``fn`` on a pooled connection, retrying once after a jittered pause if the connection broke.
+        """Run ``fn`` on a pooled connection, retrying once after a jittered pause if the connection broke or the
+        transaction lost a deadlock (group commits from several processes can lock entries in different orders).
 
         ``commit`` marks work done after its response is out, which may wait up to
         ``commit_acquire_timeout`` for a connection instead of ``acquire_timeout``.
@@ -113,8 +114,8 @@ class Database:
         timeout = self._commit_acquire_timeout if commit else self._acquire_timeout
         try:
             return await self._attempt(fn, timeout)
-        except _ConnectionLost as exc:
-            _log.warning("retrying once after a lost Postgres connection: %s", exc)
+        except _Retryable as exc:
+            _log.warning("retrying once after a lost Postgres connection or a conflict: %s", exc)
         await asyncio.sleep(random.uniform(*_RETRY_DELAY))
         return await self._attempt(fn, timeout)
 
@@ -124,7 +125,7 @@ class Database:
         except TimeoutError as exc:
             raise IndexUnavailable("pool_exhausted", f"no connection free within {acquire_timeout}s") from exc
         except _DB_ERRORS as exc:
-            kind = _ConnectionLost if _is_connection_error(exc) else IndexUnavailable
+            kind = _Retryable if _is_connection_error(exc) else IndexUnavailable
             raise kind("connect", _describe(exc)) from exc
         try:
             return await fn(conn)
@@ -136,7 +137,9 @@ class Database:
                 # which detaches it from us and returns it to the pool).
                 with contextlib.suppress(asyncpg.InterfaceError):
                     conn.terminate()
-                raise _ConnectionLost("connection_lost", _describe(exc)) from exc
+                raise _Retryable("connection_lost", _describe(exc)) from exc
+            if isinstance(exc, asyncpg.TransactionRollbackError):  # deadlock_detected, serialization_failure
+                raise _Retryable("conflict", _describe(exc)) from exc
             if isinstance(exc, asyncpg.QueryCanceledError):
                 raise IndexUnavailable("timeout", _describe(exc)) from exc
             if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):

@@ -1,11 +1,12 @@
-"""The proxy's storage: Redis in front of Postgres, a commit queue behind, and one failure rule.
+"""The proxy's storage: Redis in front of Postgres, a spool behind, and one failure rule.
 
 Lookups ask Redis first and Postgres only for candidates deeper than Redis's deepest live hit,
-so a warm conversation costs one MGET. Commits go to Postgres first (the ledger is the truth)
-and then through to Redis. Read refreshes are debounced and flushed to Postgres in batches
-while Redis is up; with Redis down they ride in the commit transaction. Postgres being down
-means no discount, and the commit waits in a bounded in-memory queue that is retried; a
-commit that overflows the queue is counted and logged in full at ERROR, never dropped silently.
+so a warm conversation costs one MGET. Commits go to Postgres first (the ledger is the truth),
+grouped (one committer sends everything waiting in one round trip), and then through to Redis.
+Read refreshes are debounced and flushed to Postgres in batches while Redis is up; with Redis
+down they ride in the commit. Postgres being down means no discount, and the commit goes to the
+ledger spool (on disk with ``--spool-dir``), drained oldest first when Postgres is back; a commit
+the spool cannot hold is counted and logged in full at ERROR, never dropped silently.
 """
 
 from __future__ import annotations
@@ -13,38 +14,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
-from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import msgspec
 
 from promptcache.proxy.domain.entries import IndexEntry, Scope
 from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.index import PrefixIndex
 from promptcache.proxy.storage.keys import ApiKeys
-from promptcache.proxy.storage.ledger import Ledger, RequestRecord
+from promptcache.proxy.storage.ledger import CommitRow, Ledger, RequestRecord, commit_row
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
+from promptcache.proxy.storage.spool import MemorySpool, Spool
 
 _log = logging.getLogger("promptcache.store")
 REFUSED = "refused"
 """The IndexUnavailable reason for a row Postgres rejects (bad data, a broken constraint): retrying cannot help."""
+DEFAULT_SPOOL_BYTES = 1 << 30
+"""The spool's default bound (``--spool-max-mb``): about half a million commits of a typical request."""
 
 
-def _loggable(value: object) -> object:
-    """JSON for a dropped commit's log line. Not ``asdict``: it deep-copies, and cannot copy the
-    read-only mappings (``MappingProxyType``) a split and a tariff carry."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in fields(value)}
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
+
+@dataclass(eq=False)
+class _Pending:
+    record: RequestRecord
+    row: CommitRow
+    write_behind: bool
+    """The read's expiry slides through the debounced refresh, not in the commit (Redis is up)."""
+    done: asyncio.Future[None]
 
 
 class Store:
@@ -54,7 +56,8 @@ class Store:
         redis: RedisAccelerator | None,
         metrics: Metrics,
         *,
-        queue_limit: int = 10_000,
+        spool: Spool | None = None,
+        batch_limit: int = 256,
         flush_interval: float = 1.0,
         retry_interval: float = 2.0,
         key_cache_seconds: float = 60.0,
@@ -66,18 +69,26 @@ class Store:
         self.api_keys = ApiKeys(pg) if pg is not None else None
         self.redis = redis
         self.metrics = metrics
-        self.queue: deque[RequestRecord] = deque()
-        self.queue_limit = queue_limit
+        self.spool = spool if spool is not None else MemorySpool(DEFAULT_SPOOL_BYTES)
+        self.batch_limit = batch_limit
         self.flush_interval = flush_interval
         self.retry_interval = retry_interval
         self.key_cache_seconds = key_cache_seconds
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._committing = asyncio.Lock()
+        self._down: str | None = None
+        """The reason the last commit failed, until a drain lands: commits go straight to the spool meanwhile."""
         self._refreshes: dict[tuple[Scope, bytes], IndexEntry] = {}
-        self._inflight: dict[Scope, set[asyncio.Task[None]]] = {}
+        self._inflight: dict[Scope, set[asyncio.Future[None]]] = {}
         self._keys: dict[bytes, tuple[str, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._publish_spool()
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._retry_loop())]
+        """The committer, the refresh flush and the spool drain (first right away: start-up replays the spool)."""
+        self._tasks = [asyncio.create_task(self._commit_loop()), asyncio.create_task(self._flush_loop()),
+                       asyncio.create_task(self._drain_loop())]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -85,26 +96,36 @@ class Store:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.commit_pending()
         await self.flush_refreshes()
-        await self.retry_queued()
+        await self.drain_spool()
+        if self.spool.count and not self.spool.durable:
+            _log.error("stopping with %d commits in the memory spool, lost: run with --spool-dir", self.spool.count)
 
-    def submit(self, record: RequestRecord) -> asyncio.Task[None]:
-        """Commit in the background. A commit that writes entries holds back its scope's next lookup,
-        so an agent's next turn reads what its previous turn wrote even when it arrives a millisecond
-        after the response; commits that only bill and refresh hold back nothing."""
-        task = asyncio.create_task(self.commit(record))
-        if record.classification is None or not record.classification.writes:
-            return task
+    def submit(self, record: RequestRecord) -> asyncio.Future[None]:
+        """Commit in the background, with whatever else is waiting (a group commit); the future is done when the
+        row landed or was spooled. A commit that writes entries holds back its scope's next lookup, so an
+        agent's next turn reads what its previous turn wrote even when it arrives a millisecond after the
+        response; commits that only bill and refresh hold back nothing."""
+        result = record.classification
+        applies = record.billable and result is not None and record.split.cache_valid
+        write_behind = bool(applies and self.redis is not None and self.redis.available
+                            and result is not None and result.read is not None)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(record, commit_row(record, refresh_read=not write_behind), write_behind, done))
+        self._wake.set()
+        if result is None or not result.writes:
+            return done
         inflight = self._inflight.setdefault(record.scope, set())
-        inflight.add(task)
+        inflight.add(done)
 
-        def done(t: asyncio.Task[None]) -> None:
-            inflight.discard(t)
+        def finished(f: asyncio.Future[None]) -> None:
+            inflight.discard(f)
             if not inflight and self._inflight.get(record.scope) is inflight:
                 del self._inflight[record.scope]
 
-        task.add_done_callback(done)
-        return task
+        done.add_done_callback(finished)
+        return done
 
     async def lookup(self, scope: Scope, hashes: Sequence[bytes], now: datetime) -> dict[bytes, IndexEntry]:
         """Live and stored entries among ``hashes`` (ordered shallow to deep)."""
@@ -135,28 +156,64 @@ class Store:
         return found
 
     async def commit(self, record: RequestRecord) -> None:
-        """Commit off the response path; never raises."""
-        start = time.perf_counter()
-        try:
-            await self._commit(record)
-        finally:
-            self.metrics.commit_seconds.observe(time.perf_counter() - start)
+        """Commit one record now, with whatever else is waiting; never raises."""
+        done = self.submit(record)
+        await self.commit_pending()
+        await done
 
-    async def _commit(self, record: RequestRecord) -> None:
-        result = record.classification
-        applies = record.billable and result is not None and record.split.cache_valid
-        write_behind = applies and self.redis is not None and self.redis.available and result is not None \
-            and result.read is not None
+    async def commit_pending(self) -> None:
+        """Commit everything submitted, ``batch_limit`` rows per round trip; one committer at a time, so a
+        burst becomes a few large groups instead of many transactions racing for the pool."""
+        async with self._committing:
+            while self._pending:
+                batch, self._pending = self._pending[:self.batch_limit], self._pending[self.batch_limit:]
+                start = time.perf_counter()
+                try:
+                    await self._commit_batch(batch)
+                finally:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_result(None)
+                    self.metrics.commit_seconds.observe(time.perf_counter() - start)
+                    self.metrics.commit_batch.observe(len(batch))
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        if self._down is not None or self.ledger is None:
+            await self._spool(batch, self._down or "postgres")
+            return
         try:
-            if self.ledger is None:
-                raise IndexUnavailable("postgres", "not configured")
-            committed = await self.ledger.commit(record, refresh_read=not write_behind)
+            results = await self.ledger.commit_many([p.row for p in batch])
         except IndexUnavailable as exc:
-            self._enqueue(record, exc)
+            if exc.reason == REFUSED:
+                await self._commit_singly(batch)
+                return
+            self._down = exc.reason
+            _log.warning("Postgres cannot take commits, spooling until it can: %s", exc)
+            await self._spool(batch, exc.reason)
             return
-        if not committed or not applies or result is None:
+        for p, committed in zip(batch, results, strict=True):
+            await self._committed(p, committed)
+
+    async def _commit_singly(self, batch: list[_Pending]) -> None:
+        """A group with a row Postgres refuses: find it by committing one at a time, and set only it aside."""
+        assert self.ledger is not None
+        for p in batch:
+            try:
+                (committed,) = await self.ledger.commit_many([p.row])
+            except IndexUnavailable as exc:
+                if exc.reason == REFUSED:
+                    self._set_aside(p.row, exc)
+                else:
+                    await self._spool([p], exc.reason)
+                continue
+            await self._committed(p, committed)
+
+    async def _committed(self, p: _Pending, committed: bool) -> None:
+        """Write through to Redis what this commit wrote (a retried commit wrote nothing)."""
+        record, result = p.record, p.record.classification
+        if not committed or result is None or not record.billable or not record.split.cache_valid:
             return
-        if write_behind and result.read is not None:
+        if p.write_behind and result.read is not None:
             r = result.read
             self._refresh(record.scope, IndexEntry(r.hash, r.tokens, r.tier, record.started_at, r.expires_at))
         if result.writes and self.redis is not None and self.redis.available:
@@ -166,41 +223,62 @@ class Store:
             except IndexUnavailable:
                 self.metrics.index_fallbacks.labels("redis_unavailable").inc()
 
-    def _enqueue(self, record: RequestRecord, exc: IndexUnavailable) -> None:
-        self.metrics.index_fallbacks.labels("commit_" + exc.reason).inc()
-        if exc.reason == REFUSED:
-            self._set_aside(record, exc)
-            return
-        if len(self.queue) >= self.queue_limit:
+    async def _spool(self, batch: list[_Pending], reason: str) -> None:
+        self.metrics.index_fallbacks.labels("commit_" + reason).inc(len(batch))
+        for row in await self.spool.append([p.row for p in batch]):
             self.metrics.ledger_dropped.inc()
-            _log.error("commit queue full, dropping commit %s: %s", record.request_id,
-                       json.dumps(record, default=_loggable))
-            return
-        self.queue.append(record)
-        self.metrics.ledger_queued.set(len(self.queue))
-        _log.warning("queued commit %s: %s", record.request_id, exc)
+            _log.error("ledger spool full (%d bytes), dropping commit %s: %s", self.spool.max_bytes, row.request_id,
+                       msgspec.json.encode(row).decode())
+        self._publish_spool()
 
-    def _set_aside(self, record: RequestRecord, exc: IndexUnavailable) -> None:
-        """A row Postgres refuses (not an outage) would fail forever and block the queue behind it:
+    def _set_aside(self, row: CommitRow, exc: IndexUnavailable) -> None:
+        """A row Postgres refuses (not an outage) would fail forever and block the spool behind it:
         count it and log it in full, so it can be recovered by hand."""
         self.metrics.ledger_dropped.inc()
-        _log.error("Postgres refused commit %s (%s), set aside: %s", record.request_id, exc,
-                   json.dumps(record, default=_loggable))
+        _log.error("Postgres refused commit %s (%s), set aside: %s", row.request_id, exc,
+                   msgspec.json.encode(row).decode())
 
-    async def retry_queued(self) -> int:
-        """Commit queued records oldest first, stopping at the first failure; returns how many landed."""
-        done = 0
-        while self.queue and self.ledger is not None:
+    def _publish_spool(self) -> None:
+        self.metrics.ledger_queued.set(self.spool.count)
+        self.metrics.ledger_spool_bytes.set(self.spool.size)
+
+    async def drain_spool(self) -> int:
+        """Commit spooled rows oldest first, a segment at a time, stopping at the first failure; returns how many
+        landed. Rows of a segment a crash interrupted are committed again, and find their ledger rows."""
+        landed = 0
+        try:
+            while self.ledger is not None and (segment := await self.spool.oldest()) is not None:
+                number, rows = segment
+                for i in range(0, len(rows), self.batch_limit):
+                    landed += await self._drain_group(rows[i:i + self.batch_limit])
+                await self.spool.release(number)
+            self._down = None
+        except IndexUnavailable as exc:
+            self._down = exc.reason
+        finally:
+            self._publish_spool()
+        return landed
+
+    async def _drain_group(self, rows: list[CommitRow]) -> int:
+        """Commit spooled rows (no Redis write-through: lookups fill Redis from Postgres); raises when Postgres
+        cannot take them, sets aside only rows it refuses."""
+        assert self.ledger is not None
+        try:
+            await self.ledger.commit_many(rows)
+            return len(rows)
+        except IndexUnavailable as exc:
+            if exc.reason != REFUSED:
+                raise
+        landed = 0
+        for row in rows:
             try:
-                await self.ledger.commit(self.queue[0], refresh_read=True)
+                await self.ledger.commit_many([row])
+                landed += 1
             except IndexUnavailable as exc:
                 if exc.reason != REFUSED:
-                    break
-                self._set_aside(self.queue[0], exc)
-            self.queue.popleft()
-            done += 1
-        self.metrics.ledger_queued.set(len(self.queue))
-        return done
+                    raise
+                self._set_aside(row, exc)
+        return landed
 
     def _refresh(self, scope: Scope, entry: IndexEntry) -> None:
         key = (scope, entry.prefix_hash)
@@ -237,11 +315,17 @@ class Store:
             await asyncio.sleep(self.flush_interval)
             await self.flush_refreshes()
 
-    async def _retry_loop(self) -> None:
+    async def _commit_loop(self) -> None:
         while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.commit_pending()
+
+    async def _drain_loop(self) -> None:
+        while True:
+            if self.spool.count or self._down is not None:
+                await self.drain_spool()
             await asyncio.sleep(self.retry_interval)
-            if self.queue:
-                await self.retry_queued()
 
     def cached_principal(self, digest: bytes) -> str | None:
         """The principal of a key hash known a moment ago, without asking Postgres."""

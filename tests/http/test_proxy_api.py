@@ -437,7 +437,7 @@ async def test_random_bodies_never_5xx(proxy: RunningProxy, http: aiohttp.Client
     await asyncio.to_thread(check)
     await settle(proxy)
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0, seen
-    assert not proxy.server.proxy.store.queue, "a commit failed and was queued: the database refused a row"
+    assert not proxy.server.proxy.store.spool.count, "a commit failed and was spooled: the database refused a row"
     errors = [r for r in caplog.records if r.name.startswith("promptcache") and r.levelno >= logging.ERROR]
     assert not errors, [(r.name, r.getMessage(), r.exc_text) for r in errors[:3]]
 
@@ -568,7 +568,7 @@ async def test_healthz_readyz_and_models(proxy: RunningProxy, http: aiohttp.Clie
     async with http.get(proxy.url + "/readyz") as response:
         assert response.status == 200
         body = await response.json()
-    assert (body["status"], body["postgres"], body["degraded"], body["commit_queue"]) == ("ready", "up", False, 0)
+    assert (body["status"], body["postgres"], body["degraded"], body["spooled"]) == ("ready", "up", False, 0)
     assert body["config"] == proxy.server.proxy.config.digest[:12]
     models = await oa(proxy, key).models.list()
     assert [m.id for m in models.data] == ["chat", "claude", "chat-notok", "claude-notok"]
@@ -587,7 +587,7 @@ async def test_readyz_with_the_database_unreachable(tmp_path: Path, simulator: t
         assert body["status"] == ("ready" if degraded_ok else "not ready")
         assert body["degraded"] is True and body["postgres"].startswith("down")
         # Requests still succeed, at list price and without caching (docs/design.md#billing, #storage); the bill is
-        # queued.
+        # spooled.
         completion = await oa(running, "unused", default_headers={"x-tenant": unique("t")}).chat.completions \
             .create(model="chat", messages=first_turn_openai())  # type: ignore[arg-type]
         usage = completion.usage
@@ -595,7 +595,7 @@ async def test_readyz_with_the_database_unreachable(tmp_path: Path, simulator: t
         assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (36, 0)
         assert (usage.model_extra or {})["cache_creation_input_tokens"] == 0
         await settle(running)
-        assert len(running.server.proxy.store.queue) == 1
+        assert running.server.proxy.store.spool.count == 1
 
 
 def samples(text_format: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

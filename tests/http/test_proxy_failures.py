@@ -545,17 +545,17 @@ async def test_postgres_unreachable_list_price_and_queued_commits_land_once(
         assert usage == TURN0_LIST
         down.append(request_id)
     await settle(proxy)
-    assert sorted(r.request_id for r in store.queue) == sorted(down)  # commits run in the background, in any order
+    assert sorted(r.request_id for r in await store.spool.rows()) == sorted(down)  # in the background, in any order
     assert registry.get_sample_value("promptcache_ledger_queue_depth") == 2.0
     assert registry.get_sample_value("promptcache_index_fallbacks_total", {"reason": "commit_connect"}) == 2.0
     assert await fetch(pg_dsn, "SELECT 1 FROM ledger WHERE request_id = ANY($1::text[])", down) == []
-    assert await store.retry_queued() == 0  # still down: nothing lands, nothing is lost
-    assert len(store.queue) == 2
+    assert await store.drain_spool() == 0  # still down: nothing lands, nothing is lost
+    assert store.spool.count == 2
 
     await pg_relay.restore()
-    assert await store.retry_queued() == 2
-    assert await store.retry_queued() == 0
-    assert len(store.queue) == 0 and registry.get_sample_value("promptcache_ledger_queue_depth") == 0.0
+    assert await store.drain_spool() == 2
+    assert await store.drain_spool() == 0
+    assert store.spool.count == 0 and registry.get_sample_value("promptcache_ledger_queue_depth") == 0.0
     landed = await fetch(pg_dsn, "SELECT * FROM ledger WHERE request_id = ANY($1::text[]) ORDER BY request_id", down)
     assert [r["request_id"] for r in landed] == sorted(down)  # exactly one row each
     assert splits(landed) == [TURN0_LIST, TURN0_LIST]
@@ -573,7 +573,6 @@ async def test_commit_queue_overflow_is_counted_and_logged_in_full(
 ) -> None:
     proxy, store = relayed_proxy, relayed_proxy.server.proxy.store
     registry = proxy.server.proxy.metrics.registry
-    store.queue_limit = 1
     principal = unique("pg-overflow")
     key = await new_key(pg_dsn, principal)
     c = sdk(proxy, key)
@@ -587,16 +586,17 @@ async def test_commit_queue_overflow_is_counted_and_logged_in_full(
             usage, request_id = await complete(c, "openai", "chat", 0)
             assert usage == TURN0_LIST
             ids.append(request_id)
-        await settle(proxy)
-    assert [r.request_id for r in store.queue] == ids[:1]
+            await settle(proxy)
+            store.spool.max_bytes = store.spool.size  # full after the first
+    assert [r.request_id for r in await store.spool.rows()] == ids[:1]
     assert registry.get_sample_value("promptcache_ledger_dropped_total") == 1.0
     (dropped,) = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
     message = dropped.getMessage()
     assert ids[1] in message and principal in message
-    for field in ('"prompt": 36', '"completion": 8', '"status": 200', '"input_per_mtok": "3.00"'):
+    for field in ('"prompt_tokens":36', '"completion_tokens":8', '"status":200', '"input_per_mtok":"3.00"'):
         assert field in message
 
     await pg_relay.restore()
-    assert await store.retry_queued() == 1
+    assert await store.drain_spool() == 1
     assert [r["request_id"] for r in await ledger_rows(pg_dsn, principal)][1:] == ids[:1]
     assert sum(r["cost"] for r in await ledger_rows(pg_dsn, principal)) == TURN0_COST + TURN0_LIST_COST

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -193,6 +196,55 @@ class PrivateRedis:
 
 
 
+
+
+class PrivatePostgres:
+    """A throwaway Postgres cluster (the machine's binaries, ``initdb`` into a directory of its own under the
+    system temp dir, trust auth, a free port on loopback), that a test may stop and start, then
+    :meth:`remove`. As root the server runs as ``postgres``, which ``initdb`` demands (and so its directory
+    is not under pytest's root-only ``tmp_path``)."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            raise RuntimeError("PostgreSQL's server binaries are not installed (run .ci/setup)")
+        self.bin = found[-1].parent
+        self.directory = Path(tempfile.mkdtemp(prefix="promptcache-pg-"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_owner(self, *command: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+    async def _run(self, *command: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self._as_owner(*command), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed: {out.decode(errors='replace')}")
+
+    async def start(self) -> None:
+        if not self.data.exists():
+            if os.geteuid() == 0:
+                shutil.chown(self.directory, "postgres", "postgres")
+            await self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                            "--no-sync", "-E", "UTF8")
+        await self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.directory / "log"),
+                        "-o", f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off",
+                        "start")
+
+    async def stop(self) -> None:
+        """A fast shutdown: sessions are cut, as in an outage."""
+        if (self.data / "postmaster.pid").exists():
+            await self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+    async def remove(self) -> None:
+        await self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 async def fetch(pg_dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
