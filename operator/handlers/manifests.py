@@ -38,6 +38,10 @@ from promptcache.operator.handlers.render import (
 PROXY_PORT = 8080
 SERVICE_PORT = 80
 PROXY_UID = 10001
+SPOOL_VOLUME = "spool"
+SPOOL_DIR = "/var/lib/promptcache/spool"
+SPOOL_VOLUME_LIMIT = "1280Mi"
+"""The proxy's own spool bound is 1 GiB (``--spool-max-mb``)."""
 DEFAULT_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
 REPORT_KEY = "result.json"
 REPLAY_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
@@ -57,10 +61,15 @@ class OperatorSettings:
     """The ServiceAccount replay Jobs run as (in the PlanReplay's namespace); None: the namespace's default."""
     server_security: str = serverpolicy.RESTRICTED
     """``restricted``: sidecar servers get the security baseline (serverpolicy); ``unrestricted``: as written."""
+    metrics_namespace: str | None = None
+    """Where the Prometheus pods that may scrape proxies run, where a NetworkPolicy guards them (podguards)."""
+    metrics_pod_labels: tuple[tuple[str, str], ...] = ()
+    """Those pods' labels; empty: every pod of ``metrics_namespace``."""
 
 
 def names(model: str) -> dict[str, str]:
-    return {"configmap": f"{model}-proxy-config", "deployment": f"{model}-proxy", "service": f"{model}-proxy"}
+    return {"configmap": f"{model}-proxy-config", "deployment": f"{model}-proxy", "service": f"{model}-proxy",
+            "networkpolicy": f"{model}-proxy", "poddisruptionbudget": f"{model}-proxy"}
 
 
 def labels(model: str) -> dict[str, str]:
@@ -74,6 +83,11 @@ def labels(model: str) -> dict[str, str]:
 
 def selector(model: str) -> dict[str, str]:
     return {NAME_LABEL: PROXY_APP, MODEL_LABEL: model}
+
+
+def replicas(spec: Mapping[str, Any]) -> Any:
+    """``spec.proxy.replicas`` as written (the CRD defaults and bounds it), 2 for a server that did not default it."""
+    return (spec.get("proxy") or {}).get("replicas", 2)
 
 
 def endpoint(model: str, namespace: str, api: str) -> str:
@@ -133,7 +147,8 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
         env.append({"name": UPSTREAM_KEY_ENV,
                     "valueFrom": {"secretKeyRef": {"name": key_ref["name"], "key": key_ref["key"]}}})
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "tmp", "mountPath": "/tmp"}]
+              {"name": "tmp", "mountPath": "/tmp"},
+              {"name": SPOOL_VOLUME, "mountPath": SPOOL_DIR}]
     if tokenizer_volume(spec) is not None:
         mounts.append({"name": TOKENIZER_VOLUME, "mountPath": TOKENIZER_DIR, "readOnly": True})
     return {
@@ -141,7 +156,7 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
         "image": proxy.get("image") or settings.proxy_image,
         # --degraded-ok: a Postgres outage must not take every proxy out of its Service; they serve at list price
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(PROXY_PORT), "--no-manage-tariffs",
-                 "--degraded-ok"],
+                 "--degraded-ok", "--spool-dir", SPOOL_DIR],
         "ports": [{"name": "http", "containerPort": PROXY_PORT, "protocol": "TCP"}],
         "env": env,
         "volumeMounts": mounts,
@@ -159,6 +174,9 @@ def deployment(model: str, namespace: str, spec: Mapping[str, Any], rendered: Re
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names(model)["configmap"]}},
         {"name": "tmp", "emptyDir": {}},
+        # Bills Postgres could not take survive a crashed or restarted container (not a deleted pod): the design
+        # doc's "The ledger spool". Larger than the spool's own bound, so the proxy refuses rows before eviction.
+        {"name": SPOOL_VOLUME, "emptyDir": {"sizeLimit": SPOOL_VOLUME_LIMIT}},
     ]
     source = tokenizer_volume(spec)
     if source is not None:
@@ -171,7 +189,7 @@ def deployment(model: str, namespace: str, spec: Mapping[str, Any], rendered: Re
         "kind": "Deployment",
         "metadata": {"name": names(model)["deployment"], "namespace": namespace, "labels": labels(model)},
         "spec": {
-            "replicas": (spec.get("proxy") or {}).get("replicas", 2),
+            "replicas": replicas(spec),
             "selector": {"matchLabels": selector(model)},
             "template": {
                 "metadata": {"labels": labels(model), "annotations": {CHECKSUM_ANNOTATION: rendered.checksum}},

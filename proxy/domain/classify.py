@@ -100,6 +100,14 @@ def classify_marked(
     return _classify(chain, [(i, tier) for i, tier in marked if chain[i].tokens >= minimum], found, policy, now)
 
 
+def reads_only(result: Classification) -> Classification:
+    """The read alone, for a lookup that could not see past Redis (Postgres down): what Redis holds is backed by
+    the tenant's own committed writes and is discounted, but whether the deeper breakpoints are cached is
+    unknown, so they are billed uncached at list price, never a write premium that could charge twice for one
+    entry, and nothing is written."""
+    return Classification(result.read, (), dict.fromkeys(TIERS, 0))
+
+
 def _classify(
     chain: Sequence[ChainBlock],
     breakpoints: list[tuple[int, str]],

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from promptcache.proxy.config import ModelConfig, ProxyConfig
 from promptcache.proxy.domain.blocks import Api
-from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify
+from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify, reads_only
 from promptcache.proxy.domain.entries import PRINCIPAL_RULE, Scope, valid_principal
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
@@ -370,7 +370,9 @@ class Proxy:
         finally:
             lookup.cancel()
         self.metrics.lookup_seconds.observe(time.perf_counter() - lookup_start)
-        result = classify(ex.chain, found, policy, ex.started_at)
+        result = classify(ex.chain, found.entries, policy, ex.started_at)
+        if not found.complete:
+            result = reads_only(result)
         self.metrics.classify_seconds.observe(time.perf_counter() - start)
         return result
 

@@ -40,6 +40,15 @@ DEFAULT_SPOOL_BYTES = 1 << 30
 
 
 
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What a lookup found. ``complete`` is False when Redis answered but Postgres could not be asked for the
+    deeper candidates (Postgres down, Redis up): the design doc's "Postgres down, Redis up"."""
+
+    entries: dict[bytes, IndexEntry]
+    complete: bool = True
+
+
 @dataclass(eq=False)
 class _Pending:
     record: RequestRecord
@@ -127,8 +136,9 @@ class Store:
         done.add_done_callback(finished)
         return done
 
-    async def lookup(self, scope: Scope, hashes: Sequence[bytes], now: datetime) -> dict[bytes, IndexEntry]:
-        """Live and stored entries among ``hashes`` (ordered shallow to deep)."""
+    async def lookup(self, scope: Scope, hashes: Sequence[bytes], now: datetime) -> Found:
+        """Live and stored entries among ``hashes`` (ordered shallow to deep). Raises when nothing could be asked;
+        a Postgres failure after a Redis hit is an incomplete :class:`Found` (counted by its reason)."""
         inflight = self._inflight.get(scope)
         if inflight:
             await asyncio.wait(list(inflight))
@@ -145,15 +155,21 @@ class Store:
                 deepest = max(i for i, h in enumerate(remaining) if h in found)
                 remaining = remaining[deepest + 1:]
         if not remaining:
-            return found
-        if self.index is None:
-            raise IndexUnavailable("postgres", "not configured")
-        rows = await self.index.lookup(scope, remaining)
+            return Found(found)
+        try:
+            if self.index is None:
+                raise IndexUnavailable("postgres", "not configured")
+            rows = await self.index.lookup(scope, remaining)
+        except IndexUnavailable as exc:
+            if not found:
+                raise
+            self.metrics.index_fallbacks.labels(exc.reason).inc()
+            return Found(found, complete=False)
         found.update(rows)
         if redis is not None and rows:
             with contextlib.suppress(IndexUnavailable):
                 await redis.put(scope, rows.values(), now)
-        return found
+        return Found(found)
 
     async def commit(self, record: RequestRecord) -> None:
         """Commit one record now, with whatever else is waiting; never raises."""

@@ -81,8 +81,18 @@ def test_proxy_pods_stay_ready_while_postgres_is_down() -> None:
     _, deployment = rendered({"type": "tiktoken", "encoding": "cl100k_base"})
     [proxy] = deployment["spec"]["template"]["spec"]["containers"]
     assert proxy["args"] == ["proxy", "--config", "/etc/promptcache/proxy.yaml", "--port", "8080",
-                             "--no-manage-tariffs", "--degraded-ok"]
+                             "--no-manage-tariffs", "--degraded-ok", "--spool-dir", "/var/lib/promptcache/spool"]
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_proxy_pods_keep_their_spool_across_container_restarts() -> None:
+    """Bills waiting for Postgres live in an emptyDir (issue 13 item 8), mounted where --spool-dir points, sized above
+    the proxy's own 1 GiB bound so the proxy refuses rows before the kubelet evicts the pod."""
+    _, deployment = rendered({"type": "tiktoken", "encoding": "cl100k_base"})
+    pod = deployment["spec"]["template"]["spec"]
+    [proxy] = pod["containers"]
+    assert {"name": "spool", "mountPath": "/var/lib/promptcache/spool"} in proxy["volumeMounts"]
+    assert {"name": "spool", "emptyDir": {"sizeLimit": "1280Mi"}} in pod["volumes"]
 
 
 SERVER = {"name": "vllm", "image": "vllm/vllm-openai:v0.9", "ports": [{"containerPort": 8000}]}

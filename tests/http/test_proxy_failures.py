@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -566,6 +567,53 @@ async def test_postgres_unreachable_list_price_and_queued_commits_land_once(
 
     # And with Postgres back, the discount is back.
     assert (await complete(c, "openai", "chat", 0))[0] == TURN0_AGAIN
+
+
+# Turn 1 with Postgres down and Redis up: read 30 (u0, from Redis); u1 could not be looked up, so it is neither
+# written nor discounted: uncached 30. (30·3 + 30·3·0.1 + 120) / 1e6 = (90 + 9 + 120) / 1e6 = 0.000219
+TURN1_REDIS_ONLY = (60, 8, 30, 0, 0, 0, 30)
+TURN1_REDIS_ONLY_COST = Decimal("0.000219")
+
+
+@pytest.fixture
+async def relayed_redis_proxy(tmp_path: Path, pg_dsn: str, pg_relay: Relay, private_redis: PrivateRedis,
+                              simulator: tuple[str, Simulator], word_tokenizer: Path) -> AsyncIterator[RunningProxy]:
+    config = {"models": [model_config("chat", simulator[0] + "/v1", "openai", word_tokenizer)]}
+    async with running_proxy(config, tmp_path, pg_relay.dsn(pg_dsn), private_redis.url,
+                             tariff_refresh=3600.0) as running:
+        await hold_background(running.server.proxy.store)
+        yield running
+
+
+async def test_postgres_down_redis_up_discounts_what_redis_holds_and_writes_nothing(
+    relayed_redis_proxy: RunningProxy, pg_dsn: str, pg_relay: Relay, sdk: SDK,
+) -> None:
+    """docs/design.md, "Postgres down, Redis up": Redis's entries (written through after committed writes) are still
+    read at the discount; what lies past them is billed uncached, with no write premium and no write."""
+    proxy, store = relayed_redis_proxy, relayed_redis_proxy.server.proxy.store
+    registry = proxy.server.proxy.metrics.registry
+    principal = unique("pg-down-redis-up")
+    key = await new_key(pg_dsn, principal)
+    c = sdk(proxy, key)
+    assert (await complete(c, "openai", "chat", 0))[0] == TURN0
+    await settle(proxy)
+    written = snapshot(await entries(pg_dsn, principal))
+
+    await pg_relay.cut()
+    assert (await complete(c, "openai", "chat", 0))[0] == TURN0_AGAIN  # Redis holds the deepest candidate
+    usage, turn1 = await complete(c, "openai", "chat", 1)
+    assert usage == TURN1_REDIS_ONLY
+    assert registry.get_sample_value("promptcache_index_fallbacks_total", {"reason": "connect"}) == 1.0
+    await settle(proxy)
+    assert store.spool.count == 2
+
+    await pg_relay.restore()
+    assert await store.drain_spool() == 2
+    rows = await ledger_rows(pg_dsn, principal)
+    assert splits(rows) == [TURN0, TURN0_AGAIN, TURN1_REDIS_ONLY]
+    assert [r["cost"] for r in rows] == [TURN0_COST, TURN0_AGAIN_COST, TURN1_REDIS_ONLY_COST]
+    assert set(snapshot(await entries(pg_dsn, principal))) == set(written)  # u1 was not written
+    assert rows[2]["request_id"] == turn1
 
 
 async def test_commit_queue_overflow_is_counted_and_logged_in_full(
