@@ -44,7 +44,7 @@ def test_a_configmap_tokenizer_is_still_its_key() -> None:
 def test_a_bundled_tokenizer_mounts_nothing() -> None:
     tokenizer, deployment = rendered({"type": "tiktoken", "encoding": "cl100k_base"})
     assert tokenizer == {"type": "tiktoken", "encoding": "cl100k_base"}
-    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["config", "tmp"]
+    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["config", "tmp", "spool"]
 
 
 @pytest.mark.parametrize(("tokenizer", "reason"), [
