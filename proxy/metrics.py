@@ -1,9 +1,11 @@
 """Prometheus metrics (docs/design.md#the-request-path), one registry per proxy so tests can run several side by
-side."""
+side; under ``--workers`` one exposition for all the pod's workers (prometheus-client's multiprocess mode)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -43,9 +45,18 @@ class Metrics:
         self.auth_throttled = Counter("promptcache_auth_throttled", "Requests answered 429 without a key lookup: "
                                       "their address sent too many invalid keys", registry=r)
         self.ledger_queued = Gauge("promptcache_ledger_queue_depth", "Commits in the spool, waiting for Postgres",
-                                   registry=r)
-        self.ledger_spool_bytes = Gauge("promptcache_ledger_spool_bytes", "Bytes in the ledger spool", registry=r)
+                                   registry=r, multiprocess_mode="livesum")
+        self.ledger_spool_bytes = Gauge("promptcache_ledger_spool_bytes", "Bytes in the ledger spool", registry=r,
+                                        multiprocess_mode="livesum")
         self.ledger_dropped = Counter("promptcache_ledger_dropped", "Commits dropped because the spool was full or "
                                       "Postgres refused the row (each is also logged with its full row)", registry=r)
         self.config_reloads = Counter("promptcache_config_reloads", "Config reloads by result", ["result"],
                                       registry=r)
+
+    def exposition(self) -> bytes:
+        """The text format: this registry's, or under ``--workers`` every live worker's, summed."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
+        return generate_latest(registry)

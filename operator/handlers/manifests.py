@@ -8,9 +8,13 @@ should exist, make it so" and a restart mid-way converges on the same objects.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
 
 from promptcache.operator.constants import (
     CHECKSUM_ANNOTATION,
@@ -25,6 +29,7 @@ from promptcache.operator.constants import (
     TOKENIZER_VOLUME,
     WINDOW_ANNOTATION,
 )
+from promptcache.operator.errors import SpecError
 from promptcache.operator.handlers import serverpolicy
 from promptcache.operator.handlers.render import (
     CONFIG_DIR,
@@ -38,6 +43,8 @@ from promptcache.operator.handlers.render import (
 PROXY_PORT = 8080
 SERVICE_PORT = 80
 PROXY_UID = 10001
+MAX_WORKERS = 64
+"""As ``promptcache proxy --workers`` allows."""
 SPOOL_VOLUME = "spool"
 SPOOL_DIR = "/var/lib/promptcache/spool"
 SPOOL_VOLUME_LIMIT = "1280Mi"
@@ -130,10 +137,25 @@ def _secure_container() -> dict[str, Any]:
 
 
 def _database_env(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Proxy pods' and replay Jobs' DSN: the proxy Secret of their namespace, a login in the proxy role, never the
+    owner's DSN the operator holds (docs/design.md#database-roles)."""
     if not settings.database_secret:
         return []
     secret, _, key = settings.database_secret.partition("/")
     return [{"name": "PROMPTCACHE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key or "dsn"}}}]
+
+
+def proxy_workers(resources: Mapping[str, Any]) -> int:
+    """``--workers``: one proxy process per core the container is guaranteed (its CPU request, else its limit),
+    rounded up, from 1 to :data:`MAX_WORKERS`; a pod without a CPU figure runs one."""
+    cpu = (resources.get("requests") or {}).get("cpu") or (resources.get("limits") or {}).get("cpu")
+    if cpu is None:
+        return 1
+    try:
+        cores: Decimal = parse_quantity(cpu)  # type: ignore[no-untyped-call]  # untyped in the kubernetes client
+        return max(1, min(MAX_WORKERS, math.ceil(min(cores, Decimal(MAX_WORKERS)))))
+    except (ValueError, InvalidOperation, OverflowError) as exc:
+        raise SpecError("InvalidSpec", f"spec.proxy.resources cpu {cpu!r} is not a CPU quantity") from exc
 
 
 def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
@@ -146,6 +168,7 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
     if key_ref:
         env.append({"name": UPSTREAM_KEY_ENV,
                     "valueFrom": {"secretKeyRef": {"name": key_ref["name"], "key": key_ref["key"]}}})
+    resources = proxy.get("resources") or DEFAULT_RESOURCES
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"},
               {"name": SPOOL_VOLUME, "mountPath": SPOOL_DIR}]
@@ -156,13 +179,13 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
         "image": proxy.get("image") or settings.proxy_image,
         # --degraded-ok: a Postgres outage must not take every proxy out of its Service; they serve at list price
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(PROXY_PORT), "--no-manage-tariffs",
-                 "--degraded-ok", "--spool-dir", SPOOL_DIR],
+                 "--degraded-ok", "--spool-dir", SPOOL_DIR, "--workers", str(proxy_workers(resources))],
         "ports": [{"name": "http", "containerPort": PROXY_PORT, "protocol": "TCP"}],
         "env": env,
         "volumeMounts": mounts,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
-        "resources": proxy.get("resources") or DEFAULT_RESOURCES,
+        "resources": resources,
         "securityContext": _secure_container(),
         "terminationMessagePolicy": "FallbackToLogsOnError",  # a refused config's reason: see proxypods
     }

@@ -24,6 +24,7 @@ from promptcache.proxy import policybus
 from promptcache.proxy.config import EX_CONFIG, ConfigError, ProxyConfig, load_config
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.pricing import Tariff
+from promptcache.proxy.http import workers
 from promptcache.proxy.http.app import Proxy
 from promptcache.proxy.http.arguments import add_arguments
 from promptcache.proxy.metrics import Metrics
@@ -37,6 +38,8 @@ from promptcache.proxy.storage.store import DEFAULT_SPOOL_BYTES, Store
 from promptcache.proxy.storage.tariffs import Tariffs
 
 _log = logging.getLogger("promptcache.server")
+MAX_WORKERS = 64
+WORKER_SPOOL = "worker-"
 SALT_KEY = "cache_salt"
 """The ``proxy_secrets`` row keying the forwarded ``cache_salt``."""
 
@@ -75,6 +78,9 @@ class ProxyOptions:
     tariff_refresh: float = 10.0
     spool_dir: Path | None = None
     spool_max_bytes: int = DEFAULT_SPOOL_BYTES
+    workers: int = 1
+    worker: int = 0
+    """This process's index among ``workers`` (its spool is ``worker-<index>``)."""
 
 
 async def sync_tariffs(config: ProxyConfig, pg: Database | None, manage: bool) -> dict[str, Tariff]:
@@ -95,12 +101,19 @@ async def sync_tariffs(config: ProxyConfig, pg: Database | None, manage: bool) -
 
 
 def open_spool(options: ProxyOptions) -> Spool:
-    """The ledger spool: the directory's when there is one (taking over what an earlier process left)."""
+    """The ledger spool: ``worker-<i>`` in the spool directory when there is one, taking over what an earlier
+    process left there; worker 0 also adopts the spools of workers an earlier, larger ``--workers`` had."""
     if options.spool_dir is None:
         _log.warning("the ledger spool is in memory: commits waiting for Postgres are lost if this process dies "
                      "(set --spool-dir)")
         return MemorySpool(options.spool_max_bytes)
-    return DiskSpool.open(options.spool_dir, options.spool_max_bytes)
+    spool = DiskSpool.open(options.spool_dir / f"{WORKER_SPOOL}{options.worker}", options.spool_max_bytes)
+    if options.worker == 0:
+        for other in sorted(options.spool_dir.glob(WORKER_SPOOL + "*")):
+            index = other.name.removeprefix(WORKER_SPOOL)
+            if other.is_dir() and index.isdigit() and int(index) >= options.workers:
+                spool.adopt(other)
+    return spool
 
 
 class ProxyServer:
@@ -282,7 +295,29 @@ def serve(options: ProxyOptions, host: str, port: int) -> None:
         return (await ProxyServer.create(options)).app()
 
     web.run_app(build(), host=host, port=port, print=lambda msg: _log.info(msg), access_log=None,
-                loop=uvloop.new_event_loop())
+                loop=uvloop.new_event_loop(), reuse_port=options.workers > 1)
+
+
+def serve_process(options: ProxyOptions, host: str, port: int) -> int:
+    """One proxy process until it is stopped; the exit status, with the reason on stderr when it could not start."""
+    try:
+        serve(options, host, port)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except IndexUnavailable as exc:
+        print(f"database unavailable: {exc}", file=sys.stderr)
+        return 2
+    except SpoolError as exc:
+        print(f"cannot open the ledger spool: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return 0
+
+
+def serve_worker(options: ProxyOptions, host: str, port: int, log_level: str, index: int) -> int:
+    """A ``--workers`` process: logging is set up again, since a spawned process starts bare."""
+    configure_logging(log_level)
+    return serve_process(replace(options, worker=index), host, port)
 
 
 def check(config_path: str) -> int:
@@ -306,23 +341,17 @@ def run(args: argparse.Namespace) -> int:
         args.config, database_url=args.database, redis_url=args.redis, manage_tariffs=args.manage_tariffs,
         degraded_ok=args.degraded_ok or None, reload_interval=args.reload_interval,
         spool_dir=Path(args.spool_dir) if args.spool_dir else None,
-        spool_max_bytes=args.spool_max_mb << 20 if args.spool_max_mb is not None else None,
+        spool_max_bytes=args.spool_max_mb << 20 if args.spool_max_mb is not None else None, workers=args.workers,
     )
     if options.spool_max_bytes <= 0:
         print("--spool-max-mb must be positive", file=sys.stderr)
         return 2
-    try:
-        serve(options, args.host, args.port)
-    except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except IndexUnavailable as exc:
-        print(f"database unavailable: {exc}", file=sys.stderr)
+    if not 1 <= options.workers <= MAX_WORKERS:
+        print(f"--workers must be from 1 to {MAX_WORKERS}", file=sys.stderr)
         return 2
-    except SpoolError as exc:
-        print(f"cannot open the ledger spool: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    return 0
+    if options.workers == 1:
+        return serve_process(options, args.host, args.port)
+    return workers.supervise(options.workers, serve_worker, options, args.host, args.port, args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

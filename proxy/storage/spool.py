@@ -221,6 +221,34 @@ class DiskSpool(Spool):
                          spool.count)
         return spool
 
+    def adopt(self, other: Path) -> int:
+        """Take over the segments of a spool no process holds (a worker of an earlier, larger ``--workers``), so
+        they drain here; returns how many rows came over. A held directory is left alone."""
+        try:
+            orphan = DiskSpool.open(other, self.max_bytes)
+        except SpoolError as exc:
+            _log.warning("not adopting %s: %s", other, exc)
+            return 0
+        try:
+            moved = 0
+            for number in sorted(orphan._segments):
+                rows = orphan._segments[number]
+                mine = max(self._segments, default=0) + 1
+                orphan._path(number).rename(self._path(mine))
+                self._segments[mine] = rows
+                self._sealed.add(mine)
+                self.count += rows
+                self.size += self._segment_size(mine)
+                moved += rows
+            self._sync_directory()
+        finally:
+            orphan.close()
+        (other / ".lock").unlink(missing_ok=True)
+        other.rmdir()
+        if moved:
+            _log.warning("adopted %d commits from %s", moved, other)
+        return moved
+
     def close(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor releases the flock

@@ -81,8 +81,30 @@ def test_proxy_pods_stay_ready_while_postgres_is_down() -> None:
     _, deployment = rendered({"type": "tiktoken", "encoding": "cl100k_base"})
     [proxy] = deployment["spec"]["template"]["spec"]["containers"]
     assert proxy["args"] == ["proxy", "--config", "/etc/promptcache/proxy.yaml", "--port", "8080",
-                             "--no-manage-tariffs", "--degraded-ok", "--spool-dir", "/var/lib/promptcache/spool"]
+                             "--no-manage-tariffs", "--degraded-ok", "--spool-dir", "/var/lib/promptcache/spool",
+                             "--workers", "1"]
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize(("resources", "workers"), [
+    ({}, 1),
+    ({"limits": {"memory": "1Gi"}}, 1),
+    ({"requests": {"cpu": "250m"}, "limits": {"cpu": "4"}}, 1),  # the request is what the pod is guaranteed
+    ({"requests": {"cpu": "1500m"}}, 2),
+    ({"requests": {"cpu": 3}}, 3),
+    ({"limits": {"cpu": "2"}}, 2),
+    ({"requests": {"cpu": "1e9"}}, 64),
+    ({"requests": {"cpu": "-1"}}, 1),
+])
+def test_proxy_workers_follow_the_cpu_the_pod_is_given(resources: dict[str, Any], workers: int) -> None:
+    assert manifests.proxy_workers(resources) == workers
+
+
+def test_a_cpu_figure_that_is_not_a_quantity_is_an_invalid_spec() -> None:
+    with pytest.raises(SpecError) as caught:
+        manifests.proxy_workers({"requests": {"cpu": "lots"}})
+    assert (caught.value.reason, str(caught.value)) == \
+        ("InvalidSpec", "spec.proxy.resources cpu 'lots' is not a CPU quantity")
 
 
 def test_proxy_pods_keep_their_spool_across_container_restarts() -> None:

@@ -124,11 +124,11 @@ async def test_bills_of_a_killed_proxy_land_from_its_spool_exactly_once(
         assert len(set(ids)) == N
 
         async def spooled() -> bool:
-            return (await proxy.readyz())["spooled"] == N
+            return bool((await proxy.readyz())["spooled"] == N)
 
         await wait_until(spooled, f"{N} bills in the spool")
         await proxy.kill()
-        lines = b"".join(p.read_bytes() for p in sorted(spool.glob("*.jsonl"))).splitlines()
+        lines = b"".join(p.read_bytes() for p in sorted((spool / "worker-0").glob("*.jsonl"))).splitlines()
         assert len(lines) == N and all(i.encode() in b"".join(lines) for i in ids)
 
         await proxy.start()  # Postgres still down: the proxy takes over the spool and serves
@@ -138,7 +138,7 @@ async def test_bills_of_a_killed_proxy_land_from_its_spool_exactly_once(
         await postgres.start()
 
         async def drained() -> bool:
-            return (await proxy.readyz())["spooled"] == 0
+            return bool((await proxy.readyz())["spooled"] == 0)
 
         await wait_until(drained, "the spool to drain", within=30)
         rows = await fetch(postgres.dsn, "SELECT request_id, prompt_tokens, read_tokens, cost, list_cost, "
@@ -150,7 +150,7 @@ async def test_bills_of_a_killed_proxy_land_from_its_spool_exactly_once(
         logged = await fetch(postgres.dsn, "SELECT count(*) AS n FROM request_log WHERE principal_id = $1",
                              principal)
         assert logged[0]["n"] == N + 1
-        assert list(spool.glob("*.jsonl")) == []
+        assert list((spool / "worker-0").glob("*.jsonl")) == []
         assert "Traceback" not in proxy.log.read_text()
     finally:
         await proxy.stop()

@@ -216,7 +216,7 @@ def test_the_proxy_refuses_a_spool_it_cannot_use(tmp_path: Path, word_tokenizer:
 
 def test_a_held_spool_directory_stops_a_second_proxy(tmp_path: Path, word_tokenizer: Path) -> None:
     directory = tmp_path / "spool"
-    held = DiskSpool.open(directory, 1 << 20)
+    held = DiskSpool.open(directory / "worker-0", 1 << 20)
     try:
         config = proxy_config(tmp_path / "proxy.yaml", word_tokenizer)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTCACHE_")}
@@ -226,4 +226,4 @@ def test_a_held_spool_directory_stops_a_second_proxy(tmp_path: Path, word_tokeni
         held.close()
     assert done.returncode == 78
     assert done.stderr.strip().splitlines()[-1] == \
-        f"cannot open the ledger spool: spool directory {directory} is in use by another proxy"
+        f"cannot open the ledger spool: spool directory {directory}/worker-0 is in use by another proxy"
