@@ -40,6 +40,7 @@ bench:
 	@bash .ci/setup
 	.venv/bin/python -P bench/core.py
 	.venv/bin/python -P bench/proxy.py
+	.venv/bin/python -P bench/overload.py
 	.venv/bin/python -P bench/operator.py
 	.venv/bin/python -P bench/replay.py
 	PROMPTCACHE_ENGINE_BIN="$$(bash .ci/engine/build)" .venv/bin/python -P bench/engine.py

@@ -66,6 +66,10 @@ class ModelConfig:
     that policy's updates as soon as the operator publishes them on Redis, before the file catches up."""
 
 
+MAX_GATE = 1_000_000
+"""Bound of the classification gate's settings: beyond it a number is a typo, not a capacity."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 10 * 1024 * 1024
@@ -79,6 +83,10 @@ class Limits:
     closed: aiohttp's keep-alive timeout, which also bounds idle keep-alive connections. Read at start."""
     body_timeout_seconds: float = 60.0
     """A request body not received in full this long after its head is a 408."""
+    classify_concurrency: int = 4
+    """Classifications run at once (the gate); 0: no gate, every request classifies as soon as it arrives."""
+    max_queued_classifications: int = 1024
+    """Past this many waiting for a turn, new requests are shed with 429 + Retry-After."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +256,8 @@ def _limits(raw: Any) -> Limits:
     if not isinstance(raw, Mapping):
         raise ConfigError("limits must be a mapping")
     _known(raw, {"maxBodyBytes", "classifyDeadlineSeconds", "upstreamTimeoutSeconds", "classifyStartDelaySeconds",
-                 "headerTimeoutSeconds", "bodyTimeoutSeconds"}, "limits")
+                 "headerTimeoutSeconds", "bodyTimeoutSeconds", "classifyConcurrency", "maxQueuedClassifications"},
+           "limits")
     defaults = Limits()
     body = raw.get("maxBodyBytes", defaults.max_body_bytes)
     if isinstance(body, bool) or not isinstance(body, int) or body < 1024:
@@ -266,4 +275,11 @@ def _limits(raw: Any) -> Limits:
     if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 < delay < values[0]:
         raise ConfigError("limits.classifyStartDelaySeconds must be a positive number of seconds, less than "
                           "classifyDeadlineSeconds")
-    return Limits(body, values[0], values[1], float(delay), values[2], values[3])
+    counts = []
+    for key, default, low in (("classifyConcurrency", defaults.classify_concurrency, 0),
+                              ("maxQueuedClassifications", defaults.max_queued_classifications, 1)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_GATE:
+            raise ConfigError(f"limits.{key} must be an integer from {low} to {MAX_GATE}")
+        counts.append(value)
+    return Limits(body, values[0], values[1], float(delay), values[2], values[3], counts[0], counts[1])

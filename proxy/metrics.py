@@ -44,6 +44,10 @@ class Metrics:
                                         "cache_control, by rule", ["rule"], registry=r)
         self.auth_throttled = Counter("promptcache_auth_throttled", "Requests answered 429 without a key lookup: "
                                       "their address sent too many invalid keys", registry=r)
+        self.classify_queue = Gauge("promptcache_classify_queue", "Classifications waiting for a turn", registry=r,
+                                    multiprocess_mode="livesum")
+        self.classify_wait_seconds = Histogram("promptcache_classify_wait_seconds", "Wait for a classification turn",
+                                               buckets=LATENCY_BUCKETS, registry=r)
         self.ledger_queued = Gauge("promptcache_ledger_queue_depth", "Commits in the spool, waiting for Postgres",
                                    registry=r, multiprocess_mode="livesum")
         self.ledger_spool_bytes = Gauge("promptcache_ledger_spool_bytes", "Bytes in the ledger spool", registry=r,

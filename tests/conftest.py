@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+import anthropic
+import openai
 import pytest
 
 from promptcache.proxy.domain.tokens import HuggingFaceTokenizer
@@ -20,6 +22,7 @@ from support.controlplane import ControlPlane
 from support.controlplane import control_plane as start_control_plane
 from support.database import scratch_database
 from support.engine import Engine, llama_server
+from support.faults import SDK, Clients
 from support.operator_process import (
     Identity,
     OperatorEnvironment,
@@ -28,7 +31,7 @@ from support.operator_process import (
     operator_identity,
     running_operator,
 )
-from support.proxy import redis_prefix, write_word_tokenizer
+from support.proxy import RunningProxy, redis_prefix, write_word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +123,19 @@ def engine() -> Iterator[Engine]:
     """llama-server with SmolLM2-135M-Instruct, one per session (started on first use)."""
     with llama_server() as server:
         yield server
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[SDK]:
+    """``sdk(proxy, key)``: both SDKs as one principal, closed at teardown."""
+    made: list[Clients] = []
+
+    def make(proxy: RunningProxy, key: str) -> Clients:
+        made.append(Clients(openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0),
+                            anthropic.AsyncAnthropic(base_url=proxy.url, api_key=key, max_retries=0)))
+        return made[-1]
+
+    yield make
+    for c in made:
+        await c.oa.close()
+        await c.an.close()

@@ -35,10 +35,12 @@ from promptcache.proxy.domain.prepare import Admission, admit
 from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
 from promptcache.proxy.domain.salt import cache_salt
 from promptcache.proxy.domain.steps import run_async
+from promptcache.proxy.domain.tokens import BlockCounter
 from promptcache.proxy.http import jsonio
 from promptcache.proxy.http.apierrors import error_response
 from promptcache.proxy.http.authguard import AuthGuard
 from promptcache.proxy.http.bodies import BodyTooLarge, UndecodableBody, decoded
+from promptcache.proxy.http.gate import ClassifyGate
 from promptcache.proxy.http.sse import encode, events
 from promptcache.proxy.http.usage import engine_cached, rewrite, upstream_totals
 from promptcache.proxy.metrics import Metrics
@@ -53,6 +55,8 @@ _log = logging.getLogger("promptcache.proxy")
 CLIENT_CLOSED = 499
 """Status logged when the client went away before the response was complete (nginx's convention)."""
 ANTHROPIC_VERSION = "2023-06-01"
+OVERLOAD_RETRY_AFTER = 1
+"""Seconds a shed request is told to wait: the gate's queue drains at hundreds of requests a second."""
 REQUEST_ID = web.RequestKey("request_id", str)
 class _Reject(Exception):
     """A request the proxy answers itself, in the calling API's error shape."""
@@ -108,6 +112,7 @@ class Proxy:
         self.salt_key_shared = False
         self.runtimes = runtimes or Runtimes()
         self.auth_guard = AuthGuard()
+        self.gate = self._gate(config)
         self.http: aiohttp.ClientSession | None = None
         self.commits: set[asyncio.Future[None]] = set()
 
@@ -140,7 +145,14 @@ class Proxy:
 
     def apply_config(self, config: ProxyConfig, tariffs: Mapping[str, Tariff]) -> None:
         self.runtimes.apply(config, tariffs)
+        if (config.limits.classify_concurrency, config.limits.max_queued_classifications) != \
+                (self.gate.slots, self.gate.queue_limit):
+            self.gate = self._gate(config)  # classifications already waiting finish on the old one
         self.config = config
+
+    def _gate(self, config: ProxyConfig) -> ClassifyGate:
+        limits = config.limits
+        return ClassifyGate(limits.classify_concurrency, limits.max_queued_classifications, self.metrics)
 
     @web.middleware
     async def _request_id(
@@ -249,6 +261,9 @@ class Proxy:
             raise _Reject(400, str(exc), exc.code) from None
         except BadRequest as exc:
             raise _Reject(400, str(exc)) from None
+        if runtime.counter is not None and self.gate.full:
+            self.metrics.index_fallbacks.labels("shed").inc()
+            raise _Reject(429, "the proxy is overloaded; retry shortly", retry_after=OVERLOAD_RETRY_AFTER)
         scope = Scope(principal, alias, runtime.tokenizer_version)
         exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
                             admission)
@@ -346,6 +361,11 @@ class Proxy:
         # instead of competing with the request's upload or the upstream reading it, and in steps, so
         # a large body still uploading is not held up.
         await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
+        async with self.gate.turn():
+            return await self._classify_now(ex, counter)
+
+    async def _classify_now(self, ex: Exchange, counter: BlockCounter) -> Classification | None:
+        """Classification in its turn; the deadline counts from here, not from the wait for the turn."""
         start = time.perf_counter()  # classify_seconds: the work (hash, count, look up), not the wait for it
         prepared = await run_async(ex.admission.preparing(counter))
         ex.chain, ex.sent = prepared.chain or [], prepared.sent
@@ -353,7 +373,7 @@ class Proxy:
         wanted = candidates(ex.chain, policy)
         if not wanted:
             return classify(ex.chain, {}, policy, ex.started_at)
-        deadline = self.config.limits.classify_deadline_seconds - (time.perf_counter() - ex.t0)
+        deadline = self.config.limits.classify_deadline_seconds - (time.perf_counter() - start)
         lookup_start = time.perf_counter()
         # Shielded, and cancelled without waiting on it: a cancelled query's connection clean-up
         # (asyncpg waits for the server to acknowledge the cancel) must not hold the bill past the deadline.

@@ -148,6 +148,13 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("limits.bodyTimeoutSeconds", "1m", "limits.bodyTimeoutSeconds must be a positive number of seconds"),
     ("limits.classifyStartDelaySeconds", "2ms", "limits.classifyStartDelaySeconds must be a positive number"),
     ("limits.classifyStartDelaySeconds", True, "limits.classifyStartDelaySeconds must be a positive number"),
+    ("limits.classifyConcurrency", -1, "limits.classifyConcurrency must be an integer from 0 to 1000000"),
+    ("limits.classifyConcurrency", 2.5, "limits.classifyConcurrency must be an integer from 0 to 1000000"),
+    ("limits.classifyConcurrency", True, "limits.classifyConcurrency must be an integer from 0 to 1000000"),
+    ("limits.classifyConcurrency", 10**400, "limits.classifyConcurrency must be an integer from 0 to 1000000"),
+    ("limits.maxQueuedClassifications", 0, "limits.maxQueuedClassifications must be an integer from 1 to 1000000"),
+    ("limits.maxQueuedClassifications", "many",
+     "limits.maxQueuedClassifications must be an integer from 1 to 1000000"),
     ("limits.classifyStartDelaySeconds", 0.25, "less than classifyDeadlineSeconds"),
     # auth
     ("auth", "header", "auth must be a mapping"),
@@ -199,7 +206,7 @@ def test_minimal_config_takes_the_defaults() -> None:
     config = parse_config(raw)
     assert isinstance(config, ProxyConfig)
     assert config.auth == AuthConfig("apiKeys", "x-promptcache-principal")
-    assert config.limits == Limits(10 * 1024 * 1024, 0.25, 300.0, 0.002, 30.0, 60.0)
+    assert config.limits == Limits(10 * 1024 * 1024, 0.25, 300.0, 0.002, 30.0, 60.0, 4, 1024)
     assert config.digest == hashlib.sha256(raw.encode()).hexdigest()
     model = config.models["chat"]
     assert model.tokenizer is None and model.image_tokens == 0
@@ -211,7 +218,7 @@ def test_minimal_config_takes_the_defaults() -> None:
 FULL = """
 auth: {mode: header, header: X-Tenant-ID}
 limits: {maxBodyBytes: 2048, classifyDeadlineSeconds: 0.5, upstreamTimeoutSeconds: 30, classifyStartDelaySeconds: 0.001,
-         headerTimeoutSeconds: 5, bodyTimeoutSeconds: 7.5}
+         headerTimeoutSeconds: 5, bodyTimeoutSeconds: 7.5, classifyConcurrency: 0, maxQueuedClassifications: 9}
 models:
   - alias: chat
     upstream: {url: "http://vllm:8000/v1/", model: llama, api: openai, apiKeyEnv: VLLM_KEY, forwardCacheControl: true}
@@ -239,7 +246,7 @@ models:
 def test_full_config_parses_to_the_expected_values() -> None:
     config = parse_config(FULL)
     assert config.auth == AuthConfig("header", "x-tenant-id")
-    assert config.limits == Limits(2048, 0.5, 30.0, 0.001, 5.0, 7.5)
+    assert config.limits == Limits(2048, 0.5, 30.0, 0.001, 5.0, 7.5, 0, 9)
     assert list(config.models) == ["chat", "claude"]
 
     chat = config.models["chat"]
@@ -272,7 +279,8 @@ CONFIG_KEYS = {
     "auth", "auth.mode", "auth.header",
     "limits", "limits.maxBodyBytes", "limits.classifyDeadlineSeconds", "limits.upstreamTimeoutSeconds",
     "limits.classifyStartDelaySeconds",  # ours: not in docs/design.md#the-request-path's minimum
-    "limits.headerTimeoutSeconds", "limits.bodyTimeoutSeconds",
+    "limits.headerTimeoutSeconds", "limits.bodyTimeoutSeconds", "limits.classifyConcurrency",
+    "limits.maxQueuedClassifications",
     "models", "models.*.alias", "models.*.imageTokens",
     "models.*.upstream", "models.*.upstream.url", "models.*.upstream.model", "models.*.upstream.api",
     "models.*.upstream.apiKeyEnv", "models.*.upstream.forwardCacheControl", "models.*.upstream.cacheSalt",
@@ -302,7 +310,7 @@ def test_example_config_uses_every_key_and_parses() -> None:
     assert set(key_paths(doc)) == CONFIG_KEYS
     config = load_config(EXAMPLE)
     assert config.auth == AuthConfig("apiKeys", "x-promptcache-principal")
-    assert config.limits == Limits(10485760, 0.25, 300.0, 0.002, 30.0, 60.0)
+    assert config.limits == Limits(10485760, 0.25, 300.0, 0.002, 30.0, 60.0, 4, 1024)
     assert list(config.models) == ["llama-70b", "assistant-mini"]
     llama, mini = config.models["llama-70b"], config.models["assistant-mini"]
     assert llama.upstream.endpoint == "http://vllm-llama.llm.svc.cluster.local:8000/v1/chat/completions"

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -31,6 +30,7 @@ from promptcache.proxy.storage.store import Store
 from promptcache.proxy.testing.simulator import Simulator
 
 from support.faults import (
+    SDK,
     TURN0,
     TURN0_AGAIN,
     TURN0_AGAIN_COST,
@@ -44,6 +44,7 @@ from support.faults import (
     PrivateRedis,
     Relay,
     anthropic_turn,
+    complete,
     entries,
     fetch,
     ledger_rows,
@@ -82,58 +83,6 @@ async def proxy(tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator], t
     config = {"models": models, "limits": {"upstreamTimeoutSeconds": UPSTREAM_TIMEOUT}}
     async with running_proxy(config, tmp_path, pg_dsn) as running:
         yield running
-
-
-@dataclass
-class Clients:
-    oa: openai.AsyncOpenAI
-    an: anthropic.AsyncAnthropic
-
-
-SDK = Callable[[RunningProxy, str], Clients]
-
-
-@pytest.fixture
-async def sdk() -> AsyncIterator[SDK]:
-    """``sdk(proxy, key)``: both SDKs as one principal, closed at teardown."""
-    made: list[Clients] = []
-
-    def make(proxy: RunningProxy, key: str) -> Clients:
-        made.append(Clients(openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0),
-                            anthropic.AsyncAnthropic(base_url=proxy.url, api_key=key, max_retries=0)))
-        return made[-1]
-
-    yield make
-    for c in made:
-        await c.oa.close()
-        await c.an.close()
-
-
-async def complete(c: Clients, api: str, model: str, turn: int) -> tuple[tuple[int, ...], str]:
-    """One non-streaming request through the API's SDK: (its usage as a split tuple, its request id)."""
-    oa, an = c.oa, c.an
-    if api == "openai":
-        raw = await oa.chat.completions.with_raw_response.create(model=model, messages=openai_turn(turn))
-        u = raw.parse().usage
-        assert u is not None and u.prompt_tokens_details is not None
-        extra = u.model_extra or {}
-        creation = extra["cache_creation"]
-        assert u.prompt_tokens_details.cached_tokens == extra["cache_read_input_tokens"]
-        usage = (u.prompt_tokens, u.completion_tokens, extra["cache_read_input_tokens"],
-                 creation["ephemeral_5m_input_tokens"], creation["ephemeral_1h_input_tokens"],
-                 creation["ephemeral_24h_input_tokens"],
-                 u.prompt_tokens - extra["cache_read_input_tokens"] - extra["cache_creation_input_tokens"])
-        return usage, raw.headers["x-request-id"]
-    system, messages = anthropic_turn(turn)
-    araw = await an.messages.with_raw_response.create(model=model, system=system, messages=messages, max_tokens=64)
-    a = (await araw.parse()).usage
-    assert a.cache_creation is not None and a.cache_read_input_tokens is not None
-    assert a.cache_creation_input_tokens is not None
-    tiers = a.cache_creation.model_dump()
-    usage = (a.input_tokens + a.cache_read_input_tokens + a.cache_creation_input_tokens, a.output_tokens,
-             a.cache_read_input_tokens, tiers["ephemeral_5m_input_tokens"], tiers["ephemeral_1h_input_tokens"],
-             tiers["ephemeral_24h_input_tokens"], a.input_tokens)
-    return usage, araw.headers["x-request-id"]
 
 
 def model_for(api: str, suffix: str = "") -> str:

@@ -15,12 +15,15 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import anthropic
 import asyncpg
+import openai
 import redis.asyncio as aioredis
 from anthropic.types import MessageParam, TextBlockParam
 from openai.types.chat import ChatCompletionMessageParam
@@ -29,7 +32,7 @@ from redis.backoff import NoBackoff
 
 from promptcache.proxy.testing.simulator import REPLY
 
-from support.proxy import text, words
+from support.proxy import RunningProxy, text, words
 
 
 def free_port() -> int:
@@ -327,3 +330,39 @@ TURN0_LIST_COST = Decimal("0.000228")
 #   (12·3 + 48·3·0.1 + 120) / 1e6 = (36 + 14.4 + 120) / 1e6 = 0.0001704
 TURN1_AGAIN = (60, 8, 48, 0, 0, 0, 12)
 TURN1_AGAIN_COST = Decimal("0.0001704")
+
+
+@dataclass
+class Clients:
+    oa: openai.AsyncOpenAI
+    an: anthropic.AsyncAnthropic
+
+
+SDK = Callable[[RunningProxy, str], Clients]
+
+
+async def complete(c: Clients, api: str, model: str, turn: int) -> tuple[tuple[int, ...], str]:
+    """One non-streaming request through the API's SDK: (its usage as a split tuple, its request id)."""
+    oa, an = c.oa, c.an
+    if api == "openai":
+        raw = await oa.chat.completions.with_raw_response.create(model=model, messages=openai_turn(turn))
+        u = raw.parse().usage
+        assert u is not None and u.prompt_tokens_details is not None
+        extra = u.model_extra or {}
+        creation = extra["cache_creation"]
+        assert u.prompt_tokens_details.cached_tokens == extra["cache_read_input_tokens"]
+        usage = (u.prompt_tokens, u.completion_tokens, extra["cache_read_input_tokens"],
+                 creation["ephemeral_5m_input_tokens"], creation["ephemeral_1h_input_tokens"],
+                 creation["ephemeral_24h_input_tokens"],
+                 u.prompt_tokens - extra["cache_read_input_tokens"] - extra["cache_creation_input_tokens"])
+        return usage, raw.headers["x-request-id"]
+    system, messages = anthropic_turn(turn)
+    araw = await an.messages.with_raw_response.create(model=model, system=system, messages=messages, max_tokens=64)
+    a = (await araw.parse()).usage
+    assert a.cache_creation is not None and a.cache_read_input_tokens is not None
+    assert a.cache_creation_input_tokens is not None
+    tiers = a.cache_creation.model_dump()
+    usage = (a.input_tokens + a.cache_read_input_tokens + a.cache_creation_input_tokens, a.output_tokens,
+             a.cache_read_input_tokens, tiers["ephemeral_5m_input_tokens"], tiers["ephemeral_1h_input_tokens"],
+             tiers["ephemeral_24h_input_tokens"], a.input_tokens)
+    return usage, araw.headers["x-request-id"]
