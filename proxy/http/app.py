@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.proxy.config import ModelConfig, ProxyConfig
@@ -99,6 +100,20 @@ class Exchange:
             return None
 
 
+class _MalformedHttp(logging.Filter):
+    """aiohttp answers bytes its HTTP parser refuses (a control byte or an 8 KB line in a header, broken chunking)
+    with a plain-text 400 before any handler runs, and logs each at ERROR with a traceback. They are a client's
+    malformed request, not the proxy's failure: one WARNING line (docs/design.md#request-bodies)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {str(exc.message)[:200]}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class Proxy:
     def __init__(self, config: ProxyConfig, store: Store, metrics: Metrics, *, degraded_ok: bool = False,
                  runtimes: Runtimes | None = None) -> None:
@@ -119,6 +134,9 @@ class Proxy:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def app(self) -> web.Application:
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, _MalformedHttp) for f in server_log.filters):
+            server_log.addFilter(_MalformedHttp())
         # Bodies are decoded here (bodies.decoded), not by aiohttp: a bad or unknown encoding is the API's 400, and a
         # compressed body cannot expand past the body limit.
         app = web.Application(client_max_size=1024**3, middlewares=[self._request_id],
