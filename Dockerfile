@@ -1,8 +1,10 @@
 # One image for every role: `promptcache proxy | operator | replay | migrate | keys | …`.
-# `docker build .` builds it on python:3.11-slim; `make image` (.ci/image) builds it with podman on a Debian
-# bookworm base made with debootstrap, passed as BASE (docs/design.md#image). Both stages use the same BASE:
-# the virtualenv's interpreter is the base's python3.
-ARG BASE=python:3.11-slim
+# `docker build .` builds it on Python 3.11 on Debian bookworm, pinned by digest: the OCI index of
+# python:3.11-slim-bookworm (Python 3.11.16, built 2026-08-25) that docker-library/repo-info records
+# (repos/python/remote/3.11-slim-bookworm.md). A tag moves; the digest builds the same base until someone changes it.
+# `make image` (.ci/image) builds it with podman on a bookworm base made with debootstrap, passed as BASE
+# (docs/design.md#image). Both stages use the same BASE: the virtualenv's interpreter is the base's python3.
+ARG BASE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b
 
 FROM ${BASE} AS build
 WORKDIR /src

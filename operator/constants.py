@@ -30,6 +30,8 @@ NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "promptcache-operator"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+"""Set by the API server on every namespace, to its name: a NetworkPolicy selects a namespace by name with it."""
 PROXY_APP = "promptcache-proxy"
 REPLAY_APP = "promptcache-replay"
 

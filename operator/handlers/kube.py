@@ -15,12 +15,22 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import kubernetes
-from kubernetes.client import ApiClient, ApiException, AppsV1Api, BatchV1Api, CoreV1Api, CustomObjectsApi
+from kubernetes.client import (
+    ApiClient,
+    ApiException,
+    AppsV1Api,
+    BatchV1Api,
+    CoreV1Api,
+    CustomObjectsApi,
+    NetworkingV1Api,
+    PolicyV1Api,
+)
 
 from promptcache.operator.constants import GROUP, VERSION
 
 _KINDS = {"ConfigMap": ("core", "config_map"), "Service": ("core", "service"), "Deployment": ("apps", "deployment"),
-          "Job": ("batch", "job")}
+          "Job": ("batch", "job"), "NetworkPolicy": ("networking", "network_policy"),
+          "PodDisruptionBudget": ("policy", "pod_disruption_budget")}
 
 
 def load_configuration() -> kubernetes.client.Configuration:
@@ -50,6 +60,8 @@ class Kube:
         self.apps = AppsV1Api(client)
         self.batch = BatchV1Api(client)
         self.custom = CustomObjectsApi(client)
+        self.networking = NetworkingV1Api(client)
+        self.policy = PolicyV1Api(client)
 
     @classmethod
     def connect(cls) -> Kube:
@@ -81,8 +93,8 @@ class Kube:
     async def converge(self, obj: dict[str, Any]) -> str:
         """Create ``obj`` or bring the live one in line with it; returns created, updated or unchanged.
 
-        ConfigMaps and Deployments are replaced whole (a container removed from the spec must go);
-        Services are merge-patched, since a replace would have to carry their immutable cluster IP.
+        Services are merge-patched, since a replace would have to carry their immutable cluster IP; every other
+        kind is replaced whole (a container or a peer removed from the spec must go).
         """
         live = await self._read(obj)
         meta = obj["metadata"]
@@ -103,6 +115,22 @@ class Kube:
             body = {**obj, "metadata": {**meta, "resourceVersion": live["metadata"]["resourceVersion"]}}
             await self._call(self._op("replace", kind), name, ns, body)
         return "updated"
+
+    async def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str) -> bool:
+        """Delete the object if ``owner_uid`` owns it (an object of that name someone else made is left alone);
+        whether it was deleted. The uid precondition keeps a replacement created meanwhile."""
+        live = await self._read({"kind": kind, "metadata": {"namespace": namespace, "name": name}})
+        owners = {ref.get("uid") for ref in ((live or {}).get("metadata") or {}).get("ownerReferences") or []}
+        if live is None or owner_uid not in owners:
+            return False
+        try:
+            await self._call(self._op("delete", kind), name, namespace,
+                             body={"preconditions": {"uid": live["metadata"]["uid"]}})
+        except ApiException as exc:
+            if exc.status in (404, 409):  # gone already, or replaced meanwhile
+                return False
+            raise
+        return True
 
     async def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Deployment", "metadata": {"namespace": namespace, "name": name}})

@@ -26,8 +26,10 @@ async def start(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: Any
     settings.posting.level = logging.WARNING  # kopf's per-handler chatter stays out of events; we post transitions
     config = memo.config
     if config.database_url:
-        applied = await migrate(config.database_url)
-        logger.info("schema migrations applied: %s", applied or "none pending")
+        migrated = await migrate(config.database_url, proxy_role=config.proxy_role)
+        logger.info("schema migrations applied: %s", migrated.applied or "none pending")
+        for warning in migrated.warnings:
+            logger.warning("%s", warning)
         # Longer waits than a proxy's: a burst of reconciles may queue for connections, and that is fine here.
         memo.pg = await Database.connect(config.database_url, acquire_timeout=30.0, command_timeout=30.0)
         memo.housekeeping = asyncio.create_task(housekeeping.loop(memo.pg, config.housekeeping))

@@ -68,6 +68,8 @@ class OperatorSettings:
     """The ServiceAccount replay Jobs run as (in the PlanReplay's namespace); None: the namespace's default."""
     server_security: str = serverpolicy.RESTRICTED
     """``restricted``: sidecar servers get the security baseline (serverpolicy); ``unrestricted``: as written."""
+    server_secrets: frozenset[str] = frozenset()
+    """Secrets a restricted server may read (``name`` in any namespace, or ``namespace/name``)."""
     metrics_namespace: str | None = None
     """Where the Prometheus pods that may scrape proxies run, where a NetworkPolicy guards them (podguards)."""
     metrics_pod_labels: tuple[tuple[str, str], ...] = ()

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests, proxypods, serverpolicy
+from promptcache.operator.handlers import manifests, podguards, proxypods, serverpolicy
 from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
@@ -70,14 +70,17 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
     if policy is None:
         raise Stalled("CachePolicyNotFound", f"CachePolicy {namespace}/{policy_ref} does not exist")
     try:
-        serverpolicy.check(spec, settings.server_security)
+        serverpolicy.check(spec, settings.server_security, namespace, settings.server_secrets)
         rendered = render(namespace, spec, policy_ref, policy)
+        guards = podguards.guards(name, namespace, spec, rendered.config.auth.mode, settings)
+        objects = [manifests.config_map(name, namespace, rendered), manifests.service(name, namespace),
+                   manifests.deployment(name, namespace, spec, rendered, settings)]
     except SpecError as exc:
         raise Stalled(exc.reason, str(exc)) from exc
-    objects = [manifests.config_map(name, namespace, rendered), manifests.service(name, namespace),
-               manifests.deployment(name, namespace, spec, rendered, settings)]
-    kopf.adopt(objects, owner=body)
-    changes = [await kube.converge(obj) for obj in objects]
+    kopf.adopt(objects + guards.objects(), owner=body)
+    # The NetworkPolicy first: pods never run before the policy that guards them applies.
+    changes = await podguards.converge(kube, name, namespace, body.metadata.uid or "", guards)
+    changes += [await kube.converge(obj) for obj in objects]
     model = rendered.config.models[spec["alias"]]
     tariff_version: int | None = None
     if pg is not None:

@@ -108,7 +108,11 @@ def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Ma
         model["upstream"]["apiKeyEnv"] = UPSTREAM_KEY_ENV
     if upstream.get("cacheSalt") is not None:
         model["upstream"]["cacheSalt"] = upstream["cacheSalt"]
-    text = yaml.safe_dump({"models": [model]}, sort_keys=True)
+    document: dict[str, Any] = {"models": [model]}
+    auth = (spec.get("proxy") or {}).get("auth")
+    if auth is not None:  # the proxy's loader judges it; absent, the config stays as it was (no rollout)
+        document["auth"] = dict(auth) if isinstance(auth, Mapping) else auth
+    text = yaml.safe_dump(document, sort_keys=True)
     try:
         config = parse_config(text)
     except ConfigError as exc:

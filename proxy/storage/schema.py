@@ -2,7 +2,8 @@
 race.
 
 The SQL files ship as package data of ``promptcache.proxy.storage.migrations``; the proxy never
-changes the schema itself: this runner (the operator, the chart's hook, ``promptcache migrate``) does.
+changes the schema itself: this runner (the operator, the chart's hook, ``promptcache migrate``) does, as the
+owner of the tables, and then gives the proxies' role its grants (``roles``, docs/design.md#database-roles).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+
+from promptcache.proxy.storage import roles
 
 MIGRATIONS_PACKAGE = "promptcache.proxy.storage.migrations"
 LOCK_KEY = int.from_bytes(b"pcmigrat", "big")
@@ -38,6 +41,14 @@ class Migration:
     sql: str
 
 
+@dataclass(frozen=True)
+class Migrated:
+    applied: list[int]
+    """The versions this run applied; empty when the schema was up to date."""
+    warnings: list[str]
+    """Why the proxy role is not (yet) least privilege, with what to run: the run itself succeeded."""
+
+
 def available() -> list[Migration]:
     """The shipped ``NNNN_name.sql`` files in version order; a duplicate version is a packaging bug."""
     folder = resources.files(MIGRATIONS_PACKAGE)
@@ -55,14 +66,16 @@ def available() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(dsn: str, *, connect_timeout: float = 10.0) -> list[int]:
-    """Apply every pending migration; return the versions this call applied (empty when up to date).
+async def migrate(dsn: str, *, proxy_role: str = roles.DEFAULT_PROXY_ROLE,
+                  connect_timeout: float = 10.0) -> Migrated:
+    """Apply every pending migration, then converge ``proxy_role``'s grants (:func:`roles.converge`).
 
     One dedicated connection holds a session advisory lock for the whole run, so concurrent
     migrators queue up and each finds the work already done. Each migration runs in its own
     transaction together with its ``schema_migrations`` row: it is applied entirely or not at all.
     Closing the connection releases the lock even when a migration fails.
     """
+    roles.check_role_name(proxy_role)
     migrations = available()
     try:
         conn = await asyncpg.connect(dsn, timeout=connect_timeout)
@@ -86,9 +99,13 @@ async def migrate(dsn: str, *, connect_timeout: float = 10.0) -> list[int]:
                     migration.name,
                 )
             applied_now.append(migration.version)
+        step = f"granting the proxy role {proxy_role}"
+        warnings = await roles.converge(conn, proxy_role)
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+    except roles.RoleError as exc:
+        raise MigrationError(str(exc)) from exc
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise MigrationError(f"migration failed while {step}: {exc}") from exc
     finally:
         await conn.close()
-    return applied_now
+    return Migrated(applied_now, warnings)

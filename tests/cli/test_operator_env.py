@@ -56,3 +56,49 @@ def test_the_chart_defaults_are_read() -> None:
     assert config.manifests.proxy_image == "promptcache:1"
     assert config.inline_replay_max_requests == 50_000
     assert config.housekeeping.interval.total_seconds() == 300
+
+
+def test_the_scrapers_a_network_policy_admits_are_read() -> None:
+    config = OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1",
+                                      "PROMPTCACHE_METRICS_NAMESPACE": "monitoring",
+                                      "PROMPTCACHE_METRICS_POD_LABELS": '{"app.kubernetes.io/name": "prometheus", '
+                                                                        '"example.com/shard": ""}'})
+    assert config.manifests.metrics_namespace == "monitoring"
+    assert config.manifests.metrics_pod_labels == (("app.kubernetes.io/name", "prometheus"), ("example.com/shard", ""))
+    unset = OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1", "PROMPTCACHE_METRICS_NAMESPACE": "",
+                                     "PROMPTCACHE_METRICS_POD_LABELS": "{}"})  # the chart's defaults
+    assert (unset.manifests.metrics_namespace, unset.manifests.metrics_pod_labels) == (None, ())
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PROMPTCACHE_METRICS_NAMESPACE": "Monitoring"}, "PROMPTCACHE_METRICS_NAMESPACE must be a namespace name, got "
+                                                      "'Monitoring'"),
+    ({"PROMPTCACHE_METRICS_NAMESPACE": "m" * 64}, "PROMPTCACHE_METRICS_NAMESPACE must be a namespace name"),
+    *[({"PROMPTCACHE_METRICS_NAMESPACE": "monitoring", "PROMPTCACHE_METRICS_POD_LABELS": raw},
+       "PROMPTCACHE_METRICS_POD_LABELS must be a JSON object of label keys to values")
+      for raw in ("app=prometheus", '["app"]', '{"app": 1}', '{"bad key": "x"}', '{"app": "-x"}',
+                  '{"app": "' + "v" * 64 + '"}', '{"' + "k" * 64 + '": "x"}', '{"Example.com/app": "x"}')],
+    ({"PROMPTCACHE_METRICS_POD_LABELS": '{"app": "prometheus"}'},
+     "PROMPTCACHE_METRICS_POD_LABELS selects pods of the namespace PROMPTCACHE_METRICS_NAMESPACE names, which is not "
+     "set"),
+])
+def test_malformed_scrapers_name_their_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(EnvironmentError_) as caught:
+        OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1", **env})
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_the_secrets_servers_may_read_are_read() -> None:
+    config = OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1",
+                                      "PROMPTCACHE_SERVER_SECRETS": "hf-token, llm/model.weights,,"})
+    assert config.manifests.server_secrets == frozenset({"hf-token", "llm/model.weights"})
+    assert OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1",
+                                    "PROMPTCACHE_SERVER_SECRETS": ""}).manifests.server_secrets == frozenset()
+
+
+@pytest.mark.parametrize("raw", ["HF", "a/b/c", "Team/hf", "-hf", "ns/", "/hf", "x" * 254, "caf\u00e9"])
+def test_a_malformed_server_secret_names_its_variable(raw: str) -> None:
+    with pytest.raises(EnvironmentError_) as caught:
+        OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1", "PROMPTCACHE_SERVER_SECRETS": raw})
+    assert str(caught.value).startswith("PROMPTCACHE_SERVER_SECRETS: "), str(caught.value)
+    assert str(caught.value).endswith("is not a Secret name or namespace/name")

@@ -373,6 +373,100 @@ def spec_cases(kind: str, rows: list[Row]) -> list[Case]:
 
 MULTIPLIER = "a multiplier must be less than 100"
 
+NEEDS_GATEWAY = "a NetworkPolicy in force (networkPolicy.enabled, true by default with auth.mode header) needs"
+PEER = "proxy.networkPolicy.gateway[0]"
+
+
+def gateway(*peers: Obj) -> Obj:
+    """``spec.proxy`` in header mode with these gateway peers."""
+    return {"auth": {"mode": "header"}, "networkPolicy": {"gateway": list(peers)}}
+
+
+def header(name: str) -> Obj:
+    """``spec.proxy`` in header mode behind a gateway, the principal in header ``name``."""
+    proxy = gateway({"podSelector": {}})
+    proxy["auth"]["header"] = name
+    return proxy
+
+
+def selector_cases(key: str) -> list[Row]:
+    """The label selector's constraints, under a gateway peer's ``key`` (podSelector or namespaceSelector)."""
+    at = f"{PEER}.{key}"
+
+    def peer(**selector: Any) -> Obj:
+        return gateway({key: selector})
+
+    def requirement(**fields: Any) -> Obj:
+        return peer(matchExpressions=[{"key": "app", "operator": "In", "values": ["envoy"], **fields}])
+
+    return [
+        (f"{key}: 33 matchLabels", peer(matchLabels={f"k{i}": "v" for i in range(33)}), f"{at}.matchLabels",
+         "maxProperties"),
+        (f"{key}: a label value of 64 characters", peer(matchLabels={"app": "v" * 64}), f"{at}.matchLabels.app",
+         "maxLength"),
+        (f"{key}: 17 requirements", peer(matchExpressions=[{"key": f"k{i}", "operator": "Exists"} for i in range(17)]),
+         f"{at}.matchExpressions", "maxItems"),
+        (f"{key}: a requirement without key", peer(matchExpressions=[{"operator": "Exists"}]),
+         f"{at}.matchExpressions[0].key", "required"),
+        (f"{key}: a requirement without operator", peer(matchExpressions=[{"key": "app"}]),
+         f"{at}.matchExpressions[0].operator", "required"),
+        (f"{key}: an empty requirement key", requirement(key=""), f"{at}.matchExpressions[0].key", "minLength"),
+        (f"{key}: a requirement key too long", requirement(key="k" * 318), f"{at}.matchExpressions[0].key",
+         "maxLength"),
+        (f"{key}: operator Equals", requirement(operator="Equals"), f"{at}.matchExpressions[0].operator", "enum"),
+        (f"{key}: 65 values", requirement(values=[f"v{i}" for i in range(65)]), f"{at}.matchExpressions[0].values",
+         "maxItems"),
+        (f"{key}: a value of 64 characters", requirement(values=["v" * 64]), f"{at}.matchExpressions[0].values[0]",
+         "maxLength"),
+        (f"{key}: In without values", requirement(values=DELETE), f"{at}.matchExpressions[0]", "rule",
+         "In and NotIn need values"),
+        (f"{key}: NotIn with no values", requirement(operator="NotIn", values=[]), f"{at}.matchExpressions[0]",
+         "rule", "In and NotIn need values"),
+        (f"{key}: Exists with values", requirement(operator="Exists"), f"{at}.matchExpressions[0]", "rule",
+         "In and NotIn need values"),
+    ]
+
+
+def drop_deleted(doc: Any) -> Any:
+    """``doc`` without the keys set to DELETE (a case builds whole objects, not dotted changes)."""
+    if isinstance(doc, dict):
+        return {k: drop_deleted(v) for k, v in doc.items() if v is not DELETE}
+    if isinstance(doc, list):
+        return [drop_deleted(v) for v in doc]
+    return doc
+
+
+# (name, spec.proxy, field under spec, keyword[, rule message])
+NETWORK_CASES: list[Row] = [(name, drop_deleted(proxy), *rest) for name, proxy, *rest in [*[
+    ("auth mode unknown", {"auth": {"mode": "mTLS"}}, "proxy.auth.mode", "enum"),
+    ("auth header with a space", header("x principal"), "proxy.auth.header", "pattern"),
+    ("auth header empty", header(""), "proxy.auth.header", "pattern"),
+    ("auth header too long", header("x" * 129), "proxy.auth.header", "maxLength"),
+    ("header mode without a gateway", {"auth": {"mode": "header"}}, "proxy", "rule", NEEDS_GATEWAY),
+    ("header mode with no gateway peer", gateway(), "proxy", "rule", NEEDS_GATEWAY),
+    ("a policy enabled without a gateway", {"networkPolicy": {"enabled": True}}, "proxy", "rule", NEEDS_GATEWAY),
+    ("17 gateway peers", gateway(*[{"podSelector": {}}] * 17), "proxy.networkPolicy.gateway", "maxItems"),
+    ("an empty gateway peer", gateway({}), PEER, "rule",
+     "a gateway peer needs podSelector, namespaceSelector or ipBlock"),
+    ("ipBlock with a podSelector", gateway({"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}),
+     PEER, "rule", "ipBlock cannot be combined"),
+    ("ipBlock with a namespaceSelector", gateway({"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": {}}),
+     PEER, "rule", "ipBlock cannot be combined"),
+    ("ipBlock without cidr", gateway({"ipBlock": {"except": ["10.1.0.0/16"]}}), f"{PEER}.ipBlock.cidr", "required"),
+    ("cidr not a CIDR", gateway({"ipBlock": {"cidr": "10.0.0.1"}}), f"{PEER}.ipBlock.cidr",
+     "rule", "must be a CIDR"),
+    ("cidr too long", gateway({"ipBlock": {"cidr": "f" * 44}}), f"{PEER}.ipBlock.cidr",
+     "maxLength"),
+    ("17 except ranges", gateway({"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{i}.0.0/16" for i in range(17)]}}),
+     f"{PEER}.ipBlock.except", "maxItems"),
+    ("an except range not a CIDR", gateway({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/33"]}}),
+     f"{PEER}.ipBlock.except[0]", "rule", "must be a CIDR"),
+    ("an except range too long", gateway({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["f" * 44]}}),
+     f"{PEER}.ipBlock.except[0]", "maxLength"),
+    ("enabled a string", {"networkPolicy": {"enabled": "yes", "gateway": [{"podSelector": {}}]}},
+     "proxy.networkPolicy.enabled", "type"),
+], *selector_cases("podSelector"), *selector_cases("namespaceSelector")]]
+
 DEPLOYED_MODEL = spec_cases("DeployedModel", [
     ("alias with a space", {"alias": "llama 70b"}, "alias", "pattern"),
     ("alias starting with a dot", {"alias": ".llama"}, "alias", "pattern"),
@@ -489,6 +583,7 @@ DEPLOYED_MODEL = spec_cases("DeployedModel", [
      "maxLength"),
     ("server image empty", {"server": {"name": "vllm", "image": ""}}, "server.image", "minLength"),
     ("server image too long", {"server": {"name": "vllm", "image": "i" * 1025}}, "server.image", "maxLength"),
+    *[(name, {"proxy": proxy}, *rest) for name, proxy, *rest in NETWORK_CASES],
 ])
 
 # Under the CachePolicy's spec; the same cases run under a PlanReplay's inline spec.policy.
@@ -734,6 +829,23 @@ VALID: list[tuple[str, str, dict[str, Any]]] = [
         "requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 2, "memory": "1.5Gi"}}}}),
     ("a secret key", "DeployedModel", {"upstream.apiKeySecretRef": {"name": "upstream.key", "key": "api_key-1.x"}}),
     ("a cache salt per principal", "DeployedModel", {"upstream.cacheSalt": "principal"}),
+    ("header mode behind a gateway, every peer kind", "DeployedModel", {"proxy": {
+        "auth": {"mode": "header", "header": "X-Tenant_ID.v2"}, "networkPolicy": {"gateway": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+             "podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["debug"]},
+                                                  {"key": "tier", "operator": "Exists"},
+                                                  {"key": "canary", "operator": "DoesNotExist", "values": []}]}},
+            {"podSelector": {}},
+            {"ipBlock": {"cidr": "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"}},
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{i}.0.0/16" for i in range(16)]}}]}}}),
+    ("header mode with its policy off", "DeployedModel", {"proxy": {"auth": {"mode": "header"},
+                                                                    "networkPolicy": {"enabled": False}}}),
+    ("api keys behind a policy", "DeployedModel", {"proxy": {"auth": {"mode": "apiKeys"}, "networkPolicy": {
+        "enabled": True, "gateway": [{"namespaceSelector": {}}] * 16}}}),
+    ("selector bounds", "DeployedModel", {"proxy": {"auth": {"mode": "header", "header": "h" * 128}, "networkPolicy": {
+        "gateway": [{"podSelector": {
+            "matchLabels": {**{f"k{i}": "v" * 63 for i in range(31)}, "example.com/" + "k" * 63: ""},
+            "matchExpressions": [{"key": "k" * 317, "operator": "In", "values": ["v" * 63] * 64}] * 16}}]}}}),
     ("every policy key at a bound", "CachePolicy", {
         "enabledTtls": ["24h", "5m", "1h"], "defaultTtl": "24h", "readMultiplier": "99.99",
         "writeMultipliers": {"5m": "0", "1h": "2.0", "24h": "99.999"}, "automatic": {"mode": "lastUserMessage"},

@@ -35,7 +35,9 @@ def values(redis_url: str, **extra: Any) -> dict[str, Any]:
 def plural_of(obj: dict[str, Any]) -> tuple[str, str, bool]:
     known = {"ServiceAccount": ("v1", "serviceaccounts", True), "Deployment": ("apps/v1", "deployments", True),
              "ClusterRole": ("rbac.authorization.k8s.io/v1", "clusterroles", False),
-             "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings", False)}
+             "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+             "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
+             "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True)}
     return known[obj["kind"]]
 
 
@@ -87,13 +89,28 @@ async def test_install_upgrade_uninstall(kube: Cluster, pg_dsn: str, redis_url: 
             name = yaml.safe_load(crd.read_text())["metadata"]["name"]
             assert await kube.get_or_none("apiextensions.k8s.io/v1", "customresourcedefinitions", None, name)
 
-        second = values(redis_url, operator={"verbose": True})
+        [cluster_role] = [o for o in rendered if o["kind"] == "ClusterRole" and o["metadata"]["name"] == release
+                          + "-promptcache"]
+        assert (await live(kube, cluster_role, ns) or {})["rules"] == cluster_role["rules"]
+
+        # The upgrade also moves the operator to namespaced RBAC: a Role in its one namespace, and the ClusterRole
+        # shrinks to kopf's scanning rules.
+        second = values(redis_url, operator={"verbose": True, "namespaces": [ns]})
         upgraded, _ = await helm_with_hook(
             kube, ns, job, lambda: config.upgrade(CHART, release, second, namespace=ns, timeout=120))
         assert (upgraded["status"], upgraded["revision"]) == ("deployed", 2)
         deployment = await live(kube, operator, ns)
         assert deployment is not None
-        assert "--verbose" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["args"] == [
+            "operator", f"--namespace={ns}", "--verbose"]
+        scoped = [o for o in render_chart(second, name=release, namespace=ns)
+                  if o["kind"] in ("ClusterRole", "Role", "RoleBinding") and "replay" not in o["metadata"]["name"]]
+        assert sorted(o["kind"] for o in scoped) == ["ClusterRole", "Role", "RoleBinding"]
+        for obj in scoped:
+            found = await live(kube, obj, ns)
+            assert found is not None and found.get("rules") == obj.get("rules"), obj["kind"]
+        assert len((await live(kube, cluster_role, ns) or {})["rules"]) < len(cluster_role["rules"])
+        rendered += [o for o in scoped if o["kind"] != "ClusterRole"]
 
         uninstalled = await asyncio.to_thread(config.uninstall, release, timeout=60)
         assert uninstalled["release"]["status"] == "uninstalled"

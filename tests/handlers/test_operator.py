@@ -171,6 +171,12 @@ async def test_missing_policy_stalls_then_recovers_and_invalid_spec_stalls(
         bad = model("broken", unique("broken"), "later", ns=ns, server={"name": "vllm", "image": "vllm/vllm:v0.9"})
         del bad["spec"]["upstream"]["url"]
         await kube.create(bad)
+        # And one the security baseline refuses: a privileged server reading a Secret the operator does not allow.
+        exposed = model("exposed", unique("exposed"), "later", ns=ns, server={
+            "name": "vllm", "image": "vllm/vllm:v0.9", "ports": [{"containerPort": 8000}],
+            "securityContext": {"privileged": True}, "envFrom": [{"secretRef": {"name": "promptcache-postgres"}}]})
+        del exposed["spec"]["upstream"]["url"]
+        await kube.create(exposed)
         await kube.create(policy("later", ns=ns))
 
         async def recovered() -> bool:
@@ -183,6 +189,12 @@ async def test_missing_policy_stalls_then_recovers_and_invalid_spec_stalls(
         message = (condition(await get_model(kube, ns, "broken"), "Stalled") or {})["message"]
         assert "containerPort" in message
         assert await kube.get_or_none("v1", "configmaps", ns, "broken-proxy-config") is None
+        await eventually(lambda: stalled("exposed", "InvalidSpec"), what="the baseline's InvalidSpec")
+        message = (condition(await get_model(kube, ns, "exposed"), "Stalled") or {})["message"]
+        assert "spec.server.securityContext.privileged: a privileged server is not allowed" in message
+        assert "spec.server.envFrom[0].secretRef: Secret 'promptcache-postgres' is not one the operator lets " \
+            "servers read" in message
+        assert await kube.get_or_none("apps/v1", "deployments", ns, "exposed-proxy") is None
         assert (await kube.list("v1", "configmaps", ns))  # the operator kept running and rendering
 
 

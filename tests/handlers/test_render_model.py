@@ -166,3 +166,40 @@ def test_the_baseline_is_filled_in_under_what_the_spec_sets() -> None:
     loose = manifests.OperatorSettings(proxy_image="img", server_security=serverpolicy.UNRESTRICTED)
     [_, as_written] = manifests.deployment("m", "ns", spec, out, loose)["spec"]["template"]["spec"]["containers"]
     assert as_written == spec["server"]
+
+
+SECRET_REFUSED = "is not one the operator lets servers read (PROMPTCACHE_SERVER_SECRETS)"
+
+
+def test_a_server_reads_only_the_secrets_the_operator_allows() -> None:
+    """The kubelet hands a pod any Secret of its namespace: in restricted mode the server may name only the allowed
+    ones (issue 13 item 15), by name or namespace/name; ConfigMaps and plain values are not limited."""
+    spec = sidecar(env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                        {"name": "MODE", "value": "fast"},
+                        {"name": "DB", "valueFrom": {"secretKeyRef": {"name": "promptcache-postgres", "key": "dsn"}}}],
+                   envFrom=[{"configMapRef": {"name": "settings"}}, {"secretRef": {"name": "cloud-creds"}}])
+    with pytest.raises(SpecError) as caught:
+        serverpolicy.check(spec, serverpolicy.RESTRICTED, "ns", {"hf"})
+    assert str(caught.value) == (
+        "the security baseline (PROMPTCACHE_SERVER_SECURITY=restricted) refuses "
+        f"spec.server.env[2].valueFrom.secretKeyRef: Secret 'promptcache-postgres' {SECRET_REFUSED}; "
+        f"spec.server.envFrom[1].secretRef: Secret 'cloud-creds' {SECRET_REFUSED}")
+    serverpolicy.check(spec, serverpolicy.RESTRICTED, "ns", {"hf", "ns/promptcache-postgres", "cloud-creds"})
+    with pytest.raises(SpecError, match="'promptcache-postgres'"):
+        serverpolicy.check(spec, serverpolicy.RESTRICTED, "ns", {"hf", "other/promptcache-postgres", "cloud-creds"})
+    serverpolicy.check(spec, serverpolicy.UNRESTRICTED)
+
+
+def test_a_secret_tokenizer_volume_is_a_secret_read_too() -> None:
+    spec = sidecar()
+    spec["tokenizer"] = {"type": "gguf", "volume": {"secret": {"secretName": "weights"}}, "path": "m.gguf"}
+    with pytest.raises(SpecError) as caught:
+        serverpolicy.check(spec, serverpolicy.RESTRICTED, "ns", ())
+    assert str(caught.value).endswith(f"spec.tokenizer.volume.secret: Secret 'weights' {SECRET_REFUSED}")
+    serverpolicy.check(spec, serverpolicy.RESTRICTED, "ns", ("ns/weights",))
+
+
+@pytest.mark.parametrize("env", [["not a mapping"], [{"name": "X", "valueFrom": "nope"}], "HF_TOKEN=1", None])
+def test_malformed_env_is_left_to_the_api_server(env: Any) -> None:
+    """Shapes the CRD's schema refuses are not this check's business, and do not crash it."""
+    serverpolicy.check(sidecar(env=env, envFrom=env), serverpolicy.RESTRICTED, "ns", ())

@@ -21,14 +21,15 @@ MINIMAL_VALUES: dict[str, Any] = {"image": {"repository": "registry.example.com/
 FULL_VALUES: dict[str, Any] = {
     "image": {"repository": "registry.example.com/promptcache", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "registry"}],
-    "operator": {"namespaces": ["llm", "llm-staging"], "verbose": True,
+    "operator": {"namespaces": ["llm", "llm-staging"], "verbose": True, "serverSecrets": ["hf-token", "llm/weights"],
                  "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}},
     "database": {"existingSecret": "pg-dsn", "secretKey": "url"},
     "redis": {"url": "rediss://redis.llm.svc:6380/1", "prefix": "pc:"},
     "housekeeping": {"sweepIntervalSeconds": 60, "sweepGraceSeconds": 600, "logRetentionDays": 7},
     "replay": {"inlineMaxRequests": 50000, "namespaces": ["llm", "llm-staging"]},
     "migrations": {"hook": True},
-    "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}},
+    "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}},
+                "scrapers": {"namespace": "monitoring", "podLabels": {"app.kubernetes.io/name": "prometheus"}}},
     "serviceAccount": {"create": True, "name": "promptcache-operator"},
     "podAnnotations": {"example.com/team": "ml-platform"},
     "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -69,8 +70,9 @@ def test_every_rendered_object_validates_and_every_pod_is_locked_down(values: di
     objects = render(values)
     kinds = sorted(o["kind"] for o in objects)
     expected = ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Job", "ServiceAccount"]
-    if values is FULL_VALUES:  # the ServiceMonitor, and the replay ServiceAccount + RoleBinding in two namespaces
-        expected += ["ServiceMonitor"] + 2 * ["ServiceAccount", "RoleBinding"]
+    if values is FULL_VALUES:  # the ServiceMonitor; in two namespaces the operator's Role and RoleBinding and the
+        # replay ServiceAccount and RoleBinding
+        expected += ["ServiceMonitor"] + 2 * ["Role", "RoleBinding", "ServiceAccount", "RoleBinding"]
     assert kinds == sorted(expected)
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":  # a Prometheus Operator CRD: no built-in schema to check against
@@ -104,12 +106,43 @@ def test_operator_deployment_wiring() -> None:
     assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert annotations["argocd.argoproj.io/hook"] == "PreSync"
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
-    role = next(o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "pc-promptcache")
-    assert role["rules"] == yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
     assert env["PROMPTCACHE_REPLAY_SERVICE_ACCOUNT"]["value"] == "promptcache-replay"
-    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert env["PROMPTCACHE_SERVER_SECRETS"]["value"] == "hf-token,llm/weights"
+    assert env["PROMPTCACHE_METRICS_NAMESPACE"]["value"] == "monitoring"
+    assert json.loads(env["PROMPTCACHE_METRICS_POD_LABELS"]["value"]) == {"app.kubernetes.io/name": "prometheus"}
+    bindings = [o for o in objects if o["kind"] == "RoleBinding" and o["roleRef"]["kind"] == "ClusterRole"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["llm", "llm-staging"]
     assert all(b["roleRef"]["name"] == "pc-promptcache-replay" for b in bindings)
+
+
+NAMESPACED_RULES = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
+CLUSTER_RULES = yaml.safe_load((CHART / "files" / "rbac-cluster-rules.yaml").read_text())
+OPERATOR_SUBJECT = [{"kind": "ServiceAccount", "name": "promptcache-operator", "namespace": "promptcache"}]
+
+
+def test_clusterwide_the_operator_has_one_cluster_role_with_every_rule() -> None:
+    objects = render({**MINIMAL_VALUES, "serviceAccount": {"create": True, "name": "promptcache-operator"}})
+    [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "pc-promptcache"]
+    assert role["rules"] == CLUSTER_RULES + NAMESPACED_RULES
+    [binding] = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == "pc-promptcache" and binding["subjects"] == OPERATOR_SUBJECT
+    assert not [o for o in objects if o["kind"] == "Role"]
+
+
+def test_with_namespaces_the_operator_has_a_role_in_each_and_cluster_rules_only_for_kopfs_scanning() -> None:
+    objects = render(FULL_VALUES)
+    [role] = [o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "pc-promptcache"]
+    assert role["rules"] == CLUSTER_RULES
+    assert {(g, r) for rule in CLUSTER_RULES for g in rule["apiGroups"] for r in rule["resources"]} == {
+        ("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
+    assert all(set(rule["verbs"]) == {"list", "watch"} for rule in CLUSTER_RULES)
+    roles = [o for o in objects if o["kind"] == "Role"]
+    assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in roles] == [
+        ("pc-promptcache", "llm"), ("pc-promptcache", "llm-staging")]
+    assert all(r["rules"] == NAMESPACED_RULES for r in roles)
+    bindings = [o for o in objects if o["kind"] == "RoleBinding" and o["roleRef"]["kind"] == "Role"]
+    assert [(b["metadata"]["namespace"], b["roleRef"]["name"], b["subjects"]) for b in bindings] == [
+        ("llm", "pc-promptcache", OPERATOR_SUBJECT), ("llm-staging", "pc-promptcache", OPERATOR_SUBJECT)]
 
 
 def test_migrations_hook_and_service_monitor_are_optional() -> None:
@@ -134,11 +167,18 @@ def test_notes_tell_the_user_what_to_apply_next() -> None:
     ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
     ({"database": {"existingSecret": "Not_A_Name"}}, "/database/existingSecret"),
     ({"operator": {"namespaces": ["Bad Namespace"]}}, "/operator/namespaces/0"),
+    ({"operator": {"serverSecrets": ["HF_TOKEN"]}}, "/operator/serverSecrets/0"),
+    ({"operator": {"serverSecrets": ["a/b/c"]}}, "/operator/serverSecrets/0"),
+    ({"operator": {"serverSecrets": "hf-token"}}, "/operator/serverSecrets"),
     ({"securityContext": {"readOnlyRootFilesystem": False, "allowPrivilegeEscalation": False}},
      "/securityContext/readOnlyRootFilesystem"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
     ({"housekeeping": {"sweepIntervalSeconds": 1}}, "/housekeeping/sweepIntervalSeconds"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+    ({"metrics": {"scrapers": {"namespace": "Monitoring"}}}, "/metrics/scrapers/namespace"),
+    ({"metrics": {"scrapers": {"podLabels": {"app": "-prometheus"}}}}, "/metrics/scrapers/podLabels/app"),
+    ({"metrics": {"scrapers": {"podLabels": {"bad key": "x"}}}}, "invalid propertyName 'bad key'"),
+    ({"metrics": {"scrapers": {"pods": {}}}}, "additional properties 'pods' not allowed"),
     ({"replicas": 3}, "additional properties 'replicas' not allowed"),
 ])
 def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:

@@ -22,7 +22,8 @@ def test_shipped_migrations_are_numbered_from_one() -> None:
 async def test_concurrent_migrators_apply_each_version_once(empty_pg_dsn: str) -> None:
     first, second = await asyncio.gather(migrate(empty_pg_dsn), migrate(empty_pg_dsn))
 
-    assert sorted([first, second]) == [[], [1, 2, 3]]
+    assert sorted([first.applied, second.applied]) == [[], [1, 2, 3]]
+    assert first.warnings == second.warnings == []
     conn = await asyncpg.connect(empty_pg_dsn)
     try:
         recorded = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
@@ -34,7 +35,7 @@ async def test_concurrent_migrators_apply_each_version_once(empty_pg_dsn: str) -
 
 
 async def test_rerun_applies_nothing(pg_dsn: str) -> None:
-    assert await migrate(pg_dsn) == []
+    assert (await migrate(pg_dsn)).applied == []
 
 
 async def test_unreachable_database_is_a_clear_error() -> None:

@@ -2,9 +2,9 @@
 kube-controller-manager as processes on loopback ports, from the binaries ``make k8s`` builds.
 
 The API server authorizes with RBAC, signs service-account tokens and writes an audit log of what the
-operator's service account does. The tests talk to it as ``system:masters`` with a client certificate;
+operator's service accounts do. The tests talk to it as ``system:masters`` with a client certificate;
 the controller manager runs the garbage collector and the namespace, service-account, deployment,
-replicaset and job controllers. There is no scheduler and no kubelet: pods are created and stay
+replicaset, job and disruption controllers. There is no scheduler and no kubelet: pods are created and stay
 Pending unless a test plays the kubelet (``Cluster.play_kubelet``).
 """
 
@@ -41,13 +41,16 @@ OPERATOR_NAMESPACE = "promptcache-system"
 OPERATOR_ACCOUNT = "promptcache"
 """The service account the chart gives the operator (release ``promptcache`` in ``promptcache-system``)."""
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+SCOPED_RELEASE = "scoped"
+"""A second release of the chart in ``promptcache-system``, with ``operator.namespaces`` set: the namespaced RBAC."""
+SCOPED_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SCOPED_RELEASE}-promptcache"
 CONTROLLERS = ("garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
-               "deployment-controller", "replicaset-controller", "job-controller")
+               "deployment-controller", "replicaset-controller", "job-controller", "disruption-controller")
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
-    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+    "rules": [{"level": "Metadata", "users": [OPERATOR_USER, SCOPED_USER]}, {"level": "None"}],
 }
 
 

@@ -2,9 +2,9 @@
 gives it (docs/design.md#testing).
 
 ``operator_identity`` renders ``charts/promptcache`` with helm-python-sdk and applies its ServiceAccount,
-ClusterRoles and ClusterRoleBinding; the operator then runs on a token of that account, so a verb missing from
-the chart's rules fails the test that needs it (the API server answers 403), and the audit log shows every
-request it made (``audited``).
+ClusterRoles and bindings (and Roles, in namespaced mode); the operator then runs on a token of that account, so
+a verb missing from the chart's rules fails the test that needs it (the API server answers 403), and the audit
+log shows every request it made (``audited``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from support.controlplane import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, OPERATOR_
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "promptcache"
 RELEASE = "promptcache"
-IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 TEST_IMAGE = {"repository": "promptcache", "tag": "test"}
 
 
@@ -50,16 +50,19 @@ class Identity:
     user: str
 
 
-async def operator_identity(cluster: Cluster, directory: Path) -> Identity:
-    """The chart's ServiceAccount and RBAC, applied; a kubeconfig with a token of that account."""
+async def operator_identity(cluster: Cluster, directory: Path, *, release: str = RELEASE,
+                            namespaces: Sequence[str] = ()) -> Identity:
+    """The chart's ServiceAccount and RBAC of ``release`` (with ``operator.namespaces``: Roles in those namespaces,
+    which must exist), applied; a kubeconfig with a token of that account."""
     try:
         await cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
     except KubeError as e:
         if e.status != 409:
             raise
-    objects = [o for o in render_chart({"image": TEST_IMAGE}) if o["kind"] in IDENTITY_KINDS]
-    accounts = [o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"]
-    assert accounts == [OPERATOR_ACCOUNT], accounts
+    values = {"image": TEST_IMAGE, "operator": {"namespaces": list(namespaces)}}
+    objects = [o for o in render_chart(values, name=release) if o["kind"] in IDENTITY_KINDS]
+    [account] = [o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"]
+    assert account == OPERATOR_ACCOUNT or release != RELEASE, account
     for obj in objects:
         obj.setdefault("metadata", {})
         if obj["kind"] == "ServiceAccount":
@@ -72,10 +75,10 @@ async def operator_identity(cluster: Cluster, directory: Path) -> Identity:
     request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                "spec": {"expirationSeconds": 86400}}
     response = await cluster.call(
-        "POST", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/serviceaccounts/{OPERATOR_ACCOUNT}/token", json=request)
-    path = kubeconfig(directory / "operator.kubeconfig", cluster.url, cluster.plane.ca, user=OPERATOR_ACCOUNT,
+        "POST", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/serviceaccounts/{account}/token", json=request)
+    path = kubeconfig(directory / f"{release}.kubeconfig", cluster.url, cluster.plane.ca, user=account,
                       token=response["status"]["token"])
-    return Identity(kubeconfig=path, user=OPERATOR_USER)
+    return Identity(kubeconfig=path, user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}")
 
 
 @dataclass(frozen=True)

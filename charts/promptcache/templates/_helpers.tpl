@@ -28,10 +28,18 @@ app.kubernetes.io/component: operator
 {{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
 {{- end -}}
 
+{{- /* The owner's DSN and the proxy role its migrations grant: the operator's and the migrations Job's env. */ -}}
 {{- define "promptcache.databaseEnv" -}}
 - name: PROMPTCACHE_DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ .Values.database.existingSecret }}
       key: {{ .Values.database.secretKey }}
+- name: PROMPTCACHE_PROXY_ROLE
+  value: {{ .Values.database.proxyRole | quote }}
+{{- end -}}
+
+{{- /* name/key of the Secret proxy pods and replay Jobs read in their namespace (a login in the proxy role). */ -}}
+{{- define "promptcache.proxySecret" -}}
+{{ .Values.database.proxySecret.name | default .Values.database.existingSecret }}/{{ .Values.database.proxySecret.key | default .Values.database.secretKey }}
 {{- end -}}
