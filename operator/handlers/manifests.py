@@ -41,6 +41,8 @@ from promptcache.operator.handlers.render import (
 )
 
 PROXY_PORT = 8080
+METRICS_PORT = 9090
+"""/metrics alone (``--metrics-port``), so the NetworkPolicy admits scrapers to it and not to the API."""
 SERVICE_PORT = 80
 PROXY_UID = 10001
 MAX_WORKERS = 64
@@ -121,7 +123,8 @@ def service(model: str, namespace: str) -> dict[str, Any]:
         "metadata": {"name": names(model)["service"], "namespace": namespace, "labels": labels(model)},
         "spec": {
             "selector": selector(model),
-            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+                      {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
         },
     }
 
@@ -181,8 +184,10 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
         "image": proxy.get("image") or settings.proxy_image,
         # --degraded-ok: a Postgres outage must not take every proxy out of its Service; they serve at list price
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(PROXY_PORT), "--no-manage-tariffs",
-                 "--degraded-ok", "--spool-dir", SPOOL_DIR, "--workers", str(proxy_workers(resources))],
-        "ports": [{"name": "http", "containerPort": PROXY_PORT, "protocol": "TCP"}],
+                 "--degraded-ok", "--spool-dir", SPOOL_DIR, "--workers", str(proxy_workers(resources)),
+                 "--metrics-port", str(METRICS_PORT)],
+        "ports": [{"name": "http", "containerPort": PROXY_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "env": env,
         "volumeMounts": mounts,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},

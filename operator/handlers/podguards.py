@@ -3,8 +3,8 @@ the NetworkPolicy and the PodDisruptionBudget the operator keeps beside the Depl
 
 In header auth mode the proxy bills whoever a request header names, so any pod that can reach it could bill as
 anyone: there the NetworkPolicy is on by default and admits only the gateway (``spec.proxy.networkPolicy.gateway``)
-and the Prometheus pods of the operator's settings. A NetworkPolicy filters connections, not paths, and /metrics is
-served on the proxy's one port, so those Prometheus pods can reach the API too; that is the documented limit. The
+and the Prometheus pods of the operator's settings, the gateway to the API's port only and Prometheus to the
+metrics port only (the proxy serves /metrics there alone, ``--metrics-port``). The
 PodDisruptionBudget exists while a model runs more than one replica: a drain then takes one pod at a time. Either
 one the spec no longer asks for is deleted, so switching it off takes effect.
 """
@@ -23,6 +23,7 @@ from promptcache.operator.constants import NAMESPACE_NAME_LABEL
 from promptcache.operator.errors import SpecError
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.manifests import (
+    METRICS_PORT,
     PROXY_PORT,
     OperatorSettings,
     labels,
@@ -96,14 +97,14 @@ def scrapers(settings: OperatorSettings) -> dict[str, Any] | None:
 
 def network_policy(model: str, namespace: str, spec: Mapping[str, Any], auth_mode: str,
                    settings: OperatorSettings) -> dict[str, Any] | None:
-    """Ingress to the proxy port from the gateway and the scrapers only; other ports closed; egress as it was."""
+    """Ingress to the API's port from the gateway and to the metrics port from the scrapers, nothing else; egress
+    as it was."""
     if not in_force(spec, auth_mode):
         return None
-    port = [{"protocol": "TCP", "port": PROXY_PORT}]
-    ingress = [{"from": _gateway(spec), "ports": port}]
+    ingress = [{"from": _gateway(spec), "ports": [{"protocol": "TCP", "port": PROXY_PORT}]}]
     metrics = scrapers(settings)
     if metrics is not None:
-        ingress.append({"from": [metrics], "ports": port})
+        ingress.append({"from": [metrics], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": NETWORK_POLICY,

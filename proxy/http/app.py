@@ -133,7 +133,8 @@ class Proxy:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
+    def app(self, *, metrics: bool = True) -> web.Application:
+        """The API; ``metrics=False`` leaves /metrics to :meth:`metrics_app` on a port of its own."""
         server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, _MalformedHttp) for f in server_log.filters):
             server_log.addFilter(_MalformedHttp())
@@ -147,9 +148,17 @@ class Proxy:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_endpoint)
+        if metrics:
+            app.router.add_get("/metrics", self.metrics_endpoint)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
+        return app
+
+    def metrics_app(self) -> web.Application:
+        """/metrics alone (and /healthz, for a probe of that port)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/healthz", self.healthz)
         return app
 
     async def _startup(self, _: web.Application) -> None:

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spool-dir", help="directory for commits Postgres cannot take yet, kept across restarts "
                                        "(default: $PROMPTCACHE_SPOOL_DIR; without either, in memory)")
     p.add_argument("--spool-max-mb", type=int, default=None, help="bound on the spool (default: 1024)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics on this port only, not on --port (so a NetworkPolicy can tell scrapers "
+                        "from API clients)")
     p.add_argument("--workers", type=int, default=1,
                    help="proxy processes sharing the port (SO_REUSEPORT), e.g. one per core (default: 1)")
     p.add_argument("--reload-interval", type=float, default=None, help="seconds between config file checks")

@@ -78,6 +78,8 @@ class ProxyOptions:
     tariff_refresh: float = 10.0
     spool_dir: Path | None = None
     spool_max_bytes: int = DEFAULT_SPOOL_BYTES
+    metrics_port: int | None = None
+    """/metrics on a port of its own (on ``host``), and no longer on the API's port."""
     workers: int = 1
     worker: int = 0
     """This process's index among ``workers`` (its spool is ``worker-<index>``)."""
@@ -126,6 +128,9 @@ class ProxyServer:
         self.policies: dict[str, CachePolicy] = {}
         """Policies published on Redis since the file was written, by ``namespace/name``."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_runner: web.AppRunner | None = None
+        self.host = "127.0.0.1"
+        """Where ``--metrics-port`` listens: the API's host (set by :func:`serve`)."""
         self._bus: aioredis.Redis | None = None
         self._config_bytes = b""
 
@@ -148,13 +153,18 @@ class ProxyServer:
         return server
 
     def app(self) -> web.Application:
-        app = self.proxy.app()
+        app = self.proxy.app(metrics=self.options.metrics_port is None)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
 
     async def _start(self, _: web.Application) -> None:
         gc.freeze()  # tokenizer vocabularies are large and immortal: keep them out of every collection
+        if self.options.metrics_port is not None:
+            self._metrics_runner = web.AppRunner(self.proxy.metrics_app(), access_log=None)
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, self.host, self.options.metrics_port,
+                              reuse_port=self.options.workers > 1).start()
         self.proxy.store.start()
         self._tasks = [asyncio.create_task(self._watch_config()), asyncio.create_task(self._refresh_tariffs())]
         if self.options.redis_url:
@@ -169,6 +179,8 @@ class ProxyServer:
                 await task
         await self.proxy.store.stop()
         self.proxy.store.spool.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self._bus is not None:
             await self._bus.aclose()
         if self.proxy.store.pg is not None:
@@ -292,7 +304,9 @@ async def serving(app: web.Application, host: str = "127.0.0.1", port: int = 0) 
 
 def serve(options: ProxyOptions, host: str, port: int) -> None:
     async def build() -> web.Application:
-        return (await ProxyServer.create(options)).app()
+        server = await ProxyServer.create(options)
+        server.host = host
+        return server.app()
 
     web.run_app(build(), host=host, port=port, print=lambda msg: _log.info(msg), access_log=None,
                 loop=uvloop.new_event_loop(), reuse_port=options.workers > 1)
@@ -342,9 +356,14 @@ def run(args: argparse.Namespace) -> int:
         degraded_ok=args.degraded_ok or None, reload_interval=args.reload_interval,
         spool_dir=Path(args.spool_dir) if args.spool_dir else None,
         spool_max_bytes=args.spool_max_mb << 20 if args.spool_max_mb is not None else None, workers=args.workers,
+        metrics_port=args.metrics_port,
     )
     if options.spool_max_bytes <= 0:
         print("--spool-max-mb must be positive", file=sys.stderr)
+        return 2
+    if options.metrics_port is not None and not (0 < options.metrics_port < 65536 and
+                                                 options.metrics_port != args.port):
+        print("--metrics-port must be a port from 1 to 65535 other than --port", file=sys.stderr)
         return 2
     if not 1 <= options.workers <= MAX_WORKERS:
         print(f"--workers must be from 1 to {MAX_WORKERS}", file=sys.stderr)

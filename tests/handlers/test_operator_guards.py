@@ -27,6 +27,8 @@ SELECTOR = {"app.kubernetes.io/name": "promptcache-proxy", "promptcache.io/deplo
 GATEWAY = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
             "podSelector": {"matchLabels": {"app": "envoy"}}}]
 PORT = [{"protocol": "TCP", "port": 8080}]
+METRICS = [{"protocol": "TCP", "port": 9090}]
+"""The gateway reaches the API's port only, the scrapers the metrics port only."""
 
 
 async def reconciled(kube: Cluster, ns: str, name: str) -> dict[str, Any] | None:
@@ -69,7 +71,7 @@ async def test_header_mode_is_guarded_and_a_drain_takes_one_proxy_at_a_time(
                 {"from": GATEWAY, "ports": PORT},
                 {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
                            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-                 "ports": PORT},
+                 "ports": METRICS},
             ],
         }
         config = yaml.safe_load((await kube.get("v1", "configmaps", ns, "llama-proxy-config"))["data"]["proxy.yaml"])

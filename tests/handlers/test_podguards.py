@@ -22,6 +22,8 @@ GATEWAY = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
 SELECTOR = {"app.kubernetes.io/name": "promptcache-proxy", "promptcache.io/deployedmodel": "llama"}
 LABELS = {**SELECTOR, "app.kubernetes.io/instance": "llama", "app.kubernetes.io/managed-by": "promptcache-operator"}
 PORT = [{"protocol": "TCP", "port": 8080}]
+METRICS = [{"protocol": "TCP", "port": 9090}]
+"""The gateway reaches the API's port only, the scrapers the metrics port only."""
 
 
 def spec_with(**proxy: Any) -> dict[str, Any]:
@@ -51,7 +53,7 @@ def test_header_mode_gets_a_policy_admitting_only_the_gateway_and_the_scrapers()
                 {"from": GATEWAY, "ports": PORT},
                 {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
                            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
-                 "ports": PORT},
+                 "ports": METRICS},
             ],
         },
     }

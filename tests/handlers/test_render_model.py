@@ -82,7 +82,9 @@ def test_proxy_pods_stay_ready_while_postgres_is_down() -> None:
     [proxy] = deployment["spec"]["template"]["spec"]["containers"]
     assert proxy["args"] == ["proxy", "--config", "/etc/promptcache/proxy.yaml", "--port", "8080",
                              "--no-manage-tariffs", "--degraded-ok", "--spool-dir", "/var/lib/promptcache/spool",
-                             "--workers", "1"]
+                             "--workers", "1", "--metrics-port", "9090"]
+    assert proxy["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                              {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 

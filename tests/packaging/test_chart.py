@@ -205,3 +205,10 @@ def test_install_without_an_image_fails_at_the_schema_naming_the_value() -> None
 def test_image_repositories_that_validate(repository: str) -> None:
     chart = helm.Chart.load(CHART)
     chart.validate_schema(chart.merge_values({"image": {"repository": repository, "tag": "0.1.0-rc1"}}))
+
+
+def test_the_service_monitor_scrapes_the_metrics_port() -> None:
+    """The proxies serve /metrics on their own port (the operator renders --metrics-port 9090, Service port
+    ``metrics``), which a model's NetworkPolicy opens to the scrapers alone."""
+    [monitor] = [o for o in render(FULL_VALUES) if o["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
