@@ -37,6 +37,8 @@ from promptcache.proxy.storage.tariffs import Tariffs
 if TYPE_CHECKING:
     from asyncpg.transaction import Transaction
 
+    from promptcache.proxy.storage.postgres import Conn as PoolConn
+
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record]
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -749,3 +751,33 @@ async def test_idle_connection_killed_between_requests_is_survived(pg_dsn: str, 
         assert killed == 1
 
         assert list(await PrefixIndex(pg).lookup(scope, [hh("idle")])) == [hh("idle")]
+
+
+async def test_a_lost_deadlock_is_retried_once(pg: Database, pg_dsn: str) -> None:
+    """Two transactions locking two rows in opposite orders (group commits from two processes can): Postgres aborts
+    one, and Database.run runs it again, so both land."""
+    table = f"deadlock_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE TABLE {table} (k int PRIMARY KEY, v int NOT NULL); "
+                        f"INSERT INTO {table} VALUES (1, 0), (2, 0)")
+    attempts = {"ab": 0, "ba": 0}
+    both_locked = asyncio.Barrier(2)
+
+    async def transfer(name: str, first: int, second: int) -> None:
+        async def work(conn: PoolConn) -> None:
+            attempts[name] += 1
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {table} SET v = v + 1 WHERE k = $1", first)
+                if attempts[name] == 1:
+                    await both_locked.wait()
+                await conn.execute(f"UPDATE {table} SET v = v + 1 WHERE k = $1", second)
+
+        await pg.run(work, commit=True)
+
+    try:
+        await asyncio.gather(transfer("ab", 1, 2), transfer("ba", 2, 1))
+        assert sorted(attempts.values()) == [1, 2]
+        assert [tuple(r) for r in await admin.fetch(f"SELECT k, v FROM {table} ORDER BY k")] == [(1, 2), (2, 2)]
+    finally:
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()
