@@ -150,10 +150,10 @@ async def run_demo() -> int:
                 "pricing": PRICES,
                 "cache": {"enabledTtls": ["5m", "1h"], "minPrefixTokens": 1024},
             }]}))
-            # The proxy's own reading of the environment (Redis URL and key prefix); the database and the
-            # tariffs are the demo's.
+            # The proxy's own reading of the environment (Redis URL and key prefix); the database, the tariffs
+            # and the ledger spool (in the demo's directory, removed with it) are the demo's.
             server = await ProxyServer.create(options_from_env(str(config_path), database_url=dsn,
-                                                               manage_tariffs=True))
+                                                               manage_tariffs=True, spool_dir=workdir / "spool"))
             proxy_url = await stack.enter_async_context(serving(server.app()))
             print(f"proxy:     {proxy_url}  (model {MODEL!r}: $3.00 in / $15.00 out per MTok, "
                   "writes 1h x2.0, 5m x1.25, reads x0.1)\n")
