@@ -186,12 +186,19 @@ class Store:
                 start = time.perf_counter()
                 try:
                     await self._commit_batch(batch)
-                finally:
-                    for p in batch:
-                        if not p.done.done():
-                            p.done.set_result(None)
-                    self.metrics.commit_seconds.observe(time.perf_counter() - start)
-                    self.metrics.commit_batch.observe(len(batch))
+                except asyncio.CancelledError:
+                    # Stopping, mid-round-trip: whether the group landed is unknown, so it goes back to be
+                    # committed (again, harmlessly) by whoever commits next, the stop itself at the latest.
+                    self._pending[:0] = batch
+                    raise
+                except Exception:
+                    _log.exception("group commit failed unexpectedly; spooling it")
+                    await self._spool(batch, "unexpected")
+                self.metrics.commit_seconds.observe(time.perf_counter() - start)
+                self.metrics.commit_batch.observe(len(batch))
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         if self._down is not None or self.ledger is None:

@@ -24,6 +24,7 @@ from promptcache.proxy.storage.spool import DiskSpool, MemorySpool, SpoolError
 from promptcache.proxy.storage.store import Store
 
 from support.builders import finished_request as record
+from support.faults import Relay, wait_until
 from support.proxy import model_config
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
@@ -227,3 +228,33 @@ def test_a_held_spool_directory_stops_a_second_proxy(tmp_path: Path, word_tokeni
     assert done.returncode == 78
     assert done.stderr.strip().splitlines()[-1] == \
         f"cannot open the ledger spool: spool directory {directory}/worker-0 is in use by another proxy"
+
+
+async def test_a_group_in_flight_when_the_store_stops_is_not_lost(pg_dsn: str) -> None:
+    """Stopping cancels the committer mid-round-trip; the group it held goes back to be committed by the stop (a
+    second time if the first landed after all, which the request id makes harmless)."""
+    relay = await Relay.to_postgres(pg_dsn)
+    db = await Database.connect(relay.dsn(pg_dsn))
+    try:
+        store = Store(db, None, Metrics())
+        store.start()
+        relay.delay, relay.delayed_reads = 0.5, 1  # the next answer from Postgres, the group's, is held
+        records = [record(100 + i) for i in range(3)]
+        for r in records:
+            store.submit(r)
+
+        async def in_flight() -> bool:
+            return relay.held > 0
+
+        await wait_until(in_flight, "the group's round trip")
+        await store.stop()
+    finally:
+        await db.close()
+        await relay.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        landed = await conn.fetch("SELECT request_id FROM ledger WHERE request_id = ANY($1::text[])",
+                                  [r.request_id for r in records])
+    finally:
+        await conn.close()
+    assert sorted(r["request_id"] for r in landed) == sorted(r.request_id for r in records)
