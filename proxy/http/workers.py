@@ -4,12 +4,14 @@ Each worker is a whole proxy (its own event loop, pools, tokenizers and ledger s
 ``SO_REUSEPORT``, so the kernel spreads connections between them. The parent only supervises: SIGTERM
 or SIGINT is passed on (each worker drains as a single proxy does), and when a worker exits on its own
 the others are stopped and the parent exits with its status, so the container restarts whole (the
-spools are on disk). Metrics are aggregated over the workers with prometheus-client's multiprocess
-mode, so ``/metrics`` on any worker reports the pod.
+spools are on disk); a supervisor killed outright takes its workers with it (``PR_SET_PDEATHSIG``).
+Metrics are aggregated over the workers with prometheus-client's multiprocess mode, so ``/metrics`` on
+any worker reports the pod.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,6 +27,7 @@ from prometheus_client import multiprocess
 
 _log = logging.getLogger("promptcache.workers")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_PR_SET_PDEATHSIG = 1
 
 
 def supervise(workers: int, target: Callable[..., int], *args: Any) -> int:
@@ -34,8 +37,8 @@ def supervise(workers: int, target: Callable[..., int], *args: Any) -> int:
     os.makedirs(directory, exist_ok=True)
     os.environ[MULTIPROC_ENV] = directory  # read by prometheus-client when each worker imports it
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_run, args=(target, *args, index), name=f"promptcache-worker-{index}")
-                 for index in range(workers)]
+    processes = [context.Process(target=_run, args=(os.getpid(), target, *args, index),
+                                 name=f"promptcache-worker-{index}") for index in range(workers)]
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -65,5 +68,17 @@ def supervise(workers: int, target: Callable[..., int], *args: Any) -> int:
     return status
 
 
-def _run(target: Callable[..., int], *args: Any) -> None:
+def _run(parent: int, target: Callable[..., int], *args: Any) -> None:
+    _die_with(parent)
     raise SystemExit(target(*args))
+
+
+def _die_with(parent: int) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) cannot pass a stop on, and its workers would keep the
+    port: the kernel sends each a SIGTERM when the parent dies (Linux's ``PR_SET_PDEATHSIG``), so it drains and exits
+    as on any stop. Checked once after asking, for a parent gone before the request."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        _log.warning("cannot ask to be stopped with the supervisor: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:
+        raise SystemExit(1)

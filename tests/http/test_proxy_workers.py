@@ -85,8 +85,8 @@ async def start(tmp_path: Path, config: Path, pg_dsn: str) -> AsyncIterator[Star
     yield run
     for process in started:
         if process.returncode is None:
-            process.kill()
-            await process.wait()
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 30)
 
 
 def requests_total(text: str) -> float:
@@ -126,6 +126,17 @@ async def test_a_dead_worker_stops_the_rest_and_the_process_fails(start: StartWo
     os.kill(first, signal.SIGKILL)
     assert await asyncio.wait_for(proxy.process.wait(), 30) != 0
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_supervisor_killed_outright_takes_its_workers_with_it(start: StartWorkers, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) leaves the parent no chance to pass a stop on: the kernel does, and the workers leave
+    the port instead of holding it as orphans."""
+    proxy = await start(2, tmp_path / "spool")
+    workers = [psutil.Process(pid) for pid in proxy.pids()]
+    proxy.process.kill()
+    await proxy.process.wait()
+    gone, alive = await asyncio.to_thread(psutil.wait_procs, workers, 30)
+    assert alive == [] and len(gone) == 2
 
 
 async def test_spools_of_workers_no_longer_run_are_adopted_and_drained(
