@@ -22,7 +22,7 @@ from support.controlplane import ControlPlane
 from support.controlplane import control_plane as start_control_plane
 from support.database import scratch_database
 from support.engine import Engine, llama_server
-from support.faults import SDK, Clients
+from support.faults import SDK, Clients, Relay
 from support.operator_process import (
     Identity,
     OperatorEnvironment,
@@ -139,3 +139,14 @@ async def sdk() -> AsyncIterator[SDK]:
     for c in made:
         await c.oa.close()
         await c.an.close()
+
+
+@pytest.fixture
+async def pg_relay(pg_dsn: str) -> AsyncIterator[Relay]:
+    """A relay in front of the session's Postgres, for a test that needs it slow (``delay``) or unreachable
+    (``cut``) without touching the shared server."""
+    relay = await Relay.to_postgres(pg_dsn)
+    try:
+        yield relay
+    finally:
+        await relay.close()

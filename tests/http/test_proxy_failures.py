@@ -455,15 +455,6 @@ async def test_redis_down_mid_run_then_back(redis_proxy: RunningProxy, pg_dsn: s
 
 
 @pytest.fixture
-async def pg_relay(pg_dsn: str) -> AsyncIterator[Relay]:
-    relay = await Relay.to_postgres(pg_dsn)
-    try:
-        yield relay
-    finally:
-        await relay.close()
-
-
-@pytest.fixture
 async def relayed_proxy(tmp_path: Path, pg_dsn: str, pg_relay: Relay, simulator: tuple[str, Simulator],
                         word_tokenizer: Path) -> AsyncIterator[RunningProxy]:
     url, _ = simulator

@@ -25,34 +25,25 @@ LOOKUP_DELAY = 0.2
 
 
 @pytest.fixture
-async def slow_pg(pg_dsn: str) -> AsyncIterator[Relay]:
-    relay = await Relay.to_postgres(pg_dsn)
-    try:
-        yield relay
-    finally:
-        await relay.close()
-
-
-@pytest.fixture
-async def proxy(tmp_path: Path, pg_dsn: str, slow_pg: Relay, simulator: tuple[str, Simulator],
+async def proxy(tmp_path: Path, pg_dsn: str, pg_relay: Relay, simulator: tuple[str, Simulator],
                 word_tokenizer: Path) -> AsyncIterator[RunningProxy]:
     config = {"models": [model_config("chat", simulator[0] + "/v1", "openai", word_tokenizer),
                          model_config("claude", simulator[0], "anthropic", word_tokenizer)],
               "limits": {"classifyConcurrency": 1, "maxQueuedClassifications": 3,
                          "classifyDeadlineSeconds": DEADLINE}}
-    async with running_proxy(config, tmp_path, slow_pg.dsn(pg_dsn), tariff_refresh=3600.0) as running:
+    async with running_proxy(config, tmp_path, pg_relay.dsn(pg_dsn), tariff_refresh=3600.0) as running:
         yield running
         await settle(running)
 
 
 async def test_queued_classifications_still_read_the_cache(
-        proxy: RunningProxy, pg_dsn: str, slow_pg: Relay, sdk: SDK) -> None:
+        proxy: RunningProxy, pg_dsn: str, pg_relay: Relay, sdk: SDK) -> None:
     """Four at once through one slot: the last waits more than the deadline for its turn, and is classified."""
     key = await new_key(pg_dsn, unique("gate"))
     c = sdk(proxy, key)
     assert (await complete(c, "openai", "chat", 0))[0] == TURN0
     await settle(proxy)
-    slow_pg.delay = LOOKUP_DELAY
+    pg_relay.delay = LOOKUP_DELAY
     results = await asyncio.gather(*(complete(c, "openai", "chat", 0) for _ in range(4)))
     assert [usage for usage, _ in results] == [TURN0_AGAIN] * 4
     registry = proxy.server.proxy.metrics.registry
@@ -67,14 +58,14 @@ async def test_queued_classifications_still_read_the_cache(
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
 async def test_past_the_queue_limit_requests_are_shed_before_forwarding(
-        proxy: RunningProxy, pg_dsn: str, slow_pg: Relay, simulator: tuple[str, Simulator], sdk: SDK,
+        proxy: RunningProxy, pg_dsn: str, pg_relay: Relay, simulator: tuple[str, Simulator], sdk: SDK,
         api: str) -> None:
     key = await new_key(pg_dsn, unique("shed"))
     c = sdk(proxy, key)
     model = "chat" if api == "openai" else "claude"
     assert (await complete(c, api, model, 0))[0] == TURN0
     await settle(proxy)
-    slow_pg.delay = 0.35  # each turn still inside the deadline, the four together well past it
+    pg_relay.delay = 0.35  # each turn still inside the deadline, the four together well past it
     gate = proxy.server.proxy.gate
     held = [asyncio.create_task(complete(c, api, model, 0)) for _ in range(4)]  # one in its turn, three waiting
 

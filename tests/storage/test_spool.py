@@ -230,10 +230,10 @@ def test_a_held_spool_directory_stops_a_second_proxy(tmp_path: Path, word_tokeni
         f"cannot open the ledger spool: spool directory {directory}/worker-0 is in use by another proxy"
 
 
-async def test_a_group_in_flight_when_the_store_stops_is_not_lost(pg_dsn: str) -> None:
+async def test_a_group_in_flight_when_the_store_stops_is_not_lost(pg_dsn: str, pg_relay: Relay) -> None:
     """Stopping cancels the committer mid-round-trip; the group it held goes back to be committed by the stop (a
     second time if the first landed after all, which the request id makes harmless)."""
-    relay = await Relay.to_postgres(pg_dsn)
+    relay = pg_relay
     db = await Database.connect(relay.dsn(pg_dsn))
     try:
         store = Store(db, None, Metrics())
@@ -250,7 +250,6 @@ async def test_a_group_in_flight_when_the_store_stops_is_not_lost(pg_dsn: str) -
         await store.stop()
     finally:
         await db.close()
-        await relay.close()
     conn = await asyncpg.connect(pg_dsn)
     try:
         landed = await conn.fetch("SELECT request_id FROM ledger WHERE request_id = ANY($1::text[])",
