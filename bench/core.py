@@ -8,17 +8,16 @@ tokenisation throughput with a cold and a warm LRU; Postgres lookup p50/p99 for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
 import string
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-
-import asyncpg
+from pathlib import Path
 
 from promptcache.proxy.domain.blocks import extract_blocks
 from promptcache.proxy.domain.classify import Classification, Write
@@ -32,7 +31,9 @@ from promptcache.proxy.storage.ledger import Ledger, RequestRecord
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 
-ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from support.database import scratch_database
 
 
 def request(blocks: int, total_bytes: int, seed: int = 7) -> dict[str, object]:
@@ -94,10 +95,8 @@ def bench_tokens() -> None:
 
 
 async def bench_lookup() -> None:
-    name = f"promptcache_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    scratch = contextlib.AsyncExitStack()
+    dsn = await scratch.enter_async_context(scratch_database("promptcache_bench"))
     try:
         await migrate(dsn)
         pg = await Database.connect(dsn)
@@ -127,8 +126,7 @@ async def bench_lookup() -> None:
               f"(target <= 1 ms), p99 {percentile(latencies, 0.99):.3f} ms")
         await pg.close()
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await scratch.aclose()
 
 
 def main() -> int:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import secrets
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import yaml
 from aiohttp import web
 
@@ -37,15 +35,13 @@ from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
-ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from support.database import scratch_database
+from support.faults import free_port
+
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_upstream(port: int, latency: float) -> None:
@@ -74,15 +70,21 @@ async def start_proxy(config: Path, port: int, dsn: str) -> asyncio.subprocess.P
         str(Path(sys.executable).with_name("promptcache")), "proxy", "--config", str(config), "--host", "127.0.0.1",
         "--port", str(port), "--database", dsn, "--redis", REDIS_URL, "--log-level", "WARNING",
         env={**os.environ, "PROMPTCACHE_REDIS_PREFIX": f"bench:{secrets.token_hex(4)}:"})
+    await answering(port, "the proxy")
+    return process
+
+
+async def answering(port: int, what: str) -> None:
+    """Wait until ``port`` answers HTTP (the proxy on /healthz; the simulated upstream with any status)."""
     async with aiohttp.ClientSession() as http:
         for _ in range(300):
             try:
                 async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
                     await r.read()
-                return process
+                return
             except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
-    raise RuntimeError("the proxy did not start")
+    raise RuntimeError(f"{what} did not start")
 
 
 async def storm(url: str, body: bytes, headers: dict[str, str], clients: int, total: int) -> dict[str, Any]:
@@ -145,10 +147,9 @@ async def main(args: argparse.Namespace) -> int:
     upstream = multiprocessing.get_context("spawn").Process(target=run_upstream, args=(upstream_port, 0.02),
                                                             daemon=True)
     upstream.start()
-    name = f"promptcache_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    await answering(upstream_port, "the simulated upstream")
+    scratch = contextlib.AsyncExitStack()
+    dsn = await scratch.enter_async_context(scratch_database("promptcache_bench"))
     try:
         await migrate(dsn)
         pg = await Database.connect(dsn)
@@ -161,8 +162,7 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         upstream.terminate()
         upstream.join(5)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await scratch.aclose()
     print(f"{args.total} requests from {args.clients} concurrent clients, one proxy process, 20 ms upstream, "
           f"~{len(json.dumps(prompt('x'))) // 1024} KB body, every request a cache hit when classified\n")
     columns = ("answered", "shed", "classified", "list price", "other", "p50", "p99", "rps")

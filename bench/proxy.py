@@ -27,25 +27,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import yaml
 from aiohttp import web
 
@@ -55,17 +53,15 @@ from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.schema import migrate
 from promptcache.proxy.testing.simulator import Simulator, SimulatorSettings
 
-ADMIN_DSN = os.environ.get("PROMPTCACHE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from support.database import scratch_database
+from support.faults import free_port
+
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Undercounting:
@@ -379,10 +375,8 @@ async def main(args: argparse.Namespace) -> int:
     ]
     for child in children:
         child.start()
-    name = f"promptcache_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    scratch = contextlib.AsyncExitStack()
+    dsn = await scratch.enter_async_context(scratch_database("promptcache_bench"))
     servers: list[asyncio.subprocess.Process] = []
     workdir = tempfile.TemporaryDirectory(prefix="promptcache-bench-")
     try:
@@ -455,8 +449,7 @@ async def main(args: argparse.Namespace) -> int:
         for child in children:
             child.terminate()
             child.join(5)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await scratch.aclose()
         workdir.cleanup()
     return 0
 
