@@ -20,16 +20,20 @@ def deeper_than(value: Any, limit: int = MAX_DEPTH, *, shared: bool = False) -> 
     ``shared``: containers may have several parents (YAML aliases); each level then keeps one of each, so an alias
     bomb costs its distinct nodes, not its expansion, and a cycle is, rightly, too deep. JSON never shares, and a
     request body is walked on the hot path, so it skips that bookkeeping."""
-    level = [value] if isinstance(value, dict | list) else []
+    containers = (dict, list)  # a tuple, and a plain loop: twice as fast as a union and a generator
+    level = [value] if isinstance(value, containers) else []
     depth = 0
     while level:
         depth += 1
         if depth > limit:
             return True
         below: list[Any] = []
+        append = below.append
         for node in level:
             children: Iterable[Any] = node.values() if isinstance(node, dict) else node
-            below.extend(child for child in children if isinstance(child, dict | list))
+            for child in children:
+                if isinstance(child, containers):
+                    append(child)
         level = list({id(node): node for node in below}.values()) if shared else below
     return False
 

@@ -110,6 +110,14 @@ def test_property_canonical_bytes_are_exactly_pythons_json(content: dict[str, An
     assert canonical_json(content) == python_json(content)
 
 
+@settings(max_examples=400)
+@given(text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"])))
+def test_property_text_parts_take_a_shortcut_to_the_same_bytes(text: str) -> None:
+    """A text part (most blocks) is written without a walk or a sort; the bytes are still Python's."""
+    assert canonical_json({"type": "text", "text": text}) == python_json({"type": "text", "text": text})
+    assert canonical_json({"text": text, "type": "text"}) == python_json({"type": "text", "text": text})
+
+
 @pytest.mark.parametrize("value", [
     {"text": "".join(map(chr, range(0x80))) + "\u2028\u2029\ufeff\U0001f600", "type": "text"},
     {"z": 2**64 - 1, "a": -(2**63), "m": [2**64, {"k": 10**30}]},
