@@ -204,9 +204,15 @@ class Proxy:
     # -- operational endpoints ---------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        """The aliases, in Anthropic's list shape for its SDK (it sends anthropic-version), else OpenAI's."""
-        aliases = list(self.config.models)
-        if "anthropic-version" in request.headers:
+        """The aliases served on the calling API (Anthropic's SDK sends anthropic-version), in that API's list shape;
+        a key is needed, as for the endpoints themselves."""
+        api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
+        try:
+            await self._principal(request)
+        except _Reject as rej:
+            return self._rejected(api, request[REQUEST_ID], rej)
+        aliases = [alias for alias, model in self.config.models.items() if model.upstream.api == api]
+        if api == "anthropic":
             data = [{"type": "model", "id": a, "display_name": a, "created_at": "1970-01-01T00:00:00Z"}
                     for a in aliases]
             return web.json_response({"data": data, "has_more": False, "first_id": aliases[0] if aliases else None,
@@ -246,13 +252,7 @@ class Proxy:
         try:
             exchange, body = await self._admit(request, api)
         except _Reject as rej:
-            outcome = "rejected_" + str(rej.status)
-            self.metrics.requests.labels(api, "-", outcome).inc()
-            _log.info("rejected", extra={"request_id": request_id, "status": rej.status, "reason": str(rej)})
-            response = error_response(api, rej.status, str(rej), rej.code, request_id)
-            if rej.retry_after is not None:
-                response.headers["Retry-After"] = str(rej.retry_after)
-            return response
+            return self._rejected(api, request_id, rej)
         try:
             if body.get("stream") is True:
                 return await self._stream(request, exchange, body)
@@ -262,6 +262,15 @@ class Proxy:
             if exchange.classification is not None:
                 exchange.classification.cancel()
             return error_response(api, 502, "the proxy could not complete this request", None, request_id)
+
+    def _rejected(self, api: Api, request_id: str, rej: _Reject) -> web.Response:
+        """A request answered by the proxy itself: counted, logged, in the API's error shape."""
+        self.metrics.requests.labels(api, "-", "rejected_" + str(rej.status)).inc()
+        _log.info("rejected", extra={"request_id": request_id, "status": rej.status, "reason": str(rej)})
+        response = error_response(api, rej.status, str(rej), rej.code, request_id)
+        if rej.retry_after is not None:
+            response.headers["Retry-After"] = str(rej.retry_after)
+        return response
 
     async def _admit(self, request: web.Request, api: Api) -> tuple[Exchange, dict[str, Any]]:
         config = self.config
@@ -481,6 +490,8 @@ class Proxy:
         split = reconcile(*totals, await ex.settled())
         engine = engine_cached(data, ex.api)
         data["usage"] = rewrite(split, data["usage"], ex.api)
+        if "model" in data:
+            data["model"] = ex.model.alias  # the name the client asked for, not the upstream's
         if request.transport is None or request.transport.is_closing():
             self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
             return web.Response(status=CLIENT_CLOSED)
@@ -599,6 +610,8 @@ class _StreamRewriter:
     def __init__(self, ex: Exchange, wants_usage: bool) -> None:
         self.ex = ex
         self.wants_usage = wants_usage
+        self.alias = ex.model.alias if ex.model.alias != ex.model.upstream.model else None
+        """Replaces the upstream's model name in every event that carries one; None when they are the same."""
         self.prompt: int | None = None
         self.split: Split | None = None
         self.complete = False
@@ -610,19 +623,25 @@ class _StreamRewriter:
             return await self._openai(event)
         return await self._anthropic(event)
 
+    def _renames(self, event: Any) -> bool:
+        return self.alias is not None and event.data is not None and '"model"' in event.data
+
     async def _openai(self, event: Any) -> bytes | None:
         if event.data == "[DONE]":
             self.complete = self.split is not None
             return bytes(event.raw)
-        if event.data is None or '"usage"' not in event.data:
+        renames = self._renames(event)
+        if not renames and (event.data is None or '"usage"' not in event.data):
             return bytes(event.raw)
         chunk = event.json()
-        if not isinstance(chunk, dict) or not chunk.get("usage"):
+        if not isinstance(chunk, dict):
             return bytes(event.raw)
-        self.engine_cached = engine_cached(chunk, "openai")
-        totals = upstream_totals(chunk["usage"], "openai")
+        if renames and "model" in chunk:
+            chunk["model"] = self.alias
+        totals = upstream_totals(chunk["usage"], "openai") if chunk.get("usage") else None
         if totals is None:
-            return bytes(event.raw)
+            return encode(event.name, chunk) if renames else bytes(event.raw)
+        self.engine_cached = engine_cached(chunk, "openai")
         self.split = reconcile(*totals, await self.ex.settled())
         if not self.wants_usage:
             if not chunk.get("choices"):
@@ -643,10 +662,15 @@ class _StreamRewriter:
             return bytes(event.raw)
         if event.name == "message_start":
             message = payload.get("message")
-            usage = message.get("usage") if isinstance(message, dict) else None
-            totals = upstream_totals(usage, "anthropic")
-            if totals is None or not isinstance(message, dict):
+            if not isinstance(message, dict):
                 return bytes(event.raw)
+            renamed = self._renames(event) and "model" in message
+            if renamed:
+                message["model"] = self.alias
+            usage = message.get("usage")
+            totals = upstream_totals(usage, "anthropic")
+            if totals is None:
+                return encode(event.name, payload) if renamed else bytes(event.raw)
             self.prompt = totals[0]
             self.engine_cached = engine_cached(message, "anthropic")
             task = self.ex.classification
