@@ -93,3 +93,12 @@ def prepare(
 ) -> Prepared:
     """:func:`admit`, then :meth:`Admission.prepare`: the whole request at once."""
     return admit(body, api, policy, forward_markers).prepare(counter)
+
+
+def input_tokens(body: Any, api: Api, counter: BlockCounter) -> Steps[int]:
+    """The tokens of every block, ignored ones included (the model reads them): what token counting answers. A chat
+    template adds a few tokens per message that counting the blocks cannot see (docs/design.md#token-counting)."""
+    blocks = parse_blocks(body, api)
+    yield from hashing(blocks)
+    tokens = yield from counter.counting(blocks)
+    return tokens[-1] if tokens else 0

@@ -32,7 +32,7 @@ from promptcache.proxy.domain.classify import ChainBlock, Classification, candid
 from promptcache.proxy.domain.entries import PRINCIPAL_RULE, Scope, valid_principal
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
-from promptcache.proxy.domain.prepare import Admission, admit
+from promptcache.proxy.domain.prepare import Admission, admit, input_tokens
 from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
 from promptcache.proxy.domain.salt import cache_salt
 from promptcache.proxy.domain.steps import run_async
@@ -145,6 +145,7 @@ class Proxy:
                                             "keepalive_timeout": self.config.limits.header_timeout_seconds})
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -195,7 +196,7 @@ class Proxy:
                 message = f"{request.method} is not allowed on {request.path}"
             else:
                 message = (f"no route {request.method} {request.path}: this proxy serves POST /v1/chat/completions,"
-                           " POST /v1/messages and GET /v1/models")
+                           " POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models")
             return error_response(api, exc.status, message, None, request[REQUEST_ID])
         if not response.prepared:
             response.headers["x-request-id"] = request[REQUEST_ID]
@@ -263,6 +264,50 @@ class Proxy:
                 exchange.classification.cancel()
             return error_response(api, 502, "the proxy could not complete this request", None, request_id)
 
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """Anthropic's token counting, answered from the model's tokenizer: no upstream call, nothing billed."""
+        limits = self.config.limits
+        try:
+            await self._principal(request)
+            body = await self._body(request, limits.max_body_bytes, limits.body_timeout_seconds)
+            runtime = self._runtime(body, "anthropic")
+            if runtime.counter is None:
+                raise _Reject(400, f"model {runtime.config.alias!r} has no tokenizer configured, so its tokens "
+                                   "cannot be counted")
+            self._admission(body, "anthropic", runtime.config)  # the markers are checked as for a request
+            try:
+                tokens = await run_async(input_tokens(body, "anthropic", runtime.counter))
+            except BadRequest as exc:
+                raise _Reject(400, str(exc)) from None
+        except _Reject as rej:
+            return self._rejected("anthropic", request[REQUEST_ID], rej)
+        self.metrics.requests.labels("anthropic", runtime.config.alias, "count_tokens").inc()
+        return web.json_response({"input_tokens": tokens})
+
+    def _admission(self, body: dict[str, Any], api: Api, model: ModelConfig) -> Admission:
+        """The body's structure and markers checked (a 400 naming the rule), before anything is forwarded."""
+        try:
+            return admit(body, api, model.policy, model.upstream.forward_cache_control)
+        except InvalidCacheControl as exc:
+            self.metrics.markers_rejected.labels(exc.rule).inc()
+            raise _Reject(400, str(exc), exc.code) from None
+        except BadRequest as exc:
+            raise _Reject(400, str(exc)) from None
+
+    def _runtime(self, body: dict[str, Any], api: Api) -> ModelRuntime:
+        """The model the body names, served on ``api``."""
+        alias = body.get("model")
+        if not isinstance(alias, str) or not alias:
+            raise _Reject(400, "model must be a non-empty string")
+        runtime = self.runtimes.models.get(alias)
+        if runtime is None:
+            raise _Reject(404, f"model {alias!r} does not exist; see GET /v1/models")
+        served = runtime.config.upstream.api
+        if served != api:
+            other = "/v1/chat/completions" if served == "openai" else "/v1/messages"
+            raise _Reject(400, f"model {alias!r} is served over the {served} API; use {other}")
+        return runtime
+
     def _rejected(self, api: Api, request_id: str, rej: _Reject) -> web.Response:
         """A request answered by the proxy itself: counted, logged, in the API's error shape."""
         self.metrics.requests.labels(api, "-", "rejected_" + str(rej.status)).inc()
@@ -276,27 +321,13 @@ class Proxy:
         config = self.config
         principal = await self._principal(request)
         body = await self._body(request, config.limits.max_body_bytes, config.limits.body_timeout_seconds)
-        alias = body.get("model")
-        if not isinstance(alias, str) or not alias:
-            raise _Reject(400, "model must be a non-empty string")
-        runtime = self.runtimes.models.get(alias)
-        if runtime is None:
-            raise _Reject(404, f"model {alias!r} does not exist; see GET /v1/models")
-        model = runtime.config
-        if model.upstream.api != api:
-            other = "/v1/chat/completions" if model.upstream.api == "openai" else "/v1/messages"
-            raise _Reject(400, f"model {alias!r} is served over the {model.upstream.api} API; use {other}")
+        runtime = self._runtime(body, api)
+        model, alias = runtime.config, runtime.config.alias
         if "stream" in body and not isinstance(body["stream"], bool):
             raise _Reject(400, "stream must be true or false")
         if api == "openai" and body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise _Reject(400, "stream_options must be an object")
-        try:
-            admission = admit(body, api, model.policy, model.upstream.forward_cache_control)
-        except InvalidCacheControl as exc:
-            self.metrics.markers_rejected.labels(exc.rule).inc()
-            raise _Reject(400, str(exc), exc.code) from None
-        except BadRequest as exc:
-            raise _Reject(400, str(exc)) from None
+        admission = self._admission(body, api, model)
         if runtime.counter is not None and self.gate.full:
             self.metrics.index_fallbacks.labels("shed").inc()
             raise _Reject(429, "the proxy is overloaded; retry shortly", retry_after=OVERLOAD_RETRY_AFTER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -43,17 +44,17 @@ def an(proxy: RunningProxy, key: str) -> anthropic.AsyncAnthropic:
 
 async def test_responses_name_the_alias_not_the_upstream_model(proxy: RunningProxy, key: str,
                                                               simulator: tuple[str, Simulator]) -> None:
-    messages = [{"role": "user", "content": words("q", 12)}]
-    completion = await oa(proxy, key).chat.completions.create(model="chat", messages=messages)  # type: ignore[arg-type]
+    messages: Any = [{"role": "user", "content": words("q", 12)}]
+    completion = await oa(proxy, key).chat.completions.create(model="chat", messages=messages)
     assert simulator[1].requests[-1]["model"] == "sim-chat"  # forwarded under the upstream's name
     assert completion.model == "chat"
     chunks = [chunk async for chunk in await oa(proxy, key).chat.completions.create(
-        model="chat", messages=messages, stream=True, stream_options={"include_usage": True})]  # type: ignore[arg-type]
+        model="chat", messages=messages, stream=True, stream_options={"include_usage": True})]
     assert len(chunks) > 3 and {chunk.model for chunk in chunks} == {"chat"}
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 15
-    message = await an(proxy, key).messages.create(model="claude", max_tokens=8, messages=messages)  # type: ignore[arg-type]
+    message = await an(proxy, key).messages.create(model="claude", max_tokens=8, messages=messages)
     assert message.model == "claude"
-    async with an(proxy, key).messages.stream(model="claude", max_tokens=8, messages=messages) as stream:  # type: ignore[arg-type]
+    async with an(proxy, key).messages.stream(model="claude", max_tokens=8, messages=messages) as stream:
         events = [event async for event in stream]
         final = await stream.get_final_message()
     starts = [e for e in events if e.type == "message_start"]
