@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from promptcache.proxy.domain.blocks import APIS, Api
+from promptcache.proxy.domain.blocks import APIS, ENDPOINTS, Api
 from promptcache.proxy.domain.nesting import TooDeep, load_yaml
 from promptcache.proxy.domain.policy import CachePolicy, PolicyError, parse_decimal
 
@@ -39,17 +39,21 @@ class ConfigError(ValueError):
 class Upstream:
     url: str
     model: str
-    api: Api
+    apis: tuple[Api, ...]
+    """The APIs the upstream serves, each exposed on the proxy's endpoint of the same shape, with one cache scope
+    (docs/design.md#one-model-on-several-apis)."""
     api_key_env: str | None = None
     forward_cache_control: bool = False
     cache_salt: str | None = None
     """``principal``: forward a ``cache_salt`` keyed on the cache scope, so the engine's KV reuse is per tenant."""
 
-    @property
-    def endpoint(self) -> str:
-        """``url`` is the base URL as the API's SDK takes it (OpenAI's includes ``/v1``)."""
+    def endpoint(self, api: Api) -> str:
+        """``url`` is the base URL as OpenAI's SDK takes it (with ``/v1``) or Anthropic's (without): OpenAI's paths
+        are appended to it, Anthropic's ``/v1/messages`` to it without a trailing ``/v1``."""
         base = self.url.rstrip("/")
-        return f"{base}/chat/completions" if self.api == "openai" else f"{base}/v1/messages"
+        if api == "anthropic":
+            return base.removesuffix("/v1") + ENDPOINTS[api]
+        return base + ENDPOINTS[api].removeprefix("/v1")
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,21 @@ def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _apis(value: Any, where: str) -> tuple[Api, ...]:
+    """One API, or a list of distinct ones."""
+    listed = value if isinstance(value, list) else [value]
+    if not listed or any(not isinstance(api, str) or api not in APIS for api in listed):
+        raise ConfigError(f"{where} must be one of {list(APIS)} or a list of them, got {_brief(value)}")
+    if len(set(listed)) != len(listed):
+        raise ConfigError(f"{where} lists an API twice: {listed}")
+    return tuple(listed)
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _model(item: Any, where: str) -> ModelConfig:
     if not isinstance(item, Mapping):
         raise ConfigError(f"{where} must be a mapping")
@@ -171,9 +190,7 @@ def _model(item: Any, where: str) -> ModelConfig:
     url = _str(up, "url", f"{where}.upstream")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.upstream.url must be an http(s) URL, got {url!r}")
-    api = up.get("api")
-    if api not in APIS:
-        raise ConfigError(f"{where}.upstream.api must be one of {list(APIS)}, got {api!r}")
+    apis = _apis(up.get("api"), f"{where}.upstream.api")
     key_env = up.get("apiKeyEnv")
     if key_env is not None and not isinstance(key_env, str):
         raise ConfigError(f"{where}.upstream.apiKeyEnv must be a string")
@@ -211,7 +228,7 @@ def _model(item: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.cachePolicy must be namespace/name")
     return ModelConfig(
         alias=alias,
-        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), api, key_env, forward, salt),
+        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), apis, key_env, forward, salt),
         tokenizer=tokenizer,
         input_per_mtok=prices[0],
         output_per_mtok=prices[1],

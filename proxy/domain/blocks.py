@@ -1,10 +1,10 @@
 """Turn a request body into its ordered blocks, their canonical bytes and cumulative prefix hashes.
 
-docs/design.md#blocks-and-prefix-hashes: tools first, then the Anthropic ``system`` field, then every message's
-content parts
-(a string is one text part) followed by OpenAI ``tool_calls``. A block's canonical bytes are its
-role, a NUL, and its JSON without the top-level ``cache_control`` key in Python's sorted compact
-form, so the hash depends neither on markers nor on which JSON library parsed the body.
+docs/design.md#blocks-and-prefix-hashes: tools first, then the Anthropic ``system`` field or the Responses API's
+``instructions``, then every message's content parts (a string is one text part) followed by OpenAI ``tool_calls``;
+a Responses input item that is not a message is one block. A block's canonical bytes are its role, a NUL, and its
+JSON without its marker key in Python's sorted compact form, so the hash depends neither on markers nor on which
+JSON library parsed the body.
 """
 
 from __future__ import annotations
@@ -20,11 +20,25 @@ import orjson
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.steps import Steps, run
 
-Api = Literal["openai", "anthropic"]
-APIS: tuple[Api, ...] = ("openai", "anthropic")
+Api = Literal["openai", "anthropic", "openai-responses"]
+"""Chat Completions, Messages and the Responses API: the request shapes the proxy reads."""
+APIS: tuple[Api, ...] = ("openai", "anthropic", "openai-responses")
+ENDPOINTS: dict[Api, str] = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages",
+                             "openai-responses": "/v1/responses"}
 
 MARKER = "cache_control"
+BREAKPOINT = "prompt_cache_breakpoint"
+"""OpenAI's own marker on a content part (docs/design.md#openais-caching-parameters)."""
+MARKER_KEYS: dict[Api, tuple[str, ...]] = {"openai": (MARKER, BREAKPOINT), "anthropic": (MARKER,),
+                                           "openai-responses": (MARKER, BREAKPOINT)}
+"""The keys that mark a block in each API; the block is hashed without them."""
 IMAGE_TYPES = frozenset({"image", "image_url", "input_image"})
+TEXT_TYPES = frozenset({"text", "input_text", "output_text"})
+RESPONSES_TEXT = frozenset({"input_text", "output_text"})
+_RESPONSES_TEXT_KEYS = frozenset({"type", "text", "annotations", MARKER, BREAKPOINT})
+ITEM_ROLES = {"function_call": "tool_call", "function_call_output": "tool"}
+"""The role of a Responses input item that is not a message, as its Chat Completions counterpart has; any other
+item's role is its type."""
 
 
 class _Missing:
@@ -42,10 +56,16 @@ class Block:
     content: dict[str, Any]
     marker: Any
     message: int | None
+    """The index of its message (or Responses input item) in ``items``; None for a request-level field."""
     field: str
-    """Where the block sits: ``tools``, ``system``, ``content`` or ``tool_calls``."""
+    """Where the block sits: ``tools``, ``system``, ``instructions``, ``input``, ``content``, ``tool_calls``, or
+    ``""`` for a whole input item."""
     part: int | None
-    """Its index in that array, or None for a string ``system`` or message content."""
+    """Its index in that array, or None for a string ``system``, ``instructions``, content or a whole item."""
+    items: str = "messages"
+    """The body's array of messages: ``messages``, or ``input`` in the Responses API."""
+    marker_key: str = MARKER
+    """Which key carried ``marker``: ``cache_control`` or OpenAI's ``prompt_cache_breakpoint``."""
     ignored: bool = False
     canonical: bytes = b""
     """The canonical bytes (UTF-8), set by :func:`hash_blocks` with ``hash``."""
@@ -55,12 +75,13 @@ class Block:
     def path(self) -> str:
         """The block's place in the body for error messages, e.g. ``messages[3].content[0]``.
         Built on demand: most requests never need one."""
-        return _path(self.message, self.field, self.part)
+        return _path(self.message, self.field, self.part, self.items)
 
     @property
     def text(self) -> str | None:
         """The text a tokenizer counts for a text part; None for every other kind of block."""
-        if self.content.get("type") == "text":
+        kind = self.content.get("type")
+        if isinstance(kind, str) and kind in TEXT_TYPES:
             text = self.content.get("text")
             if isinstance(text, str):
                 return text
@@ -116,16 +137,16 @@ def extract_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> 
     return blocks
 
 
-_Site = tuple[str, Any, int | None, str, int | None]
-"""A block's role, its part as sent (a string content is one text part), message, field and index."""
+_Site = tuple[str, Any, int | None, str, int | None, str]
+"""A block's role, its part as sent (a string content is one text part), message, field, index and items."""
 
 
 def parse_blocks(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> list[Block]:
     """All blocks in the order the model sees them (docs/design.md#block-order), not yet hashed (hashing is the
     expensive part: the proxy does it
     while the upstream works)."""
-    ignore = tuple(ignore_prefixes)
-    return [_block(position, *site, ignore) for position, site in enumerate(_walk(body, api))]
+    ignore, keys = tuple(ignore_prefixes), MARKER_KEYS[api]
+    return [_block(position, *site, ignore, keys, api) for position, site in enumerate(_walk(body, api))]
 
 
 def scan_markers(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> tuple[list[Block], int, Block | None]:
@@ -135,17 +156,17 @@ def scan_markers(body: Any, api: Api, ignore_prefixes: Sequence[str] = ()) -> tu
     The proxy runs this before forwarding; it walks the body exactly as :func:`parse_blocks` does,
     so it rejects the same malformed bodies and numbers the blocks alike.
     """
-    ignore = tuple(ignore_prefixes)
+    ignore, keys = tuple(ignore_prefixes), MARKER_KEYS[api]
     marked: list[Block] = []
     last: _Site | None = None
     last_position = count = 0
     for count, site in enumerate(_walk(body, api), 1):
         part = site[1]
-        if isinstance(part, dict) and MARKER in part:
-            marked.append(_block(count - 1, *site, ignore))
-        if site[0] != "system" or not _ignored("system", _content(part), ignore):
+        if isinstance(part, dict) and any(key in part for key in keys):
+            marked.append(_block(count - 1, *site, ignore, keys, api))
+        if site[0] != "system" or not _ignored("system", _content(part, api), ignore):
             last, last_position = site, count - 1
-    return marked, count, None if last is None else _block(last_position, *last, ignore)
+    return marked, count, None if last is None else _block(last_position, *last, ignore, keys, api)
 
 
 def _walk(body: Any, api: Api) -> Iterator[_Site]:
@@ -155,6 +176,9 @@ def _walk(body: Any, api: Api) -> Iterator[_Site]:
         raise BadRequest("request body must be a JSON object")
     for i, tool in enumerate(_list(body, "tools")):
         yield _object("tool_definition", tool, None, "tools", i)
+    if api == "openai-responses":
+        yield from _responses(body)
+        return
     if api == "anthropic" and body.get("system") is not None:
         yield from _parts("system", body["system"], None, "system")
     messages = body.get("messages")
@@ -163,53 +187,102 @@ def _walk(body: Any, api: Api) -> Iterator[_Site]:
     for m, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRequest(f"messages[{m}] must be an object")
-        role = message.get("role")
-        if not isinstance(role, str) or not role or "\x00" in role:
-            # NUL is the role/content separator of the canonical bytes, and Postgres text refuses it.
-            raise BadRequest(f"messages[{m}].role must be a non-empty string without NUL characters")
-        if message.get(MARKER) is not None:
-            raise InvalidCacheControl(
-                None, f"messages[{m}]", "placement",
-                "cache_control on a whole message is not read; put it on a content part",
-            )
-        content = message.get("content")
-        if isinstance(content, str):
-            yield role, content, m, "content", None
-        elif content is not None or api == "anthropic":
-            yield from _parts(role, content, m, "content")
+        yield from _message(message, m, "messages", api)
         if api == "openai" and "tool_calls" in message:
             for c, call in enumerate(_list(message, "tool_calls", m)):
                 yield _object("tool_call", call, m, "tool_calls", c)
 
 
-def _parts(role: str, content: Any, message: int | None, field: str) -> Iterator[_Site]:
+def _message(message: dict[str, Any], m: int, items: str, api: Api) -> Iterator[_Site]:
+    role = message.get("role")
+    if not isinstance(role, str) or not role or "\x00" in role:
+        # NUL is the role/content separator of the canonical bytes, and Postgres text refuses it.
+        raise BadRequest(f"{items}[{m}].role must be a non-empty string without NUL characters")
+    for key in MARKER_KEYS[api]:
+        if message.get(key) is not None:
+            raise InvalidCacheControl(
+                None, f"{items}[{m}]", "placement", f"{key} on a whole message is not read; put it on a content part",
+            )
+    content = message.get("content")
+    if isinstance(content, str):
+        yield role, content, m, "content", None, items
+    elif content is not None or api != "openai":
+        yield from _parts(role, content, m, "content", items)
+
+
+def _responses(body: dict[str, Any]) -> Iterator[_Site]:
+    """The Responses API after its tools: ``instructions`` (a system prompt), then ``input``, a string (one user
+    text part) or items: a message's content parts, and any other item (function call, its output, reasoning...)
+    as one block."""
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise BadRequest("instructions must be a string")
+        yield "system", instructions, None, "instructions", None, "input"
+    items = body.get("input")
+    if items is None:
+        return
+    if isinstance(items, str):
+        yield "user", items, None, "input", None, "input"
+        return
+    if not isinstance(items, list):
+        raise BadRequest("input must be a string or an array of input items")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(f"input[{i}] must be an object")
+        kind = item.get("type")
+        if kind == "message" or (kind is None and "role" in item):
+            yield from _message(item, i, "input", "openai-responses")
+        elif not isinstance(kind, str) or not kind or "\x00" in kind:
+            raise BadRequest(f"input[{i}].type must be a non-empty string without NUL characters")
+        else:
+            yield ITEM_ROLES.get(kind, kind), item, i, "", None, "input"
+
+
+def _parts(role: str, content: Any, message: int | None, field: str, items: str = "messages") -> Iterator[_Site]:
     """A string is one text part; an array is its parts."""
     if isinstance(content, str):
-        yield role, content, message, field, None
+        yield role, content, message, field, None, items
     elif isinstance(content, list):
         for i, part in enumerate(content):
-            yield _object(role, part, message, field, i)
+            yield _object(role, part, message, field, i, items)
     else:
-        raise BadRequest(f"{_path(message, field)} must be a string or an array of content parts")
+        raise BadRequest(f"{_path(message, field, None, items)} must be a string or an array of content parts")
 
 
-def _object(role: str, part: Any, message: int | None, field: str, index: int) -> _Site:
+def _object(role: str, part: Any, message: int | None, field: str, index: int, items: str = "messages") -> _Site:
     if not isinstance(part, dict):
-        raise BadRequest(f"{_path(message, field, index)} must be an object")
-    return role, part, message, field, index
+        raise BadRequest(f"{_path(message, field, index, items)} must be an object")
+    return role, part, message, field, index, items
 
 
-def _content(part: dict[str, Any] | str) -> dict[str, Any]:
-    return {"type": "text", "text": part} if isinstance(part, str) else part
+def _content(part: dict[str, Any] | str, api: Api) -> dict[str, Any]:
+    """What a block is hashed as: a string is a text part; in the Responses API, so is an ``input_text`` or
+    ``output_text`` part that carries only its text (docs/design.md#one-model-on-several-apis): the same text is
+    one block whichever API or form sent it."""
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if api == "openai-responses" and part.get("type") in RESPONSES_TEXT and \
+            set(part).issubset(_RESPONSES_TEXT_KEYS) and isinstance(part.get("text"), str) and \
+            part.get("annotations", []) == []:
+        return {"type": "text", "text": part["text"], **{k: part[k] for k in MARKER_KEYS[api] if k in part}}
+    return part
 
 
 def _block(position: int, role: str, part: dict[str, Any] | str, message: int | None, field: str,
-           index: int | None, ignore: tuple[str, ...]) -> Block:
-    content = _content(part)
-    marker = content.get(MARKER, NO_MARKER)
-    if marker is not NO_MARKER:
-        content = {k: v for k, v in content.items() if k != MARKER}
-    return Block(position, role, content, marker, message, field, index, _ignored(role, content, ignore))
+           index: int | None, items: str, ignore: tuple[str, ...], keys: tuple[str, ...], api: Api) -> Block:
+    content = _content(part, api)
+    present = [key for key in keys if key in content]
+    marker, marker_key = NO_MARKER, MARKER
+    if present:
+        if len(present) > 1:
+            raise InvalidCacheControl(position, _path(message, field, index, items), "placement",
+                                      f"a block carries one marker; this one has {' and '.join(present)}")
+        marker_key = present[0]
+        marker = content[marker_key]
+        content = {k: v for k, v in content.items() if k != marker_key}
+    return Block(position, role, content, marker, message, field, index, items, marker_key,
+                 _ignored(role, content, ignore))
 
 
 def _ignored(role: str, content: dict[str, Any], ignore: tuple[str, ...]) -> bool:
@@ -221,8 +294,8 @@ def _ignored(role: str, content: dict[str, Any], ignore: tuple[str, ...]) -> boo
     return isinstance(text, str) and text.startswith(ignore)
 
 
-def _path(message: int | None, field: str, index: int | None = None) -> str:
-    where = field if message is None else f"messages[{message}].{field}"
+def _path(message: int | None, field: str, index: int | None = None, items: str = "messages") -> str:
+    where = field if message is None else f"{items}[{message}].{field}".rstrip(".")
     return where if index is None else f"{where}[{index}]"
 
 
@@ -265,33 +338,50 @@ def hashing(blocks: Sequence[Block]) -> Steps[None]:
             yield
 
 
-def strip_markers(body: dict[str, Any], marked: Sequence[Block]) -> dict[str, Any]:
-    """The body as forwarded: without its top-level marker and the markers of ``marked`` (the
-    blocks :func:`scan_markers` found carrying one, so the walk that finds markers is the one that
-    validates them).
+def strip_markers(body: dict[str, Any], marked: Sequence[Block], request_keys: Sequence[str] = (MARKER,)
+                  ) -> dict[str, Any]:
+    """The body as forwarded: without its request-level markers (``request_keys``) and the markers of ``marked``
+    (the blocks :func:`scan_markers` found carrying one, so the walk that finds markers is the one that validates
+    them).
 
     Tool schemas are never touched, and the caller's body is not mutated: what holds a marker is
     copied, everything else is shared; a body without markers is returned as it is.
     """
-    if not marked and MARKER not in body:
+    if not marked and not any(key in body for key in request_keys):
         return body
-    out = {k: v for k, v in body.items() if k != MARKER}
+    out = {k: v for k, v in body.items() if k not in request_keys}
     arrays: dict[tuple[int | None, str], list[Any]] = {}
     for block in marked:
+        if block.message is not None and not block.field:  # a whole Responses input item
+            items = _own_items(out, body, block.items)
+            items[block.message] = _unmarked(items[block.message], block.marker_key)
+            continue
         assert block.part is not None  # a string content carries no marker
         parts = arrays.get((block.message, block.field))
         if parts is None:
-            holder = out if block.message is None else _own_message(out, body, block.message)
+            holder = out if block.message is None else _own_message(out, body, block.message, block.items)
             parts = arrays[block.message, block.field] = holder[block.field] = list(holder[block.field])
-        parts[block.part] = block.content
+        parts[block.part] = _unmarked(parts[block.part], block.marker_key)
     return out
 
 
-def _own_message(out: dict[str, Any], body: dict[str, Any], message: int) -> dict[str, Any]:
-    """Message ``message`` of ``out``, copied from ``body`` (with the messages array) on first use."""
-    if out["messages"] is body["messages"]:
-        out["messages"] = list(body["messages"])
-    messages: list[dict[str, Any]] = out["messages"]
-    if messages[message] is body["messages"][message]:
+def _unmarked(part: dict[str, Any], key: str) -> dict[str, Any]:
+    """The part as sent without its marker (not the block's content: that is the part as hashed)."""
+    return {k: v for k, v in part.items() if k != key}
+
+
+def _own_items(out: dict[str, Any], body: dict[str, Any], items: str) -> list[Any]:
+    """``out``'s messages (or input items) array, copied from ``body`` on first use."""
+    if out[items] is body[items]:
+        out[items] = list(body[items])
+    copied: list[Any] = out[items]
+    return copied
+
+
+def _own_message(out: dict[str, Any], body: dict[str, Any], message: int, items: str) -> dict[str, Any]:
+    """Message ``message`` of ``out``, copied from ``body`` (with its array) on first use."""
+    messages = _own_items(out, body, items)
+    if messages[message] is body[items][message]:
         messages[message] = dict(messages[message])
-    return messages[message]
+    own: dict[str, Any] = messages[message]
+    return own

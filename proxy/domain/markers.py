@@ -10,18 +10,86 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from promptcache.proxy.domain.blocks import NO_MARKER, Block
-from promptcache.proxy.domain.errors import InvalidCacheControl
+from promptcache.proxy.domain.blocks import BREAKPOINT, NO_MARKER, Block
+from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.tiers import TIER_DURATIONS, TIERS
 
+OPENAI_TTLS = {"30m": "1h", "12h": "24h"}
+"""OpenAI's ttl values name a minimum lifetime: each maps to the shortest tier that lives at least that long
+(docs/design.md#openais-caching-parameters). Our own tier names are accepted too."""
+RETENTION = "prompt_cache_retention"
+OPTIONS = "prompt_cache_options"
+CACHE_KEY = "prompt_cache_key"
+REQUEST_FIELDS = (RETENTION, OPTIONS)
+"""OpenAI's request-level caching fields the proxy reads, and so does not forward (``prompt_cache_key`` is
+forwarded: it is the engines' routing hint)."""
+_OPTION_KEYS = frozenset({"mode", "ttl", "comparison_response_id", "prewarm"})
+MAX_CACHE_KEY = 1024
+
+
+def request_tier(body: dict[str, Any], policy: CachePolicy) -> str | None:
+    """The tier OpenAI's request-level fields choose for breakpoints that name none (``prompt_cache_options.ttl``,
+    or the older ``prompt_cache_retention``), or None: the policy's default."""
+    tier = None
+    retention = body.get(RETENTION)
+    if retention is not None:
+        if retention == "in_memory":
+            tier = policy.default_ttl
+        elif retention == "24h":
+            tier = _enabled("24h", None, RETENTION, policy)
+        else:
+            raise InvalidCacheControl(None, RETENTION, "tier", f"unknown value {retention!r}; known: in_memory, 24h")
+    options = body.get(OPTIONS)
+    if options is None:
+        return tier
+    if not isinstance(options, dict):
+        raise InvalidCacheControl(None, OPTIONS, "type", f"must be an object, got {_short(options)}")
+    unknown = set(options) - _OPTION_KEYS
+    if unknown:
+        raise InvalidCacheControl(None, OPTIONS, "type", f"unknown keys {sorted(map(str, unknown))}")
+    if options.get("mode", "implicit") not in ("implicit", "explicit"):
+        raise InvalidCacheControl(None, f"{OPTIONS}.mode", "type",
+                                  f"unknown mode {_short(options['mode'])}; known: implicit, explicit")
+    if options.get("prewarm") not in (None, False):
+        raise InvalidCacheControl(None, f"{OPTIONS}.prewarm", "type", "prewarming is not supported by this proxy")
+    comparison = options.get("comparison_response_id")
+    if comparison is not None and not isinstance(comparison, str):
+        raise InvalidCacheControl(None, f"{OPTIONS}.comparison_response_id", "type", "must be a string")
+    if options.get("ttl") is None:
+        return tier
+    ttl = _openai_ttl(options["ttl"], None, f"{OPTIONS}.ttl", policy)
+    if tier is not None and retention is not None and ttl != tier:
+        raise InvalidCacheControl(None, RETENTION, "tier",
+                                  f"asks for {tier} but {OPTIONS}.ttl asks for {ttl}; send one of them")
+    return ttl
+
+
+CACHE_KEY_RULE = f"must be a string of at most {MAX_CACHE_KEY} characters without NUL"
+
+
+def valid_cache_key(value: Any) -> bool:
+    """What the request log can hold as a ``prompt_cache_key`` (Postgres text refuses NUL)."""
+    return isinstance(value, str) and "\x00" not in value and len(value) <= MAX_CACHE_KEY
+
+
+def cache_key(body: dict[str, Any]) -> str | None:
+    """``prompt_cache_key`` as the request log records it."""
+    key = body.get(CACHE_KEY)
+    if key is None:
+        return None
+    if not valid_cache_key(key):
+        raise BadRequest(f"{CACHE_KEY} {CACHE_KEY_RULE}")
+    return str(key)
+
 
 def place_breakpoints(
-    marked: Sequence[Block], count: int, last: Block | None, top_level: Any, policy: CachePolicy
+    marked: Sequence[Block], count: int, last: Block | None, top_level: Any, policy: CachePolicy,
+    default: str | None = None,
 ) -> list[str | None]:
-    """The breakpoints the client sent (explicit and top-level markers, defaults applied), validated:
-    the tier of every block by position, or None. The request log records these, so replay can
-    place a proposed policy's automatic breakpoint on top of them as the proxy would.
+    """The breakpoints the client sent (explicit and top-level markers, ``default`` or the policy's default tier
+    where they name none), validated: the tier of every block by position, or None. The request log records these,
+    so replay can place a proposed policy's automatic breakpoint on top of them as the proxy would.
 
     Needs only the blocks that carry a marker, the block count and the last block of the chain
     (:func:`~promptcache.proxy.domain.blocks.scan_markers`), so it runs before forwarding at little cost.
@@ -29,7 +97,10 @@ def place_breakpoints(
     tiers: list[str | None] = [None] * count
     explicit: list[Block] = []
     for block in marked:
-        tier = _tier(block.marker, block.position, block.path, policy)
+        if block.marker_key == BREAKPOINT:
+            tier = _breakpoint(block.marker, block.position, f"{block.path}.{BREAKPOINT}", policy, default)
+        else:
+            tier = _tier(block.marker, block.position, block.path, policy, default)
         if tier is not None and not block.ignored:
             tiers[block.position] = tier
             explicit.append(block)
@@ -42,7 +113,7 @@ def place_breakpoints(
             f"{policy.max_breakpoints + 1}",
         )
 
-    auto_tier = _tier(top_level, None, "top-level cache_control", policy)
+    auto_tier = _tier(top_level, None, "top-level cache_control", policy, default)
     if auto_tier is not None:
         if last is None:
             raise InvalidCacheControl(
@@ -76,26 +147,64 @@ def with_automatic(blocks: Sequence[Block], sent: Sequence[str | None], policy: 
     return tiers
 
 
-def _tier(marker: Any, position: int | None, path: str, policy: CachePolicy) -> str | None:
+def _tier(marker: Any, position: int | None, path: str, policy: CachePolicy, default: str | None) -> str | None:
     if marker is NO_MARKER or marker is None:
         return None
     if not isinstance(marker, dict):
-        raise InvalidCacheControl(position, path, "type", f"cache_control must be an object, got {marker!r}")
+        raise InvalidCacheControl(position, path, "type", f"cache_control must be an object, got {_short(marker)}")
     if marker.get("type") != "ephemeral":
         raise InvalidCacheControl(
-            position, path, "type", f"unknown cache_control type {marker.get('type')!r}; only 'ephemeral'"
+            position, path, "type", f"unknown cache_control type {_short(marker.get('type'))}; only 'ephemeral'"
         )
     unknown_keys = set(marker) - {"type", "ttl"}
     if unknown_keys:
-        raise InvalidCacheControl(position, path, "type", f"unknown cache_control keys {sorted(unknown_keys)}")
-    ttl = marker.get("ttl", policy.default_ttl)
+        raise InvalidCacheControl(position, path, "type",
+                                  f"unknown cache_control keys {sorted(map(str, unknown_keys))}")
+    if "ttl" not in marker:
+        return default or policy.default_ttl
+    ttl = marker["ttl"]
     if ttl not in TIERS:
-        raise InvalidCacheControl(position, path, "tier", f"unknown ttl {ttl!r}; known: {list(TIERS)}")
-    if ttl not in policy.enabled_ttls:
+        raise InvalidCacheControl(position, path, "tier", f"unknown ttl {_short(ttl)}; known: {list(TIERS)}")
+    return _enabled(str(ttl), position, path, policy)
+
+
+def _breakpoint(marker: Any, position: int, path: str, policy: CachePolicy, default: str | None) -> str | None:
+    """OpenAI's ``prompt_cache_breakpoint: {"mode": "explicit", "ttl"?}`` on a content part."""
+    if marker is None:
+        return None
+    if not isinstance(marker, dict):
+        raise InvalidCacheControl(position, path, "type", f"must be an object, got {_short(marker)}")
+    unknown_keys = set(marker) - {"mode", "ttl"}
+    if unknown_keys:
+        raise InvalidCacheControl(position, path, "type", f"unknown keys {sorted(map(str, unknown_keys))}")
+    if marker.get("mode") != "explicit":
+        raise InvalidCacheControl(position, f"{path}.mode", "type",
+                                  f"unknown mode {_short(marker.get('mode'))}; only 'explicit'")
+    if marker.get("ttl") is None:
+        return default or policy.default_ttl
+    return _openai_ttl(marker["ttl"], position, f"{path}.ttl", policy)
+
+
+def _openai_ttl(ttl: Any, position: int | None, path: str, policy: CachePolicy) -> str:
+    tier = OPENAI_TTLS.get(ttl, ttl) if isinstance(ttl, str) else None
+    if tier not in TIERS:
+        raise InvalidCacheControl(position, path, "tier",
+                                  f"unknown ttl {_short(ttl)}; known: {[*OPENAI_TTLS, *TIERS]}")
+    return _enabled(str(tier), position, path, policy)
+
+
+def _enabled(tier: str, position: int | None, path: str, policy: CachePolicy) -> str:
+    if tier not in policy.enabled_ttls:
         raise InvalidCacheControl(
-            position, path, "disabled_tier", f"ttl {ttl!r} is not enabled; enabled: {list(policy.enabled_ttls)}"
+            position, path, "disabled_tier", f"tier {tier!r} is not enabled; enabled: {list(policy.enabled_ttls)}"
         )
-    return str(ttl)
+    return tier
+
+
+def _short(value: Any) -> str:
+    """A client's value in an error message, cut short: a hostile value may be huge or deeply nested."""
+    text = repr(value) if isinstance(value, str | int | float | bool | None) else f"a JSON {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def outlives(later: str, earlier: str) -> bool:

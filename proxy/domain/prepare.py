@@ -24,7 +24,7 @@ from promptcache.proxy.domain.blocks import (
     strip_markers,
 )
 from promptcache.proxy.domain.classify import ChainBlock
-from promptcache.proxy.domain.markers import place_breakpoints, with_automatic
+from promptcache.proxy.domain.markers import REQUEST_FIELDS, cache_key, place_breakpoints, request_tier, with_automatic
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.steps import Steps, run
 from promptcache.proxy.domain.tokens import BlockCounter
@@ -62,6 +62,8 @@ class Admission:
     sent: list[str | None]
     """Breakpoint tier per block position, as the client sent it."""
     forward: dict[str, Any]
+    cache_key: str | None = None
+    """OpenAI's ``prompt_cache_key``: forwarded, and recorded in the request log."""
 
     def prepare(self, counter: BlockCounter | None = None) -> Prepared:
         """Build, hash and count the blocks, and add the policy's automatic breakpoint."""
@@ -83,9 +85,12 @@ def admit(body: Any, api: Api, policy: CachePolicy, forward_markers: bool = Fals
     """Validate the body's structure and markers (400 before anything is forwarded) and build the
     body to forward, without building every block."""
     marked, count, last = scan_markers(body, api, policy.ignore_prefixes)
-    sent = place_breakpoints(marked, count, last, body.get(MARKER, NO_MARKER), policy)
-    forward = body if forward_markers else strip_markers(body, marked)
-    return Admission(body, api, policy, sent, forward)
+    openai = api != "anthropic"
+    default = request_tier(body, policy) if openai else None
+    sent = place_breakpoints(marked, count, last, body.get(MARKER, NO_MARKER), policy, default)
+    request_keys = (MARKER, *REQUEST_FIELDS) if openai else (MARKER,)
+    forward = body if forward_markers else strip_markers(body, marked, request_keys)
+    return Admission(body, api, policy, sent, forward, cache_key(body) if openai else None)
 
 
 def prepare(

@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.proxy.config import ModelConfig, ProxyConfig
-from promptcache.proxy.domain.blocks import Api
+from promptcache.proxy.domain.blocks import ENDPOINTS, Api
 from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify, reads_only
 from promptcache.proxy.domain.entries import PRINCIPAL_RULE, Scope, valid_principal
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
@@ -145,6 +145,7 @@ class Proxy:
                                             "keepalive_timeout": self.config.limits.header_timeout_seconds})
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.healthz)
@@ -196,7 +197,7 @@ class Proxy:
                 message = f"{request.method} is not allowed on {request.path}"
             else:
                 message = (f"no route {request.method} {request.path}: this proxy serves POST /v1/chat/completions,"
-                           " POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models")
+                           " POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models")
             return error_response(api, exc.status, message, None, request[REQUEST_ID])
         if not response.prepared:
             response.headers["x-request-id"] = request[REQUEST_ID]
@@ -212,7 +213,9 @@ class Proxy:
             await self._principal(request)
         except _Reject as rej:
             return self._rejected(api, request[REQUEST_ID], rej)
-        aliases = [alias for alias, model in self.config.models.items() if model.upstream.api == api]
+        shapes: tuple[Api, ...] = ("anthropic",) if api == "anthropic" else ("openai", "openai-responses")
+        aliases = [alias for alias, model in self.config.models.items()
+                   if any(served in shapes for served in model.upstream.apis)]
         if api == "anthropic":
             data = [{"type": "model", "id": a, "display_name": a, "created_at": "1970-01-01T00:00:00Z"}
                     for a in aliases]
@@ -247,6 +250,9 @@ class Proxy:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, "anthropic")
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, "openai-responses")
 
     async def handle(self, request: web.Request, api: Api) -> web.StreamResponse:
         request_id = request[REQUEST_ID]
@@ -302,10 +308,10 @@ class Proxy:
         runtime = self.runtimes.models.get(alias)
         if runtime is None:
             raise _Reject(404, f"model {alias!r} does not exist; see GET /v1/models")
-        served = runtime.config.upstream.api
-        if served != api:
-            other = "/v1/chat/completions" if served == "openai" else "/v1/messages"
-            raise _Reject(400, f"model {alias!r} is served over the {served} API; use {other}")
+        served = runtime.config.upstream.apis
+        if api not in served:
+            others = " or ".join(ENDPOINTS[other] for other in served)
+            raise _Reject(400, f"model {alias!r} is not served on {ENDPOINTS[api]}; use {others}")
         return runtime
 
     def _rejected(self, api: Api, request_id: str, rej: _Reject) -> web.Response:
@@ -325,7 +331,8 @@ class Proxy:
         model, alias = runtime.config, runtime.config.alias
         if "stream" in body and not isinstance(body["stream"], bool):
             raise _Reject(400, "stream must be true or false")
-        if api == "openai" and body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        options = body.get("stream_options")
+        if api != "anthropic" and options is not None and not isinstance(options, dict):
             raise _Reject(400, "stream_options must be an object")
         admission = self._admission(body, api, model)
         if runtime.counter is not None and self.gate.full:
@@ -469,7 +476,7 @@ class Proxy:
         up = ex.model.upstream
         headers = {"content-type": "application/json"}
         secret = os.environ.get(up.api_key_env) if up.api_key_env else None
-        if up.api == "anthropic":
+        if ex.api == "anthropic":
             headers["anthropic-version"] = request.headers.get("anthropic-version", ANTHROPIC_VERSION)
             if "anthropic-beta" in request.headers:
                 headers["anthropic-beta"] = request.headers["anthropic-beta"]
@@ -480,7 +487,7 @@ class Proxy:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=self.config.limits.upstream_timeout_seconds)
         assert self.http is not None
-        return self.http.post(up.endpoint, data=jsonio.dumps(body), headers=headers,
+        return self.http.post(up.endpoint(ex.api), data=jsonio.dumps(body), headers=headers,
                               timeout=timeout)
 
     def _forward_body(self, ex: Exchange) -> dict[str, Any]:
@@ -612,6 +619,7 @@ class Proxy:
             split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.sent if ex.chain else None,
             classification=classification if split.cache_valid else None,
             latency_ms=(time.perf_counter() - ex.t0) * 1000, engine_cached_tokens=engine_cached_tokens,
+            prompt_cache_key=ex.admission.cache_key,
         )
         if record.billable:
             self.metrics.read_tokens.labels(model).inc(split.read)
@@ -652,6 +660,8 @@ class _StreamRewriter:
     async def rewrite(self, event: Any) -> bytes | None:
         if self.ex.api == "openai":
             return await self._openai(event)
+        if self.ex.api == "openai-responses":
+            return await self._responses(event)
         return await self._anthropic(event)
 
     def _renames(self, event: Any) -> bool:
@@ -681,6 +691,27 @@ class _StreamRewriter:
             return encode(event.name, chunk)
         chunk["usage"] = rewrite(self.split, chunk["usage"], "openai")
         return encode(event.name, chunk)
+
+    async def _responses(self, event: Any) -> bytes | None:
+        """Every event that carries the response names the alias; the terminal one carries the usage we bill.
+        ``response.incomplete`` (the output limit was reached) is an answer as ``response.completed`` is."""
+        renames = self._renames(event)
+        if not renames and (event.data is None or '"usage"' not in event.data):
+            return bytes(event.raw)
+        payload = event.json()
+        response = payload.get("response") if isinstance(payload, dict) else None
+        if not isinstance(response, dict):
+            return bytes(event.raw)
+        if renames and "model" in response:
+            response["model"] = self.alias
+        totals = upstream_totals(response.get("usage"), "openai-responses") \
+            if payload.get("type") in ("response.completed", "response.incomplete") else None
+        if totals is not None:
+            self.engine_cached = engine_cached(response, "openai-responses")
+            self.split = reconcile(*totals, await self.ex.settled())
+            response["usage"] = rewrite(self.split, response["usage"], "openai-responses")
+            self.complete = True
+        return encode(event.name, payload)
 
     async def _anthropic(self, event: Any) -> bytes | None:
         if event.name == "message_stop":

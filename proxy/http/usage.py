@@ -15,6 +15,9 @@ from promptcache.proxy.domain.tiers import TIERS
 from promptcache.proxy.storage.requestlog import MAX_COUNT
 
 _ANTHROPIC_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation")
+_RESPONSES_CACHE_DETAILS = ("cached_tokens_per_turn", "cache_write_tokens_details")
+"""The engine's own cache figures in ``input_tokens_details`` (vLLM's per turn, OpenAI's per 30m/12h), which our
+split replaces: ours are per tier in ``cache_creation``."""
 
 
 def _int(value: Any) -> int | None:
@@ -28,6 +31,8 @@ def upstream_totals(usage: Any, api: Api) -> tuple[int, int] | None:
         return None
     if api == "openai":
         prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    elif api == "openai-responses":
+        prompt, completion = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
     else:
         parts = [_int(usage.get(k, 0)) for k in ("input_tokens", "cache_read_input_tokens",
                                                   "cache_creation_input_tokens")]
@@ -50,8 +55,8 @@ def engine_cached(body: Any, api: Api) -> int | None:
     usage = body.get("usage")
     found: int | None = None
     if isinstance(usage, Mapping):
-        if api == "openai":
-            details = usage.get("prompt_tokens_details")
+        if api != "anthropic":
+            details = usage.get("prompt_tokens_details" if api == "openai" else "input_tokens_details")
             found = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else None
         else:
             found = _int(usage.get("cache_read_input_tokens"))
@@ -68,7 +73,7 @@ def _creation(split: Split) -> dict[str, int]:
 def openai_usage(split: Split, upstream: Mapping[str, Any] | None = None) -> dict[str, Any]:
     out = {k: v for k, v in (upstream or {}).items() if k not in _ANTHROPIC_CACHE_KEYS}
     details = dict(out.get("prompt_tokens_details") or {})
-    details["cached_tokens"] = split.read
+    details.update(cached_tokens=split.read, cache_write_tokens=split.creation_tokens)
     out.update(
         prompt_tokens=split.prompt,
         completion_tokens=split.completion,
@@ -93,5 +98,25 @@ def anthropic_usage(split: Split, upstream: Mapping[str, Any] | None = None) -> 
     return out
 
 
+def responses_usage(split: Split, upstream: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    out = {k: v for k, v in (upstream or {}).items() if k not in _ANTHROPIC_CACHE_KEYS}
+    upstream_details = out.get("input_tokens_details")
+    details = {k: v for k, v in upstream_details.items() if k not in _RESPONSES_CACHE_DETAILS} \
+        if isinstance(upstream_details, Mapping) else {}
+    details.update(cached_tokens=split.read, cache_write_tokens=split.creation_tokens)
+    out.update(
+        input_tokens=split.prompt,
+        output_tokens=split.completion,
+        total_tokens=split.prompt + split.completion,
+        input_tokens_details=details,
+        cache_read_input_tokens=split.read,
+        cache_creation_input_tokens=split.creation_tokens,
+        cache_creation=_creation(split),
+    )
+    return out
+
+
 def rewrite(split: Split, upstream: Mapping[str, Any] | None, api: Api) -> dict[str, Any]:
-    return openai_usage(split, upstream) if api == "openai" else anthropic_usage(split, upstream)
+    if api == "openai":
+        return openai_usage(split, upstream)
+    return responses_usage(split, upstream) if api == "openai-responses" else anthropic_usage(split, upstream)

@@ -45,6 +45,7 @@ class RequestRecord:
     """The markers as the client sent them, per chain block, for the request log (default: the chain's)."""
     engine_cached_tokens: int | None = None
     """The upstream's own count of prompt tokens served from its KV cache; None when it did not report one."""
+    prompt_cache_key: str | None = None
 
     @property
     def billable(self) -> bool:
@@ -100,6 +101,8 @@ class CommitRow(msgspec.Struct, frozen=True, kw_only=True):
     write_expiries: list[datetime]
     read_hash: bytes | None
     read_expires_at: datetime | None
+    prompt_cache_key: str | None = None
+    """Last, with a default: a row spooled by an older proxy has none."""
 
 
 _LOGGED = (*requestlog.COLUMNS, "latency_ms")
@@ -241,4 +244,5 @@ def commit_row(record: RequestRecord, *, refresh_read: bool = True) -> CommitRow
         write_expiries=[w.expires_at for w in writes],
         read_hash=read.hash if read is not None else None,
         read_expires_at=read.expires_at if read is not None else None,
+        prompt_cache_key=record.prompt_cache_key,
     )

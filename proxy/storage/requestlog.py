@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeGuard
 import asyncpg
 
 from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.markers import CACHE_KEY_RULE, valid_cache_key
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
 from promptcache.proxy.domain.tiers import TIERS
 
@@ -37,7 +38,7 @@ _KEYS = (
     "id", "ts", "principal", "model", "tokenizer_version", "api", "status", "prompt_tokens", "completion_tokens",
     "read_tokens", "creation_tokens", "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost", "chain",
 )  # fmt: skip
-_OPTIONAL = ("engine_cached_tokens",)
+_OPTIONAL = ("engine_cached_tokens", "prompt_cache_key")
 """Keys a line may leave out: a fact the upstream did not report (docs/design.md#fields)."""
 _CHAIN_KEYS = ("h", "t", "r", "m")
 _MONEY = ("input_per_mtok", "output_per_mtok", "billed_cost", "list_cost")
@@ -47,7 +48,7 @@ COLUMNS = (
     "request_id", "ts", "principal_id", "virtual_model", "tokenizer_version", "api", "status",
     "prompt_tokens", "completion_tokens", "read_tokens", "creation_5m", "creation_1h", "creation_24h",
     "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost",
-    "chain_hashes", "chain_tokens", "chain_roles", "chain_tiers", "engine_cached_tokens",
+    "chain_hashes", "chain_tokens", "chain_roles", "chain_tiers", "engine_cached_tokens", "prompt_cache_key",
 )  # fmt: skip
 """The request_log columns the format carries, in :func:`_to_row` order: export selects them, import and
 the ledger's commit insert them (the commit adds ``latency_ms``, which the format leaves out)."""
@@ -81,6 +82,8 @@ class LoggedRequest:
     """Per block: the first bytes of its prefix hash, cumulative tokens, role and marker tier."""
     engine_cached_tokens: int | None = None
     """The upstream's own count of prompt tokens it served from its KV cache; None: not reported."""
+    prompt_cache_key: str | None = None
+    """OpenAI's ``prompt_cache_key`` as the client sent it; None: it sent none."""
 
 
 class LogFormatError(ValueError):
@@ -133,6 +136,8 @@ def to_json_line(request: LoggedRequest) -> str:
     }
     if request.engine_cached_tokens is not None:
         document["engine_cached_tokens"] = request.engine_cached_tokens
+    if request.prompt_cache_key is not None:
+        document["prompt_cache_key"] = request.prompt_cache_key
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -254,6 +259,7 @@ def _from_row(row: asyncpg.Record) -> LoggedRequest:
         list_cost=row["list_cost"],
         chain=tuple(ChainBlock(*block) for block in chain),
         engine_cached_tokens=row["engine_cached_tokens"],
+        prompt_cache_key=row["prompt_cache_key"],
     )
 
 
@@ -264,7 +270,7 @@ def _to_row(r: LoggedRequest) -> tuple[object, ...]:
         r.prompt_tokens, r.completion_tokens, r.read_tokens, *(r.creation_tokens[tier] for tier in TIERS),
         r.input_per_mtok, r.output_per_mtok, r.billed_cost, r.list_cost,
         [b.hash for b in r.chain], [b.tokens for b in r.chain], [b.role for b in r.chain], [b.tier for b in r.chain],
-        r.engine_cached_tokens,
+        r.engine_cached_tokens, r.prompt_cache_key,
     )  # fmt: skip
 
 
@@ -311,7 +317,14 @@ def _request(document: object) -> LoggedRequest:
         chain=_chain(chain),
         engine_cached_tokens=_count(optional["engine_cached_tokens"], "engine_cached_tokens")
         if "engine_cached_tokens" in optional else None,
+        prompt_cache_key=_cache_key(optional["prompt_cache_key"]) if "prompt_cache_key" in optional else None,
     )
+
+
+def _cache_key(value: object) -> str:
+    if not valid_cache_key(value):
+        _invalid("prompt_cache_key", CACHE_KEY_RULE, value)
+    return str(value)
 
 
 def _chain(items: list[Any]) -> tuple[ChainBlock, ...]:

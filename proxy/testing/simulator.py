@@ -1,4 +1,5 @@
-"""A simulated OpenAI- and Anthropic-compatible model server, for the demo, tests and benches.
+"""A simulated OpenAI- and Anthropic-compatible model server (Chat Completions, Responses, Messages), for the demo,
+tests and benches.
 
 It is not a model: it counts the prompt with a real tokenizer (text parts, canonical JSON for
 other blocks, plus a fixed per-message overhead as chat templates add), answers a fixed reply
@@ -59,12 +60,18 @@ class Simulator:
         for prefix in ("", "/{behaviour}"):
             app.router.add_post(prefix + "/v1/chat/completions", self._openai)
             app.router.add_post(prefix + "/v1/messages", self._anthropic)
+            app.router.add_post(prefix + "/v1/responses", self._responses)
         return app
 
     def prompt_tokens(self, body: dict[str, Any], api: Api) -> int:
         blocks = extract_blocks(body, api)
         total = self.counter.cumulative(blocks)
-        messages = len(body.get("messages", [])) + (1 if api == "anthropic" and body.get("system") else 0)
+        if api == "openai-responses":
+            items = body.get("input")
+            messages = (len(items) if isinstance(items, list) else int(items is not None)) + \
+                (1 if body.get("instructions") else 0)
+        else:
+            messages = len(body.get("messages", [])) + (1 if api == "anthropic" and body.get("system") else 0)
         return (total[-1] if total else 0) + self.settings.per_message_tokens * messages
 
     async def _begin(self, request: web.Request) -> tuple[str, dict[str, Any], float]:
@@ -161,6 +168,50 @@ class Simulator:
         await _event(response, {"type": "message_stop"}, "message_stop")
         await response.write_eof()
         return response
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API: a response object, or its event stream as vLLM and OpenAI send it."""
+        behaviour, body, answer_at = await self._begin(request)
+        prompt = self.prompt_tokens(body, "openai-responses") + (2**31 if behaviour == "huge" else 0)
+        await _until(answer_at)
+        number = next(self._ids)
+        cached = prompt // 2 if behaviour == "cached" else 0
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                 "output_tokens": self.reply_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt + self.reply_tokens}
+        part = {"type": "output_text", "text": REPLY, "annotations": []}
+        item = {"type": "message", "id": f"msg_sim_{number}", "role": "assistant", "status": "completed",
+                "content": [part]}
+        response: dict[str, Any] = {
+            "id": f"resp_sim_{number}", "object": "response", "created_at": 0, "model": body.get("model", "sim"),
+            "status": "completed", "output": [item], "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": [], "previous_response_id": body.get("previous_response_id"), "usage": usage,
+        }
+        if not body.get("stream"):
+            return web.json_response(response)
+        stream = await self._sse(request)
+        sequence = itertools.count()
+
+        async def send(kind: str, **data: Any) -> None:
+            await _event(stream, {"type": kind, "sequence_number": next(sequence), **data}, kind)
+
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        await send("response.created", response=started)
+        await send("response.in_progress", response=started)
+        await send("response.output_item.added", output_index=0,
+                   item={**item, "status": "in_progress", "content": []})
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        await send("response.content_part.added", **where, part={**part, "text": ""})
+        for i, word in enumerate(REPLY.split(" ")):
+            await send("response.output_text.delta", **where, delta=(" " if i else "") + word, logprobs=[])
+            if behaviour == "disconnect" and i == 1:
+                return _drop(request, stream)
+        await send("response.output_text.done", **where, text=REPLY, logprobs=[])
+        await send("response.content_part.done", **where, part=part)
+        await send("response.output_item.done", output_index=0, item=item)
+        await send("response.completed", response=response)
+        await stream.write_eof()
+        return stream
 
     @staticmethod
     async def _sse(request: web.Request) -> web.StreamResponse:

@@ -296,11 +296,12 @@ async def test_unknown_model_is_404(proxy: RunningProxy, key: str) -> None:
 async def test_wrong_endpoint_for_the_models_api_is_400(proxy: RunningProxy, key: str) -> None:
     with pytest.raises(openai.BadRequestError) as oinfo:
         await oa(proxy, key).chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
-    assert "served over the anthropic API; use /v1/messages" in assert_openai_error(oinfo.value.response.json())
+    assert "model 'claude' is not served on /v1/chat/completions; use /v1/messages" in assert_openai_error(
+        oinfo.value.response.json())
     with pytest.raises(anthropic.BadRequestError) as ainfo:
         await an(proxy, key).messages.create(model="chat", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     message = assert_anthropic_error(ainfo.value.response.json(), "invalid_request_error")
-    assert "served over the openai API; use /v1/chat/completions" in message
+    assert "model 'chat' is not served on /v1/messages; use /v1/chat/completions" in message
 
 
 def marked(*ttls: str | None, marker: Any = None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import pytest
 
 from promptcache.proxy.testing.simulator import REPLY, Simulator
 
-from support.conversation import SYSTEM, USER, openai_turns
+from support.conversation import EXPECTED, SYSTEM, USER, openai_turns
 from support.proxy import RunningProxy, ledger, model_config, new_key, running_proxy, settle, text
 
 
@@ -39,18 +39,6 @@ async def proxy(tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator],
 
 
 
-# (prompt, completion, read, creation_5m, creation_1h, uncached, cost) per turn, worked by hand:
-# turn 1: chain sys 20 (1h) · u1 30 (5m); prompt 30 + 3·2 = 36; writes 1h 20, 5m 10; uncached 6
-#   (6·3 + 20·3·2.0 + 10·3·1.25 + 8·15) / 1e6 = (18 + 120 + 37.5 + 120) / 1e6 = 0.0002955
-# turn 2: chain 20 · 30 · a1 38 · u2 48 (5m); prompt 48 + 3·4 = 60; read 30 (u1), write 5m 18; uncached 12
-#   (12·3 + 30·3·0.1 + 18·3·1.25 + 120) / 1e6 = (36 + 9 + 67.5 + 120) / 1e6 = 0.0002325
-# turn 3: chain … u2 48 · a2 56 · u3 66 (5m); prompt 66 + 3·6 = 84; read 48, write 5m 18; uncached 18
-#   (18·3 + 48·0.3 + 18·3.75 + 120) / 1e6 = (54 + 14.4 + 67.5 + 120) / 1e6 = 0.0002559
-EXPECTED = [
-    (36, 8, 0, 10, 20, 6, Decimal("0.0002955")),
-    (60, 8, 30, 18, 0, 12, Decimal("0.0002325")),
-    (84, 8, 48, 18, 0, 18, Decimal("0.0002559")),
-]
 # The same third turn from a principal with nothing cached: writes 1h 20 and 5m 66 - 20 = 46; uncached 18
 #   (18·3 + 20·3·2.0 + 46·3·1.25 + 120) / 1e6 = (54 + 120 + 172.5 + 120) / 1e6 = 0.0004665
 OTHER_PRINCIPAL = (84, 8, 0, 46, 20, 18, Decimal("0.0004665"))

@@ -64,7 +64,12 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("models.0.upstream.url", DELETE, "models[0].upstream.url must be a non-empty string"),
     ("models.0.upstream.url", "ftp://upstream/v1", "models[0].upstream.url must be an http(s) URL"),
     ("models.0.upstream.url", "upstream:8000/v1", "models[0].upstream.url must be an http(s) URL"),
-    ("models.0.upstream.api", "grpc", "models[0].upstream.api must be one of ['openai', 'anthropic']"),
+    ("models.0.upstream.api", "grpc",
+     "models[0].upstream.api must be one of ['openai', 'anthropic', 'openai-responses'] or a list of them, got 'grpc'"),
+    ("models.0.upstream.api", [], "models[0].upstream.api must be one of"),
+    ("models.0.upstream.api", ["openai", "grpc"], "models[0].upstream.api must be one of"),
+    ("models.0.upstream.api", ["openai", {"x": 1}], "models[0].upstream.api must be one of"),
+    ("models.0.upstream.api", ["openai", "openai"], "models[0].upstream.api lists an API twice: ['openai', 'openai']"),
     ("models.0.upstream.api", DELETE, "models[0].upstream.api must be one of"),
     ("models.0.upstream.api", "OpenAI", "models[0].upstream.api must be one of"),
     ("models.0.upstream.model", DELETE, "models[0].upstream.model must be a non-empty string"),
@@ -212,7 +217,8 @@ def test_minimal_config_takes_the_defaults() -> None:
     assert model.tokenizer is None and model.image_tokens == 0
     assert model.upstream.api_key_env is None and model.upstream.forward_cache_control is False
     assert model.policy == CachePolicy()
-    assert model.upstream.endpoint == "http://upstream:8000/v1/chat/completions"
+    assert model.upstream.apis == ("openai",)
+    assert model.upstream.endpoint("openai") == "http://upstream:8000/v1/chat/completions"
 
 
 FULL = """
@@ -221,7 +227,8 @@ limits: {maxBodyBytes: 2048, classifyDeadlineSeconds: 0.5, upstreamTimeoutSecond
          headerTimeoutSeconds: 5, bodyTimeoutSeconds: 7.5, classifyConcurrency: 0, maxQueuedClassifications: 9}
 models:
   - alias: chat
-    upstream: {url: "http://vllm:8000/v1/", model: llama, api: openai, apiKeyEnv: VLLM_KEY, forwardCacheControl: true}
+    upstream: {url: "http://vllm:8000/v1/", model: llama, api: [openai, openai-responses, anthropic],
+               apiKeyEnv: VLLM_KEY, forwardCacheControl: true}
     tokenizer: {type: huggingface, path: /tok/tokenizer.json}
     pricing: {inputPerMTok: "0.60", outputPerMTok: 2.4}
     cache:
@@ -250,9 +257,11 @@ def test_full_config_parses_to_the_expected_values() -> None:
     assert list(config.models) == ["chat", "claude"]
 
     chat = config.models["chat"]
-    assert (chat.upstream.url, chat.upstream.model, chat.upstream.api) == ("http://vllm:8000/v1/", "llama", "openai")
+    assert (chat.upstream.url, chat.upstream.model) == ("http://vllm:8000/v1/", "llama")
+    assert chat.upstream.apis == ("openai", "openai-responses", "anthropic")
     assert (chat.upstream.api_key_env, chat.upstream.forward_cache_control) == ("VLLM_KEY", True)
-    assert chat.upstream.endpoint == "http://vllm:8000/v1/chat/completions"
+    assert [chat.upstream.endpoint(api) for api in chat.upstream.apis] == [
+        "http://vllm:8000/v1/chat/completions", "http://vllm:8000/v1/responses", "http://vllm:8000/v1/messages"]
     assert chat.tokenizer == {"type": "huggingface", "path": "/tok/tokenizer.json"}
     assert (chat.input_per_mtok, chat.output_per_mtok) == (Decimal("0.60"), Decimal("2.4"))
     assert chat.image_tokens == 85
@@ -265,7 +274,8 @@ def test_full_config_parses_to_the_expected_values() -> None:
     assert p.ignore_prefixes == ("nonce:", "trace:")
 
     claude = config.models["claude"]
-    assert claude.upstream.endpoint == "https://anthropic.internal/v1/messages"
+    assert claude.upstream.apis == ("anthropic",)
+    assert claude.upstream.endpoint("anthropic") == "https://anthropic.internal/v1/messages"
     assert (claude.upstream.api_key_env, claude.upstream.forward_cache_control) == (None, False)
     assert claude.tokenizer == {"type": "tiktoken", "encoding": "cl100k_base", "path": "/tok/cl100k_base.tiktoken"}
     assert (claude.input_per_mtok, claude.output_per_mtok) == (Decimal(1), Decimal(5))
@@ -313,8 +323,8 @@ def test_example_config_uses_every_key_and_parses() -> None:
     assert config.limits == Limits(10485760, 0.25, 300.0, 0.002, 30.0, 60.0, 4, 1024)
     assert list(config.models) == ["llama-70b", "assistant-mini"]
     llama, mini = config.models["llama-70b"], config.models["assistant-mini"]
-    assert llama.upstream.endpoint == "http://vllm-llama.llm.svc.cluster.local:8000/v1/chat/completions"
-    assert mini.upstream.endpoint == "http://assistant-mini.llm.svc.cluster.local:8080/v1/messages"
+    assert llama.upstream.endpoint("openai") == "http://vllm-llama.llm.svc.cluster.local:8000/v1/chat/completions"
+    assert mini.upstream.endpoint("anthropic") == "http://assistant-mini.llm.svc.cluster.local:8080/v1/messages"
     assert (llama.input_per_mtok, llama.output_per_mtok) == (Decimal("0.60"), Decimal("2.40"))
     assert (mini.input_per_mtok, mini.output_per_mtok) == (Decimal("0.25"), Decimal("1.25"))
     assert llama.policy.enabled_ttls == ("5m", "1h") and mini.policy.enabled_ttls == ("5m", "1h", "24h")

@@ -90,7 +90,8 @@ async def test_tools_count_as_the_upstream_counts_them(proxy: RunningProxy, key:
 
 @pytest.mark.parametrize(("body", "status", "kind", "fragment"), [
     ({"model": "nope", "messages": MESSAGES}, 404, "not_found_error", "does not exist"),
-    ({"model": "chat", "messages": MESSAGES}, 400, "invalid_request_error", "served over the openai API"),
+    ({"model": "chat", "messages": MESSAGES}, 400, "invalid_request_error",
+     "is not served on /v1/messages; use /v1/chat/completions"),
     ({"model": "claude-notok", "messages": MESSAGES}, 400, "invalid_request_error", "no tokenizer"),
     ({"messages": MESSAGES}, 400, "invalid_request_error", "model must be"),
     ({"model": "claude", "messages": "hi"}, 400, "invalid_request_error", "messages"),

@@ -72,7 +72,8 @@ KEY_TAB = b"{{key-with-a-tab}}"
 """The valid key with a tab after its third character."""
 PRINCIPAL_HEADER = "x-promptcache-principal"
 ENDPOINT = {"openai": b"/v1/chat/completions", "anthropic": b"/v1/messages"}
-POST_ROUTES = {"openai": (b"/v1/chat/completions",), "anthropic": (b"/v1/messages", b"/v1/messages/count_tokens")}
+POST_ROUTES = {"openai": (b"/v1/chat/completions", b"/v1/responses"),
+               "anthropic": (b"/v1/messages", b"/v1/messages/count_tokens")}
 MODEL = {"openai": "chat", "anthropic": "claude"}
 APIS: tuple[Api, Api] = ("openai", "anthropic")
 TIERS = ("5m", "1h", "24h")
@@ -1029,7 +1030,7 @@ def shape_of(path: bytes, headers: Sequence[tuple[bytes, bytes]]) -> Api:
 
 def routes(rng: random.Random) -> Iterator[Case]:
     """Item 7: routes that do not exist and methods the routes do not take, in the calling API's JSON shape."""
-    unknown = [b"/v1/responses", b"/v1/messages/batches", b"/v1/batches",
+    unknown = [b"/v1/responses/resp_1", b"/v1/messages/batches", b"/v1/batches",
                b"/v1/completions", b"/v1/embeddings", b"/v1/chat/completions/", b"/v1/messages/", b"/", b"/v1",
                b"/v2/messages", b"/v1/chat//completions", b"/V1/MESSAGES", b"/v1/messages%00", b"/v1/../v1/messages",
                b"//v1/messages", b"/v1/messages;x", b"/%e6%9d%b1%e4%ba%ac", b"/v1/%ff%fe", b"/v1/" + b"a" * 4000,

@@ -290,17 +290,18 @@ async def test_unknown_routes_answer_in_the_apis_json_shape(proxy: RunningProxy,
                                                             pg_dsn: str) -> None:
     key = await new_key(pg_dsn, unique("routes"))
     with pytest.raises(openai.NotFoundError) as oa:
-        await openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0).responses.create(
+        await openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0).embeddings.create(
             model="chat", input="hi")
-    assert oa.value.body == {"message": "no route POST /v1/responses: this proxy serves POST /v1/chat/completions, "
-                                        "POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models",
+    assert oa.value.body == {"message": "no route POST /v1/embeddings: this proxy serves POST /v1/chat/completions, "
+                                        "POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens and "
+                                        "GET /v1/models",
                              "type": "invalid_request_error", "param": None, "code": None}
     with pytest.raises(anthropic.NotFoundError) as an:
         await anthropic.AsyncAnthropic(base_url=proxy.url, api_key=key, max_retries=0).messages.batches.list()
     assert an.value.body == {"type": "error", "error": {
         "type": "not_found_error", "message": "no route GET /v1/messages/batches: this proxy serves POST "
-                                              "/v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens"
-                                              " and GET /v1/models"}}
+                                              "/v1/chat/completions, POST /v1/responses, POST /v1/messages, POST "
+                                              "/v1/messages/count_tokens and GET /v1/models"}}
     async with http.get(proxy.url + "/v1/messages") as response:
         assert response.status == 405 and response.content_type == "application/json"
         assert assert_error("anthropic", 405, await response.json()) == "GET is not allowed on /v1/messages"

@@ -31,6 +31,7 @@ from promptcache.proxy.domain.tiers import TIERS
 from promptcache.proxy.storage.requestlog import LoggedRequest, export_rows, to_json_line
 from promptcache.proxy.testing.simulator import REPLY, Simulator
 
+from support.conversation import as_responses_input, with_openai_breakpoints
 from support.proxy import model_config, new_key, running_proxy, settle, text, unique, words
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -339,13 +340,30 @@ def plain_turns() -> list[list[dict[str, Any]]]:
     return turns
 
 
+async def send(client: openai.AsyncOpenAI, syntax: str, model: str, messages: list[dict[str, Any]]) -> None:
+    """One turn, its markers as ``cache_control`` or OpenAI's own, over Chat Completions or the Responses API (the
+    request tier ``in_memory`` is the policy's default, 5m, for OpenAI breakpoints that name none)."""
+    if syntax == "cache_control":
+        await client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+    elif syntax == "openai-breakpoints":
+        await client.chat.completions.create(model=model, messages=with_openai_breakpoints(messages),  # type: ignore[arg-type]
+                                             prompt_cache_retention="in_memory")
+    else:
+        await client.responses.create(model=model, input=as_responses_input(messages),  # type: ignore[arg-type]
+                                      prompt_cache_retention="in_memory")
+
+
+@pytest.mark.parametrize("syntax", ["cache_control", "openai-breakpoints", "responses"])
 async def test_replaying_the_proxys_log_under_its_own_policy_gives_back_what_it_billed(
-        tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator], word_tokenizer: Path) -> None:
+        tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator], word_tokenizer: Path, syntax: str) -> None:
+    """Recorded through Chat Completions with ``cache_control``, with OpenAI's breakpoints, or through the Responses
+    API: the same log, and replay gives back what was billed."""
     url, _ = simulator
     explicit, automatic = unique("replay-explicit"), unique("replay-auto")
+    apis = ["openai", "openai-responses"]
     config = {"models": [
-        model_config(explicit, url + "/v1", "openai", word_tokenizer),
-        model_config(automatic, url + "/v1", "openai", word_tokenizer,
+        model_config(explicit, url + "/v1", apis, word_tokenizer),
+        model_config(automatic, url + "/v1", apis, word_tokenizer,
                      automatic={"mode": "lastUserMessage", "ttl": "1h"}),
     ]}
     specs = {m["alias"]: m["cache"] for m in config["models"]}
@@ -371,7 +389,7 @@ async def test_replaying_the_proxys_log_under_its_own_policy_gives_back_what_it_
             for name, steps in script.items():
                 if step < len(steps):
                     model, messages = steps[step]
-                    await clients[name].chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+                    await send(clients[name], syntax, model, messages)
                     await settle(proxy)
 
     conn = await asyncpg.connect(pg_dsn)

@@ -83,7 +83,8 @@ def words(prefix: str, n: int) -> str:
     return " ".join(f"{prefix}{i}" for i in range(n))
 
 
-def model_config(alias: str, upstream_url: str, api: str, tokenizer_path: Path, **cache: Any) -> dict[str, Any]:
+def model_config(alias: str, upstream_url: str, api: str | list[str], tokenizer_path: Path, **cache: Any
+                 ) -> dict[str, Any]:
     return {
         "alias": alias,
         "upstream": {"url": upstream_url, "model": f"sim-{alias}", "api": api},
