@@ -39,7 +39,8 @@ def request_tier(body: dict[str, Any], policy: CachePolicy) -> str | None:
         elif retention == "24h":
             tier = _enabled("24h", None, RETENTION, policy)
         else:
-            raise InvalidCacheControl(None, RETENTION, "tier", f"unknown value {retention!r}; known: in_memory, 24h")
+            raise InvalidCacheControl(None, RETENTION, "tier",
+                                      f"unknown value {_short(retention)}; known: in_memory, 24h")
     options = body.get(OPTIONS)
     if options is None:
         return tier

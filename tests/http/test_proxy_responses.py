@@ -309,3 +309,29 @@ async def test_bad_caching_fields_are_400s_naming_the_field(proxy: RunningProxy,
         status, payload = answer.status, await answer.json()
     assert status == 400
     assert message in assert_openai_error(payload, code)
+
+
+HOSTILE = [
+    (b'{"model": "chat", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
+    (b'{"model": "chat", "input": [{"role": "user", "content": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}]}",
+     "nested"),
+    (b'{"model": "chat", "input": "caf\xe9"}', "not valid JSON"),
+    (b'{"model": "chat", "input": "hi", "prompt_cache_retention": ' + b"9" * 400 + b"}", "prompt_cache_retention"),
+    (b'{"model": "chat", "input": "hi", "prompt_cache_options": {"ttl": 1e999}}', "prompt_cache_options.ttl"),
+    (b'{"model": "chat", "input": [{"type": "function_call", "arguments": "' + b"x" * 100_000 + b'"}],'
+     b' "prompt_cache_options": {"ttl": "5m", "mode": "' + b"m" * 10_000 + b'"}}', "unknown mode 'mmmm"),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), HOSTILE, ids=["deep input", "deep part", "latin-1", "huge integer",
+                                                           "huge float", "huge mode"])
+async def test_hostile_responses_bodies_are_400s(proxy: RunningProxy, client: openai.AsyncOpenAI, raw: bytes,
+                                                 message: str) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+            proxy.url + "/v1/responses", data=raw,
+            headers={"authorization": f"Bearer {client.api_key}", "content-type": "application/json"}) as answer:
+        status, payload = answer.status, await answer.json()
+    assert status == 400
+    text = assert_openai_error(payload, "invalid_cache_control" if "prompt_cache" in message or "mode" in message
+                               else None)
+    assert message in text and len(text) < 400
