@@ -8,11 +8,13 @@ from promptcache.proxy.domain.blocks import Api
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 408: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error", 413: "request_too_large",
+    429: "rate_limit_error",
     502: "api_error", 503: "overloaded_error", 504: "api_error",
 }
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error"}
+                 405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
+                 413: "invalid_request_error"}
 
 
 def error_response(api: Api, status: int, message: str, code: str | None = None,

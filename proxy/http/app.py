@@ -48,6 +48,7 @@ from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.ledger import RequestRecord
+from promptcache.proxy.storage.requestids import valid_client_id
 from promptcache.proxy.storage.secrets import KEY_BYTES
 from promptcache.proxy.storage.store import Store
 
@@ -255,11 +256,11 @@ class Proxy:
         return await self.handle(request, "openai-responses")
 
     async def handle(self, request: web.Request, api: Api) -> web.StreamResponse:
-        request_id = request[REQUEST_ID]
         try:
             exchange, body = await self._admit(request, api)
         except _Reject as rej:
-            return self._rejected(api, request_id, rej)
+            return self._rejected(api, request[REQUEST_ID], rej)
+        request_id = exchange.request_id
         try:
             if body.get("stream") is True:
                 return await self._stream(request, exchange, body)
@@ -339,9 +340,25 @@ class Proxy:
             self.metrics.index_fallbacks.labels("shed").inc()
             raise _Reject(429, "the proxy is overloaded; retry shortly", retry_after=OVERLOAD_RETRY_AFTER)
         scope = Scope(principal, alias, runtime.tokenizer_version)
+        await self._client_request_id(request, principal)
         exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
                             admission)
         return exchange, body
+
+    async def _client_request_id(self, request: web.Request, principal: str) -> None:
+        """The client's ``x-request-id``, when it is a valid one, becomes the request's id and ledger key; it is
+        reserved first, so an id keys one request only (docs/design.md#client-request-ids)."""
+        sent = request.headers.get("x-request-id")
+        if sent is None or not valid_client_id(sent):
+            return
+        try:
+            free = await self.store.reserve_request_id(sent, principal)
+        except IndexUnavailable:
+            self.metrics.index_fallbacks.labels("request_id_unreserved").inc()
+            return  # ours it is: the response says so
+        if not free:
+            raise _Reject(409, f"x-request-id {sent} was already used; send a new id with every new request")
+        request[REQUEST_ID] = sent
 
     async def _principal(self, request: web.Request) -> str:
         auth = self.config.auth

@@ -43,6 +43,8 @@ PROXY_GRANTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "request_log": ("INSERT", "SELECT"),
     # The cache-salt key, made by the first proxy that needs it and read by the others.
     "proxy_secrets": ("SELECT", "INSERT"),
+    # Reserved once, like the ledger row the id keys: ON CONFLICT (request_id) reads the key column only.
+    "client_request_ids": ("INSERT", "SELECT (request_id)"),
 })
 """Per table, the privileges of the proxy role: every table the migrations create, so none is left undecided."""
 

@@ -30,6 +30,7 @@ from promptcache.proxy.storage.keys import ApiKeys
 from promptcache.proxy.storage.ledger import CommitRow, Ledger, RequestRecord, commit_row
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
+from promptcache.proxy.storage.requestids import RequestIds
 from promptcache.proxy.storage.spool import MemorySpool, Spool
 
 _log = logging.getLogger("promptcache.store")
@@ -76,6 +77,7 @@ class Store:
         self.index = PrefixIndex(pg) if pg is not None else None
         self.ledger = Ledger(pg) if pg is not None else None
         self.api_keys = ApiKeys(pg) if pg is not None else None
+        self.request_ids = RequestIds(pg) if pg is not None else None
         self.redis = redis
         self.metrics = metrics
         self.spool = spool if spool is not None else MemorySpool(DEFAULT_SPOOL_BYTES)
@@ -354,6 +356,12 @@ class Store:
         """The principal of a key hash known a moment ago, without asking Postgres."""
         cached = self._keys.get(digest)
         return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
+    async def reserve_request_id(self, request_id: str, principal: str) -> bool:
+        """Whether a client's request id was free and is now this request's; IndexUnavailable when unknown."""
+        if self.request_ids is None:
+            raise IndexUnavailable("postgres", "not configured")
+        return await self.request_ids.reserve(request_id, principal)
 
     async def principal_for_key(self, key: str) -> str | None:
         """The key's principal; known keys are cached briefly so a Postgres outage does not lock clients out."""

@@ -74,10 +74,13 @@ async def test_a_proxy_in_the_proxy_role_bills_end_to_end(
         assert proxy.server.proxy.salt_key_shared
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
         request_ids = []
-        for messages, expected in zip(openai_turns(), EXPECTED, strict=False):
-            raw = await client.chat.completions.with_raw_response.create(model="chat", messages=messages)  # type: ignore[arg-type]
+        for turn, (messages, expected) in enumerate(zip(openai_turns(), EXPECTED, strict=False)):
+            sent = {"x-request-id": f"least-privilege-{principal}-{turn}"} if turn else {}  # reserved as the role
+            raw = await client.chat.completions.with_raw_response.create(model="chat", messages=messages,  # type: ignore[arg-type]
+                                                                         extra_headers=sent)
             await settle(proxy)
             request_ids.append(raw.headers["x-request-id"])
+            assert request_ids[-1] == sent.get("x-request-id", request_ids[-1])
             row = await ledger(databases.owner_dsn, request_ids[-1])
             prompt, out, read, c5m, c1h, uncached, cost = expected
             assert (row["principal_id"], row["tariff_version"]) == (principal, tariff.version)

@@ -30,6 +30,7 @@ EXPECTED = {
     "ledger": {"INSERT"},
     "request_log": {"SELECT", "INSERT"},
     "proxy_secrets": {"SELECT", "INSERT"},
+    "client_request_ids": {"INSERT"},
 }
 
 
@@ -71,7 +72,8 @@ def run_migrate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_table_has_a_decision() -> None:
-    assert {t: set(p) for t, p in PROXY_GRANTS.items()} == EXPECTED | {"ledger": {"INSERT", "SELECT (request_id)"}}
+    assert {t: set(p) for t, p in PROXY_GRANTS.items()} == EXPECTED | {
+        "ledger": {"INSERT", "SELECT (request_id)"}, "client_request_ids": {"INSERT", "SELECT (request_id)"}}
 
 
 async def test_the_runner_makes_the_role_and_grants_exactly_its_dml() -> None:
@@ -79,9 +81,10 @@ async def test_the_runner_makes_the_role_and_grants_exactly_its_dml() -> None:
         role = roles.name("pcproxy")
         migrated = await migrate(dsn, proxy_role=role)
 
-        assert (migrated.applied, migrated.warnings) == ([1, 2, 3, 4], [])
+        assert (migrated.applied, migrated.warnings) == ([1, 2, 3, 4, 5], [])
         assert await privileges(dsn, role) == EXPECTED  # every table the migrations made, and nothing more
         assert await readable_columns(dsn, role, "ledger") == {"request_id"}  # what ON CONFLICT (request_id) reads
+        assert await readable_columns(dsn, role, "client_request_ids") == {"request_id"}
         assert await fetchval(dsn, "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role) is False
         assert await fetchval(dsn, "SELECT has_sequence_privilege($1, 'tariffs_version_seq', 'USAGE')", role) is False
         assert await fetchval(dsn, "SELECT has_schema_privilege($1, 'public', 'USAGE')", role) is True
@@ -111,7 +114,7 @@ async def test_an_owner_that_may_not_create_roles_still_migrates_and_says_what_t
 
         first = run_migrate("--database", owner_dsn, "--proxy-role", role)
 
-        assert (first.returncode, first.stdout) == (0, "applied migrations [1, 2, 3, 4]\n")
+        assert (first.returncode, first.stdout) == (0, "applied migrations [1, 2, 3, 4, 5]\n")
         assert first.stderr == (
             f"warning: the proxy role {role} does not exist and {owner} may not create roles, so it was not granted "
             f"its privileges: as a superuser or a role with CREATEROLE, run CREATE ROLE {role} NOLOGIN; then run "
