@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from promptcache.proxy.config import ModelConfig, ProxyConfig
 from promptcache.proxy.domain.blocks import ENDPOINTS, Api
 from promptcache.proxy.domain.classify import ChainBlock, Classification, candidates, classify, reads_only
+from promptcache.proxy.domain.diagnose import Diagnosis, diagnose
 from promptcache.proxy.domain.entries import PRINCIPAL_RULE, Scope, valid_principal
 from promptcache.proxy.domain.errors import BadRequest, InvalidCacheControl
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
@@ -37,7 +38,7 @@ from promptcache.proxy.domain.pricing import Split, Tariff, reconcile
 from promptcache.proxy.domain.salt import cache_salt
 from promptcache.proxy.domain.steps import run_async
 from promptcache.proxy.domain.tokens import BlockCounter
-from promptcache.proxy.http import jsonio
+from promptcache.proxy.http import diagnostics, jsonio
 from promptcache.proxy.http.apierrors import error_response
 from promptcache.proxy.http.authguard import AuthGuard
 from promptcache.proxy.http.bodies import BodyTooLarge, UndecodableBody, decoded
@@ -85,6 +86,11 @@ class Exchange:
     sent: list[str | None] = field(default_factory=list)
     """The client's breakpoint tier per chain block, for the request log."""
     classification: asyncio.Task[Classification | None] | None = None
+    asked: diagnostics.Asked | None = None
+    """What the client asked cache-miss diagnostics against, if it did."""
+    diagnosis: asyncio.Task[Diagnosis] | None = None
+    response_id: str | None = None
+    """The upstream's id of its answer, for the request log."""
 
     @property
     def model(self) -> ModelConfig:
@@ -336,13 +342,17 @@ class Proxy:
         if api != "anthropic" and options is not None and not isinstance(options, dict):
             raise _Reject(400, "stream_options must be an object")
         admission = self._admission(body, api, model)
+        try:
+            asked = diagnostics.asked(body, request.headers, api)
+        except BadRequest as exc:
+            raise _Reject(400, str(exc)) from None
         if runtime.counter is not None and self.gate.full:
             self.metrics.index_fallbacks.labels("shed").inc()
             raise _Reject(429, "the proxy is overloaded; retry shortly", retry_after=OVERLOAD_RETRY_AFTER)
         scope = Scope(principal, alias, runtime.tokenizer_version)
         await self._client_request_id(request, principal)
         exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
-                            admission)
+                            admission, asked=asked)
         return exchange, body
 
     async def _client_request_id(self, request: web.Request, principal: str) -> None:
@@ -438,11 +448,35 @@ class Proxy:
     # -- classification, concurrent with the upstream call ----------------------------------
 
     def _start_classification(self, ex: Exchange) -> None:
-        counter = ex.runtime.counter
-        if counter is None:
+        if ex.runtime.counter is None:
             self.metrics.index_fallbacks.labels("no_tokenizer").inc()
-            return
-        ex.classification = asyncio.create_task(self._classify(ex))
+        else:
+            ex.classification = asyncio.create_task(self._classify(ex))
+        if ex.asked is not None:
+            ex.diagnosis = asyncio.create_task(self._diagnose(ex, ex.asked))
+
+    async def _diagnose(self, ex: Exchange, asked: diagnostics.Asked) -> Diagnosis:
+        """Why this request did not read what the one it names wrote: once it is classified, from the two chains."""
+        if asked.previous is None:
+            return Diagnosis(None)  # asked on a first turn: nothing to compare with yet
+        classification = await ex.settled()
+        try:
+            previous = await self.store.previous_request(ex.scope.principal_id, asked.previous)
+        except IndexUnavailable:
+            return Diagnosis("unavailable")
+        read = classification.read_tokens if classification is not None else None
+        return diagnose(ex.chain, read, ex.model.alias, previous, ex.model.policy, ex.started_at)
+
+    async def diagnostics_field(self, ex: Exchange) -> tuple[str, dict[str, Any]] | None:
+        """The diagnostics field for the response, when asked for; never fails the answer."""
+        if ex.diagnosis is None:
+            return None
+        try:
+            diagnosis = await ex.diagnosis
+        except Exception:
+            _log.exception("diagnostics failed", extra={"request_id": ex.request_id})
+            diagnosis = Diagnosis("unavailable")
+        return diagnostics.rendered(ex.api, diagnosis)
 
     async def _classify(self, ex: Exchange) -> Classification | None:
         """The cache split, or None (list price) when the index fails or the deadline passes."""
@@ -512,6 +546,8 @@ class Proxy:
         body["model"] = ex.model.upstream.model
         if ex.api == "openai" and body.get("stream") is True:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if ex.api == "anthropic":
+            body.pop("diagnostics", None)  # ours to answer, not the upstream's
         if ex.model.upstream.cache_salt == "principal":  # ours replaces any the client sent: isolation is not theirs
             body["cache_salt"] = cache_salt(self.salt_key, ex.scope)
         return body
@@ -545,8 +581,12 @@ class Proxy:
         split = reconcile(*totals, await ex.settled())
         engine = engine_cached(data, ex.api)
         data["usage"] = rewrite(split, data["usage"], ex.api)
+        ex.response_id = diagnostics.response_id(data.get("id"))
         if "model" in data:
             data["model"] = ex.model.alias  # the name the client asked for, not the upstream's
+        extra = await self.diagnostics_field(ex)
+        if extra is not None:
+            data[extra[0]] = extra[1]
         if request.transport is None or request.transport.is_closing():
             self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
             return web.Response(status=CLIENT_CLOSED)
@@ -590,7 +630,7 @@ class Proxy:
                 response = web.StreamResponse(headers={
                     "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": ex.request_id})
                 await response.prepare(request)
-                rewriter = _StreamRewriter(ex, wants_usage)
+                rewriter = _StreamRewriter(self, ex, wants_usage)
                 async for event in events(upstream.content):
                     out = await rewriter.rewrite(event)
                     if out:
@@ -624,6 +664,8 @@ class Proxy:
         """Record the outcome and commit in the background: billed only for a complete 2xx with usage."""
         model = ex.model.alias
         self.metrics.requests.labels(ex.api, model, outcome).inc()
+        if ex.diagnosis is not None and not ex.diagnosis.done():
+            ex.diagnosis.cancel()  # nothing will read it now
         classification: Classification | None = None
         if split is None:
             split = Split(0, 0)
@@ -636,7 +678,7 @@ class Proxy:
             split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.sent if ex.chain else None,
             classification=classification if split.cache_valid else None,
             latency_ms=(time.perf_counter() - ex.t0) * 1000, engine_cached_tokens=engine_cached_tokens,
-            prompt_cache_key=ex.admission.cache_key,
+            prompt_cache_key=ex.admission.cache_key, response_id=ex.response_id,
         )
         if record.billable:
             self.metrics.read_tokens.labels(model).inc(split.read)
@@ -663,7 +705,8 @@ class Proxy:
 class _StreamRewriter:
     """Rewrites the usage-bearing events of a stream; everything else passes byte for byte."""
 
-    def __init__(self, ex: Exchange, wants_usage: bool) -> None:
+    def __init__(self, proxy: Proxy, ex: Exchange, wants_usage: bool) -> None:
+        self.proxy = proxy
         self.ex = ex
         self.wants_usage = wants_usage
         self.alias = ex.model.alias if ex.model.alias != ex.model.upstream.model else None
@@ -696,6 +739,7 @@ class _StreamRewriter:
             return bytes(event.raw)
         if renames and "model" in chunk:
             chunk["model"] = self.alias
+        self.ex.response_id = self.ex.response_id or diagnostics.response_id(chunk.get("id"))
         totals = upstream_totals(chunk["usage"], "openai") if chunk.get("usage") else None
         if totals is None:
             return encode(event.name, chunk) if renames else bytes(event.raw)
@@ -707,6 +751,9 @@ class _StreamRewriter:
             chunk.pop("usage")
             return encode(event.name, chunk)
         chunk["usage"] = rewrite(self.split, chunk["usage"], "openai")
+        extra = await self.proxy.diagnostics_field(self.ex)
+        if extra is not None:
+            chunk[extra[0]] = extra[1]
         return encode(event.name, chunk)
 
     async def _responses(self, event: Any) -> bytes | None:
@@ -721,12 +768,16 @@ class _StreamRewriter:
             return bytes(event.raw)
         if renames and "model" in response:
             response["model"] = self.alias
+        self.ex.response_id = self.ex.response_id or diagnostics.response_id(response.get("id"))
         totals = upstream_totals(response.get("usage"), "openai-responses") \
             if payload.get("type") in ("response.completed", "response.incomplete") else None
         if totals is not None:
             self.engine_cached = engine_cached(response, "openai-responses")
             self.split = reconcile(*totals, await self.ex.settled())
             response["usage"] = rewrite(self.split, response["usage"], "openai-responses")
+            extra = await self.proxy.diagnostics_field(self.ex)
+            if extra is not None:
+                response[extra[0]] = extra[1]
             self.complete = True
         return encode(event.name, payload)
 
@@ -746,6 +797,11 @@ class _StreamRewriter:
             renamed = self._renames(event) and "model" in message
             if renamed:
                 message["model"] = self.alias
+            self.ex.response_id = diagnostics.response_id(message.get("id"))
+            extra = await self.proxy.diagnostics_field(self.ex)  # held for it only when asked for
+            if extra is not None:
+                message[extra[0]] = extra[1]
+                renamed = True
             usage = message.get("usage")
             totals = upstream_totals(usage, "anthropic")
             if totals is None:

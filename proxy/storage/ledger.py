@@ -46,6 +46,9 @@ class RequestRecord:
     engine_cached_tokens: int | None = None
     """The upstream's own count of prompt tokens served from its KV cache; None when it did not report one."""
     prompt_cache_key: str | None = None
+    response_id: str | None = None
+    """The upstream's id of its answer (``chatcmpl-…``, ``msg_…``, ``resp_…``): what cache-miss diagnostics find a
+    previous request by."""
 
     @property
     def billable(self) -> bool:
@@ -102,11 +105,13 @@ class CommitRow(msgspec.Struct, frozen=True, kw_only=True):
     read_hash: bytes | None
     read_expires_at: datetime | None
     prompt_cache_key: str | None = None
-    """Last, with a default: a row spooled by an older proxy has none."""
+    """Last, with defaults: a row spooled by an older proxy has none."""
+    response_id: str | None = None
 
 
-_LOGGED = (*requestlog.COLUMNS, "latency_ms")
-"""The request_log columns a commit fills: the exported format's, and the latency the format leaves out."""
+_LOGGED = (*requestlog.COLUMNS, "latency_ms", "response_id")
+"""The request_log columns a commit fills: the exported format's, and the latency and the upstream's response id
+the format leaves out."""
 
 _PARAMETERS: tuple[str, ...] = CommitRow.__struct_fields__
 assert set(_LOGGED) <= set(_PARAMETERS), set(_LOGGED) - set(_PARAMETERS)
@@ -245,4 +250,5 @@ def commit_row(record: RequestRecord, *, refresh_read: bool = True) -> CommitRow
         read_hash=read.hash if read is not None else None,
         read_expires_at=read.expires_at if read is not None else None,
         prompt_cache_key=record.prompt_cache_key,
+        response_id=record.response_id,
     )

@@ -19,9 +19,11 @@ from typing import Any, NoReturn, TypeGuard
 import asyncpg
 
 from promptcache.proxy.domain.classify import ChainBlock
+from promptcache.proxy.domain.diagnose import Previous
 from promptcache.proxy.domain.markers import CACHE_KEY_RULE, valid_cache_key
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
 from promptcache.proxy.domain.tiers import TIERS
+from promptcache.proxy.storage.postgres import Database
 
 MAX_COUNT = 2**31 - 1
 """Token counts are Postgres ``integer`` columns: a larger value is refused where it comes in (a log line, an
@@ -409,3 +411,23 @@ def _is_int(value: object) -> TypeGuard[int]:
 def _invalid(field: str | None, rule: str, value: object) -> NoReturn:
     shown = json.dumps(value, ensure_ascii=False)
     raise _Invalid(field, f"{rule}, got {shown if len(shown) <= 40 else shown[:37] + '...'}")
+
+
+_PREVIOUS = """
+(SELECT virtual_model, ts, status, chain_hashes, chain_tokens, chain_roles, chain_tiers FROM request_log
+    WHERE request_id = $2 AND principal_id = $1)
+UNION ALL
+(SELECT virtual_model, ts, status, chain_hashes, chain_tokens, chain_roles, chain_tiers FROM request_log
+    WHERE principal_id = $1 AND response_id = $2 ORDER BY ts DESC LIMIT 1)
+LIMIT 1
+"""
+
+
+async def previous_request(db: Database, principal: str, ident: str) -> Previous | None:
+    """The principal's own logged request named by our request id or the upstream's response id, for
+    cache-miss diagnostics; another principal's is not found."""
+    row = await db.run(lambda conn: conn.fetchrow(_PREVIOUS, principal, ident))
+    if row is None:
+        return None
+    return Previous(row["virtual_model"], row["ts"], row["status"], row["chain_hashes"], row["chain_tokens"],
+                    row["chain_roles"], row["chain_tiers"])

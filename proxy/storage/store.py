@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from promptcache.proxy.domain.diagnose import Previous
 from promptcache.proxy.domain.entries import IndexEntry, Scope
 from promptcache.proxy.metrics import Metrics
 from promptcache.proxy.storage.errors import IndexUnavailable
@@ -31,6 +32,7 @@ from promptcache.proxy.storage.ledger import CommitRow, Ledger, RequestRecord, c
 from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.redis import RedisAccelerator
 from promptcache.proxy.storage.requestids import RequestIds
+from promptcache.proxy.storage.requestlog import previous_request
 from promptcache.proxy.storage.spool import MemorySpool, Spool
 
 _log = logging.getLogger("promptcache.store")
@@ -356,6 +358,13 @@ class Store:
         """The principal of a key hash known a moment ago, without asking Postgres."""
         cached = self._keys.get(digest)
         return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
+    async def previous_request(self, principal: str, ident: str) -> Previous | None:
+        """The principal's logged request ``ident`` names, for cache-miss diagnostics; IndexUnavailable when
+        Postgres cannot say."""
+        if self.pg is None:
+            raise IndexUnavailable("postgres", "not configured")
+        return await previous_request(self.pg, principal, ident)
 
     async def reserve_request_id(self, request_id: str, principal: str) -> bool:
         """Whether a client's request id was free and is now this request's; IndexUnavailable when unknown."""

@@ -270,6 +270,7 @@ async def test_request_log_row(pg: Database, db: Conn) -> None:
         "chain_tiers": ["1h", None],
         "engine_cached_tokens": 1499,
         "prompt_cache_key": None,
+        "response_id": None,
     }
     assert dict(row) == expected
 
