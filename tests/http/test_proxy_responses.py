@@ -146,6 +146,24 @@ async def test_chat_completions_with_openais_breakpoints_bill_like_cache_control
                    if isinstance(message["content"], list) for part in message["content"])
 
 
+async def test_streamed_chat_completions_with_openais_breakpoints(
+        proxy: RunningProxy, client: openai.AsyncOpenAI, pg_dsn: str) -> None:
+    for turn, expected in zip(openai_turns(), EXPECTED, strict=True):
+        async with client.chat.completions.with_streaming_response.create(
+                model="chat", messages=with_openai_breakpoints(turn), stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True}, prompt_cache_retention="in_memory") as raw:
+            request_id = raw.headers["x-request-id"]
+            chunks = [chunk async for chunk in await raw.parse()]
+        await settle(proxy)
+        prompt, out, read, c5m, c1h, _, _ = expected
+        usage = chunks[-1].usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, out)
+        assert (usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens_details.cache_write_tokens) == (
+            read, c5m + c1h)
+        await assert_billed(pg_dsn, request_id, "openai", expected)
+
+
 async def test_the_request_ttl_is_the_tier_of_breakpoints_without_one(
         proxy: RunningProxy, client: openai.AsyncOpenAI, pg_dsn: str) -> None:
     """``prompt_cache_options.ttl`` 30m: the 1h tier, for a breakpoint that names none; 12h on the part: 24h."""
