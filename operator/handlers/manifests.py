@@ -102,9 +102,9 @@ def replicas(spec: Mapping[str, Any]) -> Any:
 
 
 def endpoint(model: str, namespace: str, api: str) -> str:
-    """The base URL clients give their SDK: OpenAI's includes ``/v1``, Anthropic's does not."""
+    """The base URL clients give their SDK for ``api``: OpenAI's includes ``/v1``, Anthropic's does not."""
     base = f"http://{names(model)['service']}.{namespace}.svc:{SERVICE_PORT}"
-    return base + "/v1" if api == "openai" else base
+    return base if api == "anthropic" else base + "/v1"
 
 
 def config_map(model: str, namespace: str, rendered: Rendered) -> dict[str, Any]:

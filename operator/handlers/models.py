@@ -105,7 +105,8 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
     status = {
         "observedGeneration": generation,
         "conditions": merge(current, conditions, generation),
-        "endpoint": manifests.endpoint(name, namespace, model.upstream.api),
+        "endpoint": manifests.endpoint(name, namespace, model.upstream.apis[0]),
+        "endpoints": {api: manifests.endpoint(name, namespace, api) for api in model.upstream.apis},
         "configChecksum": rendered.checksum,
         "mode": "sidecar" if rendered.sidecar else "gateway",
     }

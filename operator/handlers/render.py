@@ -45,8 +45,7 @@ def sidecar_url(spec: Mapping[str, Any]) -> str:
     port = ports[0].get("containerPort") if ports and isinstance(ports[0], Mapping) else None
     if not isinstance(port, int):
         raise SpecError("InvalidSpec", "spec.server.ports[0].containerPort is needed to reach the sidecar server")
-    api = (spec.get("upstream") or {}).get("api")
-    return f"http://127.0.0.1:{port}" + ("/v1" if api == "openai" else "")
+    return f"http://127.0.0.1:{port}/v1"  # the proxy drops the /v1 again for Anthropic's paths
 
 
 def tokenizer_volume(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -84,6 +83,16 @@ def _tokenizer(spec: Mapping[str, Any]) -> dict[str, Any]:
     return tokenizer
 
 
+def upstream_apis(upstream: Mapping[str, Any]) -> Any:
+    """``upstream.api`` (one API) or ``upstream.apis`` (several), exactly one of them, as the proxy's ``api`` takes
+    it; checked here too for an API server that did not enforce the CRD's rule."""
+    one, several = upstream.get("api"), upstream.get("apis")
+    if (one is None) == (several is None):
+        raise SpecError("InvalidSpec",
+                        "set exactly one of spec.upstream.api (one API) and spec.upstream.apis (several)")
+    return one if several is None else several  # the proxy's loader judges the values
+
+
 def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Mapping[str, Any]) -> Rendered:
     """The proxy config for one DeployedModel under its CachePolicy, validated by the proxy's loader."""
     upstream = dict(spec.get("upstream") or {})
@@ -95,7 +104,7 @@ def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Ma
         "upstream": {
             "url": url,
             "model": upstream.get("model"),
-            "api": upstream.get("api"),
+            "api": upstream_apis(upstream),
             "forwardCacheControl": bool(upstream.get("forwardCacheControl", False)),
         },
         "tokenizer": tokenizer,

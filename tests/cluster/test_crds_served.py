@@ -176,6 +176,7 @@ def base_status(kind: str) -> Obj:
                    "conditions": [condition(), condition("Stalled", status="False", reason="", message="")]}
     if kind == "DeployedModel":
         return {**common, "endpoint": "http://llama-proxy.crds.svc:80/v1", "tariffVersion": 3,
+                "endpoints": {"openai": "http://llama-proxy.crds.svc:80/v1", "anthropic": "http://llama-proxy.crds.svc:80"},
                 "configChecksum": "sha256:0f", "mode": "gateway"}
     if kind == "CachePolicy":
         return {**common, "boundModels": ["llama-70b"], "tariffVersions": {"llama-70b": 3}, "redisApplied": True,
@@ -467,6 +468,8 @@ NETWORK_CASES: list[Row] = [(name, drop_deleted(proxy), *rest) for name, proxy, 
      "proxy.networkPolicy.enabled", "type"),
 ], *selector_cases("podSelector"), *selector_cases("namespaceSelector")]]
 
+ONE_API = "set exactly one of upstream.api (one API) and upstream.apis (several)"
+
 DEPLOYED_MODEL = spec_cases("DeployedModel", [
     ("alias with a space", {"alias": "llama 70b"}, "alias", "pattern"),
     ("alias starting with a dot", {"alias": ".llama"}, "alias", "pattern"),
@@ -478,18 +481,21 @@ DEPLOYED_MODEL = spec_cases("DeployedModel", [
     ("no cachePolicyRef", {"cachePolicyRef": DELETE}, "cachePolicyRef", "required"),
     ("gateway without url", {"upstream.url": DELETE}, "upstream.url", "rule",
      "upstream.url is required unless server is set"),
-    ("anthropic url with /v1", {"upstream.api": "anthropic", "upstream.url": "https://api.example.com/v1"},
-     "upstream.url", "rule", "an anthropic upstream.url must not end in /v1"),
-    ("anthropic url with /v1/", {"upstream.api": "anthropic", "upstream.url": "http://claude-like:8080/v1/"},
-     "upstream.url", "rule", "an anthropic upstream.url must not end in /v1"),
     ("url not http", {"upstream.url": "ftp://models/v1"}, "upstream.url", "pattern"),
     ("url without host", {"upstream.url": "http:///v1"}, "upstream.url", "pattern"),
     ("url too long", {"upstream.url": "http://vllm/" + "v" * 2048}, "upstream.url", "maxLength"),
     ("no upstream model", {"upstream.model": DELETE}, "upstream.model", "required"),
     ("upstream model empty", {"upstream.model": ""}, "upstream.model", "minLength"),
     ("upstream model too long", {"upstream.model": "m" * 257}, "upstream.model", "maxLength"),
-    ("no upstream api", {"upstream.api": DELETE}, "upstream.api", "required"),
+    ("no upstream api", {"upstream.api": DELETE}, "upstream.api", "rule", ONE_API),
+    ("both api and apis", {"upstream.apis": ["openai"]}, "upstream.api", "rule", ONE_API),
     ("api unknown", {"upstream.api": "cohere"}, "upstream.api", "enum"),
+    ("apis empty", {"upstream.api": DELETE, "upstream.apis": []}, "upstream.apis", "minItems"),
+    ("apis of four", {"upstream.api": DELETE, "upstream.apis": ["openai", "anthropic", "openai-responses", "openai"]},
+     "upstream.apis", "maxItems"),
+    ("apis naming one twice", {"upstream.api": DELETE, "upstream.apis": ["anthropic", "anthropic"]},
+     "upstream.apis[1]", "x-kubernetes-list-type"),
+    ("apis unknown", {"upstream.api": DELETE, "upstream.apis": ["openai", "grpc"]}, "upstream.apis[1]", "enum"),
     ("secret ref without name", {"upstream.apiKeySecretRef": {"key": "k"}}, "upstream.apiKeySecretRef.name",
      "required"),
     ("secret ref without key", {"upstream.apiKeySecretRef": {"name": "s"}}, "upstream.apiKeySecretRef.key",
@@ -811,8 +817,11 @@ VALID: list[tuple[str, str, dict[str, Any]]] = [
         "ports": [{"containerPort": 8000}], "resources": {"limits": {"nvidia.com/gpu": 1}}}}),
     ("anthropic url without /v1", "DeployedModel", {"upstream.url": "https://api.example.com",
                                                     "upstream.api": "anthropic"}),
-    ("anthropic url with /v1 inside", "DeployedModel", {"upstream.url": "https://api.example.com/v1/anthropic",
-                                                        "upstream.api": "anthropic"}),
+    ("anthropic url with /v1", "DeployedModel", {"upstream.url": "http://claude-like:8080/v1/",
+                                                 "upstream.api": "anthropic"}),
+    ("responses api", "DeployedModel", {"upstream.api": "openai-responses"}),
+    ("one model on three apis", "DeployedModel", {"upstream.api": DELETE,
+                                                  "upstream.apis": ["openai", "anthropic", "openai-responses"]}),
     ("huggingface tokenizer", "DeployedModel", {"tokenizer": {"type": "huggingface",
                                                               "configMapRef": {"name": "llama-tokenizer"}}}),
     ("gguf from a volume", "DeployedModel", {"tokenizer": {

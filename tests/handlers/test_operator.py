@@ -18,6 +18,7 @@ import yaml
 
 from promptcache.operator.constants import API_VERSION, CHECKSUM_ANNOTATION, FINALIZER
 from promptcache.proxy.config import parse_config
+from promptcache.proxy.storage import schema
 
 from support.cluster import Cluster, eventually
 from support.operator_process import OperatorEnvironment, StartOperator
@@ -49,6 +50,7 @@ async def test_model_lifecycle_create_update_status_only_delete(
         status = obj["status"]
         assert status["observedGeneration"] == obj["metadata"]["generation"]
         assert status["endpoint"] == f"http://llama-proxy.{ns}.svc:80/v1"
+        assert status["endpoints"] == {"openai": f"http://llama-proxy.{ns}.svc:80/v1"}
         assert status["mode"] == "gateway"
         assert [(condition(obj, k) or {}).get("status") for k in ("Ready", "Reconciling", "Stalled")] == [
             "False", "True", "False"]
@@ -225,7 +227,8 @@ async def test_startup_applies_migrations_to_an_empty_database(
     async with start_operator(namespaces=[ns], environment=environment):
         conn = await asyncpg.connect(empty_pg_dsn)
         try:
-            assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == [1, 2, 3]
+            applied = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+            assert applied == [m.version for m in schema.available()] == list(range(1, len(applied) + 1))
         finally:
             await conn.close()
 

@@ -205,3 +205,41 @@ def test_a_secret_tokenizer_volume_is_a_secret_read_too() -> None:
 def test_malformed_env_is_left_to_the_api_server(env: Any) -> None:
     """Shapes the CRD's schema refuses are not this check's business, and do not crash it."""
     serverpolicy.check(sidecar(env=env, envFrom=env), serverpolicy.RESTRICTED, "ns", ())
+
+
+def served(**upstream: Any) -> tuple[tuple[str, ...], str]:
+    """(the APIs the rendered config serves, its upstream URL) for a sidecar model with these ``upstream`` fields."""
+    spec = sidecar()
+    spec["upstream"] = {"model": "llama", **upstream}
+    config = render("ns", spec, "p", policy("p", ns="ns")["spec"]).config.models["smol"].upstream
+    return config.apis, config.url
+
+
+def test_one_model_on_several_apis_renders_them_all_on_one_sidecar_url() -> None:
+    """The sidecar URL is OpenAI-style whatever the APIs: the proxy drops ``/v1`` for Anthropic's paths."""
+    assert served(apis=["openai", "anthropic"]) == (("openai", "anthropic"), "http://127.0.0.1:8000/v1")
+    assert served(api="anthropic") == (("anthropic",), "http://127.0.0.1:8000/v1")
+    assert served(api="openai-responses") == (("openai-responses",), "http://127.0.0.1:8000/v1")
+
+
+@pytest.mark.parametrize("upstream", [{}, {"api": "openai", "apis": ["anthropic"]}])
+def test_exactly_one_of_api_and_apis(upstream: dict[str, Any]) -> None:
+    with pytest.raises(SpecError, match=r"set exactly one of spec\.upstream\.api \(one API\) and spec\.upstream\.apis"):
+        served(**upstream)
+
+
+@pytest.mark.parametrize(("apis", "why"), [
+    (["openai", "openai"], "lists an API twice"),
+    (["grpc"], "must be one of .* or a list of them, got \\['grpc'\\]"),
+    ([], "must be one of .* or a list of them, got \\[\\]"),
+])
+def test_bad_apis_are_the_proxy_loaders_reason(apis: list[str], why: str) -> None:
+    with pytest.raises(SpecError, match=why) as caught:
+        served(apis=apis)
+    assert caught.value.reason == "InvalidSpec"
+
+
+def test_each_api_has_the_endpoint_its_sdk_takes() -> None:
+    assert {api: manifests.endpoint("m", "ns", api) for api in ("openai", "openai-responses", "anthropic")} == {
+        "openai": "http://m-proxy.ns.svc:80/v1", "openai-responses": "http://m-proxy.ns.svc:80/v1",
+        "anthropic": "http://m-proxy.ns.svc:80"}

@@ -56,8 +56,8 @@ async def chain_tokens(pg_dsn: str, request_id: str) -> list[int]:
 async def ask(proxy: RunningProxy, an: anthropic.AsyncAnthropic, previous: str | None, *, model: str = "claude",
               system: str = SYSTEM, question: str = QUESTION, tools: Any = TOOLS) -> tuple[Any, str]:
     raw = await an.messages.with_raw_response.create(
-        model=model, max_tokens=8, tools=tools, system=[text(system, "1h")],  # type: ignore[list-item]
-        messages=[{"role": "user", "content": [text(question, "5m")]}],  # type: ignore[list-item]
+        model=model, max_tokens=8, tools=tools, system=[text(system, "1h")],
+        messages=[{"role": "user", "content": [text(question, "5m")]}],
         diagnostics={"previous_message_id": previous},
         extra_headers={"anthropic-beta": "cache-diagnosis-2026-04-07"})
     message = await raw.parse()
@@ -128,8 +128,8 @@ async def test_anthropic_streams_carry_it_in_message_start(proxy: RunningProxy, 
                                                            pg_dsn: str) -> None:
     first, _ = await ask(proxy, an, None)
     async with an.messages.stream(
-            model="claude", max_tokens=8, tools=TOOLS, system=[text(SYSTEM, "1h")],  # type: ignore[list-item]
-            messages=[{"role": "user", "content": [text(words("later", 10), "5m")]}],  # type: ignore[list-item]
+            model="claude", max_tokens=8, tools=TOOLS, system=[text(SYSTEM, "1h")],
+            messages=[{"role": "user", "content": [text(words("later", 10), "5m")]}],
             diagnostics={"previous_message_id": first.id}) as stream:
         events = [event async for event in stream]
     (start,) = [e for e in events if e.type == "message_start"]
@@ -188,10 +188,11 @@ async def test_malformed_asks_are_400s_naming_the_field(proxy: RunningProxy, pg_
                                                         body: dict[str, Any], headers: dict[str, str],
                                                         fragment: str) -> None:
     key = await new_key(pg_dsn, unique("diag-bad"))
-    base: dict[str, Any] = {"/v1/messages": {"model": "claude", "max_tokens": 8,
-                                             "messages": [{"role": "user", "content": "hi"}]},
-                            "/v1/chat/completions": {"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
-                            "/v1/responses": {"model": "chat", "input": "hi"}}[path]
+    bases: dict[str, dict[str, Any]] = {
+        "/v1/messages": {"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/chat/completions": {"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/responses": {"model": "chat", "input": "hi"}}
+    base = bases[path]
     async with aiohttp.ClientSession() as http, http.post(
             proxy.url + path, json={**base, **body}, headers={"x-api-key": key, **headers}) as answer:
         status, payload = answer.status, await answer.json()

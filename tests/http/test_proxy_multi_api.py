@@ -43,19 +43,19 @@ class Clients:
 
     async def chat(self, tools: Any = None) -> str:
         raw = await self.openai.chat.completions.with_raw_response.create(
-            model="both", messages=[{"role": "system", "content": [text(SYSTEM, "1h")]},  # type: ignore[list-item]
+            model="both", messages=[{"role": "system", "content": [text(SYSTEM, "1h")]},
                                     {"role": "user", "content": [text(QUESTION, "5m")]}],
             **({"tools": tools} if tools else {}))
         await settle(self.proxy)
-        return raw.headers["x-request-id"]
+        return str(raw.headers["x-request-id"])
 
     async def messages(self, tools: Any = None) -> str:
         raw = await self.anthropic.messages.with_raw_response.create(
-            model="both", max_tokens=8, system=[text(SYSTEM, "1h")],  # type: ignore[list-item]
-            messages=[{"role": "user", "content": [text(QUESTION, "5m")]}],  # type: ignore[list-item]
+            model="both", max_tokens=8, system=[text(SYSTEM, "1h")],
+            messages=[{"role": "user", "content": [text(QUESTION, "5m")]}],
             **({"tools": tools} if tools else {}))
         await settle(self.proxy)
-        return raw.headers["x-request-id"]
+        return str(raw.headers["x-request-id"])
 
     async def responses(self) -> str:
         breakpoint: Any = {"mode": "explicit", "ttl": "30m"}
@@ -66,7 +66,7 @@ class Clients:
                 {"role": "user", "content": [{"type": "input_text", "text": QUESTION,
                                               "prompt_cache_breakpoint": {"mode": "explicit"}}]}])
         await settle(self.proxy)
-        return raw.headers["x-request-id"]
+        return str(raw.headers["x-request-id"])
 
 
 async def split(pg_dsn: str, request_id: str) -> tuple[Any, ...]:

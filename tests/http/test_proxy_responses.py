@@ -85,7 +85,7 @@ async def test_responses_three_turns_exact_splits_and_costs(proxy: RunningProxy,
                                                             pg_dsn: str, simulator: tuple[str, Simulator]) -> None:
     for turn, expected in zip(openai_turns(), EXPECTED, strict=True):
         raw = await client.responses.with_raw_response.create(
-            model="chat", input=as_responses_input(turn), prompt_cache_retention="in_memory")  # type: ignore[arg-type]
+            model="chat", input=as_responses_input(turn), prompt_cache_retention="in_memory")
         response = raw.parse()
         await settle(proxy)
         assert response.model == "chat" and response.output_text == REPLY
@@ -101,7 +101,7 @@ async def test_responses_three_turns_exact_splits_and_costs(proxy: RunningProxy,
 async def test_responses_streamed_three_turns_exact_splits_and_costs(
         proxy: RunningProxy, client: openai.AsyncOpenAI, pg_dsn: str) -> None:
     for turn, expected in zip(openai_turns(), EXPECTED, strict=True):
-        async with client.responses.stream(model="chat", input=as_responses_input(turn),  # type: ignore[arg-type]
+        async with client.responses.stream(model="chat", input=as_responses_input(turn),
                                            prompt_cache_retention="in_memory") as stream:
             events = [event async for event in stream]
             final = await stream.get_final_response()
@@ -130,7 +130,7 @@ async def test_chat_completions_with_openais_breakpoints_bill_like_cache_control
         proxy: RunningProxy, client: openai.AsyncOpenAI, pg_dsn: str, simulator: tuple[str, Simulator]) -> None:
     for turn, expected in zip(openai_turns(), EXPECTED, strict=True):
         raw = await client.chat.completions.with_raw_response.create(
-            model="chat", messages=with_openai_breakpoints(turn),  # type: ignore[arg-type]
+            model="chat", messages=with_openai_breakpoints(turn),
             prompt_cache_retention="in_memory")
         usage = raw.parse().usage
         await settle(proxy)
@@ -150,7 +150,7 @@ async def test_streamed_chat_completions_with_openais_breakpoints(
         proxy: RunningProxy, client: openai.AsyncOpenAI, pg_dsn: str) -> None:
     for turn, expected in zip(openai_turns(), EXPECTED, strict=True):
         async with client.chat.completions.with_streaming_response.create(
-                model="chat", messages=with_openai_breakpoints(turn), stream=True,  # type: ignore[arg-type]
+                model="chat", messages=with_openai_breakpoints(turn), stream=True,
                 stream_options={"include_usage": True}, prompt_cache_retention="in_memory") as raw:
             request_id = raw.headers["x-request-id"]
             chunks = [chunk async for chunk in await raw.parse()]
@@ -167,16 +167,16 @@ async def test_streamed_chat_completions_with_openais_breakpoints(
 async def test_the_request_ttl_is_the_tier_of_breakpoints_without_one(
         proxy: RunningProxy, client: openai.AsyncOpenAI, pg_dsn: str) -> None:
     """``prompt_cache_options.ttl`` 30m: the 1h tier, for a breakpoint that names none; 12h on the part: 24h."""
-    part = {"type": "input_text", "text": words("opt", 20), "prompt_cache_breakpoint": {"mode": "explicit"}}
+    part: Any = {"type": "input_text", "text": words("opt", 20), "prompt_cache_breakpoint": {"mode": "explicit"}}
     raw = await client.responses.with_raw_response.create(
-        model="chat", input=[{"role": "user", "content": [part]}],  # type: ignore[typeddict-item]
+        model="chat", input=[{"role": "user", "content": [part]}],
         prompt_cache_options={"mode": "explicit", "ttl": "30m"})
     await settle(proxy)
     row = await ledger(pg_dsn, raw.headers["x-request-id"])
     assert (row["prompt_tokens"], row["creation_5m"], row["creation_1h"], row["creation_24h"]) == (23, 0, 20, 0)
     part = {**part, "text": words("day", 20), "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "12h"}}
     raw = await client.responses.with_raw_response.create(
-        model="chat", input=[{"role": "user", "content": [part]}])  # type: ignore[typeddict-item]
+        model="chat", input=[{"role": "user", "content": [part]}])
     await settle(proxy)
     row = await ledger(pg_dsn, raw.headers["x-request-id"])
     assert (row["creation_5m"], row["creation_1h"], row["creation_24h"]) == (0, 0, 20)

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import openai
@@ -344,12 +344,12 @@ async def send(client: openai.AsyncOpenAI, syntax: str, model: str, messages: li
     """One turn, its markers as ``cache_control`` or OpenAI's own, over Chat Completions or the Responses API (the
     request tier ``in_memory`` is the policy's default, 5m, for OpenAI breakpoints that name none)."""
     if syntax == "cache_control":
-        await client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=model, messages=cast(Any, messages))
     elif syntax == "openai-breakpoints":
-        await client.chat.completions.create(model=model, messages=with_openai_breakpoints(messages),  # type: ignore[arg-type]
+        await client.chat.completions.create(model=model, messages=with_openai_breakpoints(messages),
                                              prompt_cache_retention="in_memory")
     else:
-        await client.responses.create(model=model, input=as_responses_input(messages),  # type: ignore[arg-type]
+        await client.responses.create(model=model, input=as_responses_input(messages),
                                       prompt_cache_retention="in_memory")
 
 

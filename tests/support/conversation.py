@@ -42,9 +42,9 @@ OPENAI_TTL = {"5m": None, "1h": "30m", "24h": "12h"}
 so the tests send ``prompt_cache_retention="in_memory"`` (the policy's default tier, 5m)."""
 
 
-def with_openai_breakpoints(messages: list[dict[str, Any]], part_type: str = "text") -> list[dict[str, Any]]:
+def with_openai_breakpoints(messages: list[dict[str, Any]], part_type: str = "text") -> Any:
     """``messages`` with every ``cache_control`` marker sent in OpenAI's own syntax instead, on parts of
-    ``part_type`` (``input_text`` for the Responses API)."""
+    ``part_type`` (``input_text`` for the Responses API); ``Any``, as the SDK's message types vary by version."""
     out = []
     for message in messages:
         content = message["content"]
@@ -61,6 +61,6 @@ def with_openai_breakpoints(messages: list[dict[str, Any]], part_type: str = "te
     return out
 
 
-def as_responses_input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def as_responses_input(messages: list[dict[str, Any]]) -> Any:
     """Chat messages as Responses API input items (text parts become ``input_text``, markers OpenAI's)."""
     return with_openai_breakpoints(messages, "input_text")

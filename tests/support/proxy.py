@@ -70,8 +70,9 @@ async def ledger(pg_dsn: str, request_id: str) -> asyncpg.Record:
     return row
 
 
-def text(t: str, ttl: str | None = None) -> dict[str, Any]:
-    """A text part, marked with ``ttl`` when given."""
+def text(t: str, ttl: str | None = None) -> Any:
+    """A text part, marked with ``ttl`` when given; ``Any``, as the SDKs' part types (which vary by version) take
+    no ``cache_control`` with a ``ttl`` everywhere we put one."""
     part: dict[str, Any] = {"type": "text", "text": t}
     if ttl:
         part["cache_control"] = {"type": "ephemeral", "ttl": ttl}
