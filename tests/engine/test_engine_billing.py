@@ -1,5 +1,6 @@
 """Billing against the real engine (docs/design.md#billing-caps, #usage-returned-to-clients): the official SDKs →
-the proxy → llama-server with SmolLM2-135M-Instruct, over both APIs, streaming and not.
+the proxy → llama-server with SmolLM2-135M-Instruct, over Chat Completions, Messages and the Responses API (its
+markers in OpenAI's own ``prompt_cache_breakpoint`` syntax), streaming and not.
 
 A recording relay (:class:`EngineTap`) sits between the proxy and the engine, so every bill is compared with the
 engine's own usage for exactly that request. Expected splits are derived from the engine too: a marked block's tokens
@@ -33,15 +34,18 @@ import pytest
 from aiohttp import web
 from anthropic.types import MessageParam, TextBlockParam
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.responses import ResponseCompletedEvent
 
 from promptcache.proxy.http.server import serving
 
+from support.conversation import as_responses_input
 from support.engine import Engine, model_path
 from support.faults import entries, fetch, wait_until
 from support.proxy import RunningProxy, model_config, new_key, running_proxy, text, unique
 
-OPENAI, ANTHROPIC = "smol-openai", "smol-anthropic"
-ALIAS = {"openai": OPENAI, "anthropic": ANTHROPIC}
+OPENAI, ANTHROPIC, RESPONSES = "smol-openai", "smol-anthropic", "smol-responses"
+ALIAS = {"openai": OPENAI, "anthropic": ANTHROPIC, "openai-responses": RESPONSES}
+APIS = tuple(ALIAS)
 IN, OUT = Decimal("3.00"), Decimal("15.00")
 WRITE = {"5m": Decimal("1.25"), "1h": Decimal("2.0"), "24h": Decimal("2.5")}
 READ = Decimal("0.1")
@@ -51,7 +55,7 @@ TOKENIZER = "gguf:smollm:3cede1a4c51d"
 GREEDY = {"temperature": 0}
 """Sampling off (the anthropic SDK no longer takes ``temperature``: sent as an extra body key)."""
 CASES = [pytest.param(api, stream, id=f"{api}-{'stream' if stream else 'plain'}")
-         for api in ("openai", "anthropic") for stream in (False, True)]
+         for api in APIS for stream in (False, True)]
 
 
 def handbook(company: str) -> str:
@@ -85,8 +89,9 @@ class EngineUsage:
 
 
 def engine_usage(seen: Seen) -> EngineUsage:
-    """From the engine's response: OpenAI ``usage`` (the one usage chunk of a stream), Anthropic ``usage`` (a stream's
-    ``message_start`` totals and ``message_delta`` output count); a prompt is input + cache read + cache creation."""
+    """From the engine's response: OpenAI ``usage`` (the one usage chunk of a stream), the Responses API's (a stream's
+    ``response.completed``), Anthropic ``usage`` (a stream's ``message_start`` totals and ``message_delta`` output
+    count); an Anthropic prompt is input + cache read + cache creation."""
     if seen.body.get("stream") is True:
         lines = seen.response.decode().splitlines()
         payloads = [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
@@ -96,6 +101,11 @@ def engine_usage(seen: Seen) -> EngineUsage:
         (usage,) = [p["usage"] for p in payloads if p.get("usage")]
         return EngineUsage(usage["prompt_tokens"], usage["completion_tokens"],
                            usage["prompt_tokens_details"]["cached_tokens"])
+    if seen.path == "/v1/responses":
+        (usage,) = [p["response"]["usage"] for p in payloads if p.get("type") == "response.completed"] \
+            if seen.body.get("stream") is True else [payloads[0]["usage"]]
+        return EngineUsage(usage["input_tokens"], usage["output_tokens"],
+                           usage["input_tokens_details"]["cached_tokens"])
     assert seen.path == "/v1/messages"
     if seen.body.get("stream") is True:
         (usage,) = [p["message"]["usage"] for p in payloads if p.get("type") == "message_start"]
@@ -194,6 +204,11 @@ class Turn:
                     {"role": "user", "content": [text(self.question, "5m")]}]
         return cast("list[ChatCompletionMessageParam]", messages)
 
+    def responses(self) -> Any:
+        """Responses API input items, the markers as OpenAI's breakpoints (1h as its 30m; 5m the request's default,
+        with ``prompt_cache_retention="in_memory"``); each typed ``message``, as llama-server requires."""
+        return [{"type": "message", **item} for item in as_responses_input(cast("list[dict[str, Any]]", self.openai()))]
+
     def anthropic(self) -> tuple[list[TextBlockParam], list[MessageParam]]:
         messages = [*self._history(), {"role": "user", "content": [text(self.question, "5m")]}]
         return cast("list[TextBlockParam]", [text(self.system, "1h")]), cast("list[MessageParam]", messages)
@@ -230,7 +245,8 @@ async def rig(engine: Engine, pg_dsn: str, tmp_path_factory: pytest.TempPathFact
         tap = EngineTap(engine.url, http)
         async with serving(tap.app()) as tap_url:
             models = []
-            for alias, url, api in ((OPENAI, tap_url + "/v1", "openai"), (ANTHROPIC, tap_url, "anthropic")):
+            for alias, url, api in ((OPENAI, tap_url + "/v1", "openai"), (ANTHROPIC, tap_url, "anthropic"),
+                                    (RESPONSES, tap_url + "/v1", "openai-responses")):
                 model = model_config(alias, url, api, model_path(), minPrefixTokens=16, enabledTtls=["5m", "1h"])
                 model["tokenizer"] = {"type": "gguf", "path": str(model_path())}
                 models.append(model)
@@ -253,7 +269,7 @@ class Answer:
     creation: dict[str, int]
     """``cache_creation``, by tier."""
     uncached: int | None
-    """Anthropic ``input_tokens`` (OpenAI reports none)."""
+    """Anthropic ``input_tokens`` (OpenAI's APIs report none)."""
 
 
 def tiers(creation: Any) -> dict[str, int]:
@@ -271,6 +287,18 @@ def from_openai(request_id: str, usage: Any) -> Answer:
     assert extra["cache_creation_input_tokens"] == sum(creation.values())
     return Answer(request_id, usage.prompt_tokens, usage.completion_tokens, extra["cache_read_input_tokens"],
                   creation, None)
+
+
+def from_responses(request_id: str, usage: Any) -> Answer:
+    assert usage is not None
+    extra = usage.model_extra or {}
+    creation = tiers(extra["cache_creation"])
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert usage.input_tokens_details.cached_tokens == extra["cache_read_input_tokens"]
+    assert usage.input_tokens_details.cache_write_tokens == extra["cache_creation_input_tokens"] == sum(
+        creation.values())
+    return Answer(request_id, usage.input_tokens, usage.output_tokens, extra["cache_read_input_tokens"], creation,
+                  None)
 
 
 def from_anthropic(request_id: str, usage: Any, creation: Any) -> Answer:
@@ -298,6 +326,20 @@ async def ask(rig: Rig, key: str, api: str, turn: Turn, *, stream: bool, max_tok
             received = [chunk async for chunk in chunks]
             assert [c.usage is not None for c in received] == [False] * (len(received) - 1) + [True]
             return from_openai(chunks.response.headers["x-request-id"], received[-1].usage)
+    if api == "openai-responses":
+        async with openai.AsyncOpenAI(base_url=rig.proxy.url + "/v1", api_key=key, max_retries=0) as oa:
+            if not stream:
+                answered = await oa.responses.with_raw_response.create(
+                    model=RESPONSES, input=turn.responses(), max_output_tokens=max_tokens, temperature=0,
+                    prompt_cache_retention="in_memory")
+                response = answered.parse()
+                assert response.model == RESPONSES
+                return from_responses(answered.headers["x-request-id"], response.usage)
+            streamed = await oa.responses.create(model=RESPONSES, input=turn.responses(), max_output_tokens=max_tokens,
+                                               temperature=0, prompt_cache_retention="in_memory", stream=True)
+            (completed,) = [e async for e in streamed if isinstance(e, ResponseCompletedEvent)]
+            assert completed.response.model == RESPONSES
+            return from_responses(streamed.response.headers["x-request-id"], completed.response.usage)
     system, messages = turn.anthropic()
     async with anthropic.AsyncAnthropic(base_url=rig.proxy.url, api_key=key, max_retries=0) as an:
         if not stream:
@@ -454,7 +496,7 @@ QUESTIONS = ["My parcel is late.", "It is order 48213.", "When will it arrive?",
              "Could you add gift wrap?", "No, that is all."]
 
 
-@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("api", APIS)
 async def test_read_and_creation_fit_the_prompt_over_a_growing_conversation(rig: Rig, api: str) -> None:
     """Six turns, streaming and not in turn: each reads the previous turn's marked question (its cumulative count)
     and writes the reply and the new question at 5m; the engine reuses exactly the previous turn's prompt (with
