@@ -53,6 +53,10 @@ def contains(live: Any, desired: Any) -> bool:
     return bool(live == desired)
 
 
+CONFLICT_ATTEMPTS = 5
+"""Reads and writes of one object before a conflict is the handler's error."""
+
+
 class Kube:
     def __init__(self, client: ApiClient) -> None:
         self.client = client
@@ -94,8 +98,20 @@ class Kube:
         """Create ``obj`` or bring the live one in line with it; returns created, updated or unchanged.
 
         Services are merge-patched, since a replace would have to carry their immutable cluster IP; every other
-        kind is replaced whole (a container or a peer removed from the spec must go).
+        kind is replaced whole (a container or a peer removed from the spec must go). A conflict (the object
+        changed between our read and write, e.g. the Deployment controller updating it, or created meanwhile)
+        is read again and retried: what we want does not depend on what was there, and kopf's retry after an
+        error would wait a minute.
         """
+        for _ in range(CONFLICT_ATTEMPTS - 1):
+            try:
+                return await self._converge_once(obj)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        return await self._converge_once(obj)
+
+    async def _converge_once(self, obj: dict[str, Any]) -> str:
         live = await self._read(obj)
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
