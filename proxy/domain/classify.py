@@ -18,9 +18,10 @@ from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.domain.tiers import TIERS, duration
 
 
-class ChainBlock(msgspec.Struct, frozen=True):
+class ChainBlock(msgspec.Struct, frozen=True, gc=False):
     """One block of a prefix chain: its cumulative hash and token count. A struct, not a dataclass: the proxy builds
-    one per block of every request, about seven times faster."""
+    one per block of every request, about seven times faster; holding no cycles, it is not tracked by the garbage
+    collector."""
 
     hash: bytes
     tokens: int

@@ -3,6 +3,11 @@
 A line is a request's billing facts and its prefix chain, never prompt text. Reading is strict
 (exact keys, exact types, decimals as strings) and every error names its line and field, so a
 bad file is fixed, not half-imported: replay's numbers are only as good as this input.
+
+Two readers share the rules. msgspec decodes a line into typed structs in C and a few whole-chain
+checks finish it (:func:`_fast`); whatever it does not accept outright, the strict reader
+(:func:`parse_json_line`) reads again, and that one either accepts it or names the line and field.
+So the fast reader only ever decides "valid, and this is the request", never an error message.
 """
 
 from __future__ import annotations
@@ -11,18 +16,18 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, NoReturn, TypeGuard
+from typing import Annotated, Any, NoReturn, TypeGuard
 
 import asyncpg
+import msgspec
 
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.diagnose import Previous
 from promptcache.proxy.domain.markers import CACHE_KEY_RULE, valid_cache_key
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
-from promptcache.proxy.domain.tiers import TIERS
+from promptcache.proxy.domain.tiers import TIERS, Tier
 from promptcache.proxy.storage.postgres import Database
 
 MAX_COUNT = 2**31 - 1
@@ -36,13 +41,46 @@ _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 _HEX = re.compile(r"[0-9a-fA-F]{2,64}")
 """With an even length: 1 to 32 bytes."""
 
-_KEYS = (
-    "id", "ts", "principal", "model", "tokenizer_version", "api", "status", "prompt_tokens", "completion_tokens",
-    "read_tokens", "creation_tokens", "input_per_mtok", "output_per_mtok", "billed_cost", "list_cost", "chain",
-)  # fmt: skip
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+_Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _WireBlock(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A chain item as msgspec decodes it; ``h`` is checked for the whole chain at once."""
+
+    h: Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
+    t: _Count
+    r: _Text
+    m: Tier | None
+
+
+class _WireLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A line as msgspec decodes it, its fields in the documented order (the strict reader's too)."""
+
+    id: _Text
+    ts: str
+    principal: _Text
+    model: _Text
+    tokenizer_version: _Text
+    api: _Text
+    status: Annotated[int, msgspec.Meta(ge=100, le=599)]
+    prompt_tokens: _Count
+    completion_tokens: _Count
+    read_tokens: _Count
+    creation_tokens: dict[str, _Count]
+    input_per_mtok: str
+    output_per_mtok: str
+    billed_cost: str
+    list_cost: str
+    chain: list[_WireBlock]
+    engine_cached_tokens: _Count | msgspec.UnsetType = msgspec.UNSET
+    prompt_cache_key: str | msgspec.UnsetType = msgspec.UNSET
+
+
 _OPTIONAL = ("engine_cached_tokens", "prompt_cache_key")
 """Keys a line may leave out: a fact the upstream did not report (docs/design.md#fields)."""
-_CHAIN_KEYS = ("h", "t", "r", "m")
+_KEYS = tuple(key for key in _WireLine.__struct_fields__ if key not in _OPTIONAL)
+_CHAIN_KEYS = _WireBlock.__struct_fields__
 _MONEY = ("input_per_mtok", "output_per_mtok", "billed_cost", "list_cost")
 _KEY_SETS = {keys: frozenset(keys) for keys in (_KEYS, _CHAIN_KEYS, TIERS)}
 
@@ -60,9 +98,11 @@ _ORDER = ' ORDER BY ts, request_id COLLATE "C"'
 _IMPORT_TABLE = "request_log_import"
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedRequest:
-    """One logged request, field for field the §9 keys; ``chain`` is ready for ``classify``."""
+class LoggedRequest(msgspec.Struct, frozen=True, gc=False):
+    """One logged request, field for field the §9 keys; ``chain`` is ready for ``classify``.
+
+    A struct the garbage collector does not track (it holds no cycles): replay makes millions of them.
+    """
 
     id: str
     ts: datetime
@@ -166,12 +206,24 @@ def read_jsonl(source: str | os.PathLike[str] | Iterable[str] | Iterable[bytes])
         return
     lines: Iterable[str | bytes] = source
     for lineno, raw in enumerate(lines, 1):
+        request = parse_line(raw, lineno)
+        if request is not None:
+            yield request
+
+
+def parse_line(raw: bytes | str, lineno: int) -> LoggedRequest | None:
+    """One line of a file: by the fast reader, else the strict one (bytes); None for a blank line."""
+    if isinstance(raw, bytes):
+        request = _fast(raw)
+        if request is not None:
+            return request
         try:
-            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise LogFormatError(lineno, None, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-        if line.strip():
-            yield parse_json_line(line, lineno)
+    else:
+        line = raw
+    return parse_json_line(line, lineno) if line.strip() else None
 
 
 async def export_rows(
@@ -277,6 +329,61 @@ def _to_row(r: LoggedRequest) -> tuple[object, ...]:
 
 
 # --- reading one line ---------------------------------------------------------------------------
+
+
+_SCALAR_STRINGS = len(_KEYS) + len(TIERS) + 10
+"""Strings in a line besides its chain and optional keys: the keys, those of creation_tokens, and ten values."""
+_BLOCK_STRINGS = len(_CHAIN_KEYS) + 3
+"""Strings in a chain item: its keys, ``h``, ``r`` and ``m`` (less one for each ``null`` in the line)."""
+
+
+def _fast(line: bytes) -> LoggedRequest | None:
+    """The request on ``line`` if it is valid and plainly written; None: let the strict reader decide.
+
+    msgspec keeps the last of a repeated key, which the format refuses. Without a backslash in the line
+    every string is two quote characters, and a valid line's strings are its keys and its string values;
+    a repeated key adds two, so the count differs. (``null`` is only valid as a marker; one inside a string
+    makes the count differ too, and that line goes to the strict reader.)
+    """
+    if b"\\" in line:
+        return None
+    try:
+        w = _DECODER.decode(line)
+    except msgspec.DecodeError:
+        return None
+    chain = w.chain
+    tokens = [b.t for b in chain]
+    size = len(chain)
+    strings = _SCALAR_STRINGS + _BLOCK_STRINGS * size - line.count(b"null")
+    engine_cached = None if w.engine_cached_tokens is msgspec.UNSET else w.engine_cached_tokens
+    cache_key = None if w.prompt_cache_key is msgspec.UNSET else w.prompt_cache_key
+    if engine_cached is not None:
+        strings += 1
+    if cache_key is not None:
+        if not valid_cache_key(cache_key):
+            return None
+        strings += 2
+    # A hash is 1 to 32 bytes of hex. fromhex refuses other characters and odd lengths but skips whitespace,
+    # of which only a space can be in a string here (control characters would need a backslash).
+    if (line.count(b'"') != 2 * strings or w.creation_tokens.keys() != _KEY_SETS[TIERS] or tokens != sorted(tokens)
+            or (b" " in line and " " in "".join([b.h for b in chain]))
+            or not (_DECIMAL.fullmatch(w.input_per_mtok) and _DECIMAL.fullmatch(w.output_per_mtok)
+                    and _DECIMAL.fullmatch(w.billed_cost) and _DECIMAL.fullmatch(w.list_cost))):
+        return None
+    try:
+        ts = parse_timestamp(w.ts)
+        blocks = tuple([ChainBlock(bytes.fromhex(b.h), b.t, b.r, b.m) for b in chain])
+    except ValueError:
+        return None
+    creation = w.creation_tokens
+    return LoggedRequest(
+        w.id, ts, w.principal, w.model, w.tokenizer_version, w.api, w.status, w.prompt_tokens, w.completion_tokens,
+        w.read_tokens, {tier: creation[tier] for tier in TIERS}, Decimal(w.input_per_mtok), Decimal(w.output_per_mtok),
+        Decimal(w.billed_cost), Decimal(w.list_cost), blocks, engine_cached, cache_key,
+    )
+
+
+_DECODER = msgspec.json.Decoder(_WireLine)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

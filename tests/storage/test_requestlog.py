@@ -7,7 +7,6 @@ again, which must give the same bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import subprocess
@@ -18,6 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from promptcache.operator.cli import main
@@ -395,7 +395,7 @@ def test_line_round_trip_keeps_precision_and_normalises_time() -> None:
         '"billed_cost":"0.0000001","list_cost":"0.0000000000","chain":[]}'
     )
     assert parse_json_line(line) == request
-    reported = dataclasses.replace(request, engine_cached_tokens=4)
+    reported = msgspec.structs.replace(request, engine_cached_tokens=4)
     assert to_json_line(reported) == line[:-1] + ',"engine_cached_tokens":4}'
     assert parse_json_line(to_json_line(reported)) == reported
     shifted = parse_json_line(line.replace("2025-03-01T13:00:00.000001Z", "2025-03-01t14:00:00.000001+01:00"))
