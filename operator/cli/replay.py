@@ -1,10 +1,11 @@
 """``promptcache replay``: what a log would have cost under a proposed policy (docs/design.md#replay).
 
-Reads requests from a JSON Lines file (or standard input) or streams them from Postgres, filters them
-by model and time window, runs them through the replay engine and prints the result: the canonical
-result JSON (``--output json``, the default when standard output is not a terminal) or a readable
-summary (``table``). ``--plot`` draws the bootstrap distribution of savings (needs matplotlib, the
-``plot`` extra). Every bad input exits 2 with one line on standard error.
+Reads requests from JSON Lines files (any order, gzip or plain, ``-`` for standard input; sorted here,
+by several processes with ``--workers``) or streams them from Postgres, filters them by model and time
+window, runs them through the replay engine and prints the result: the canonical result JSON
+(``--output json``, the default when standard output is not a terminal) or a readable summary
+(``table``). ``--plot`` draws the bootstrap distribution of savings (needs matplotlib, the ``plot``
+extra). Every bad input exits 2 with one line on standard error.
 
 The engine and numpy are imported when the command runs, so other subcommands do not load them.
 """
@@ -13,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -29,8 +29,8 @@ from promptcache.proxy.domain.tiers import TIERS
 if TYPE_CHECKING:
     from promptcache.operator.cli.options import Commands
     from promptcache.operator.replay.engine import Report, Simulation
+    from promptcache.operator.replay.proposal import Proposal
     from promptcache.proxy.domain.policy import CachePolicy
-    from promptcache.proxy.storage.requestlog import LoggedRequest
 
 _PRICE = re.compile(r"[0-9]+(\.[0-9]+)?")
 
@@ -39,8 +39,9 @@ def register(commands: Commands) -> None:
     p = commands.add_parser("replay", help="project what logged requests would cost under a proposed policy "
                                                   "(docs/design.md#replay)")
     source = p.add_argument_group("input (one of)")
-    source.add_argument("--log", metavar="FILE", help="JSON Lines request log (docs/design.md#request-log), "
-                                                            "or - for standard input")
+    source.add_argument("--log", metavar="FILE", action="append",
+                        help="JSON Lines request log (docs/design.md#request-log), plain or gzip, in any order; "
+                             "repeatable (the files are merged), - for standard input")
     options.add_database(source, help="Postgres DSN to read the request log from")
     options.add_models(p)
     options.add_window(p)
@@ -57,6 +58,14 @@ def register(commands: Commands) -> None:
                                                        "or request")
     p.add_argument("--confidence", default="0.95", help="interval level, between 0 and 1 (default 0.95)")
     p.add_argument("--output", help="json (the canonical result) or table; default: table on a terminal, else json")
+    p.add_argument("--dedupe", action="store_true",
+                   help="drop identical copies of a request (overlapping exports); a repeated id that differs is "
+                        "still an error")
+    p.add_argument("--workers", default="1", help="processes to replay --log files with, each taking a share of "
+                                                  "the principals (default 1; the result is the same)")
+    p.add_argument("--sort-memory", default="512MiB", metavar="SIZE",
+                   help="memory for sorting files that are not in (ts, id) order, all workers together, before "
+                        "sorted runs spill to temporary files (default 512MiB; KiB, MiB, GiB or bytes)")
     p.add_argument("--plot", metavar="FILE.png", help="draw the bootstrap distribution of savings to a PNG "
                                                       "(needs matplotlib: the `plot` extra)")
     p.set_defaults(func=cmd_replay)
@@ -73,6 +82,21 @@ def _integer(args: argparse.Namespace, name: str, minimum: int) -> int:
         options.fail(f"invalid --{name}: {text!r} is not an integer")
     if value < minimum:
         options.fail(f"invalid --{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+_SIZE = re.compile(r"([0-9]{1,15})\s*(|B|KiB|MiB|GiB|KB|MB|GB)")
+_UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+MIN_SORT_MEMORY = 2**20
+
+
+def _size(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        options.fail(f"invalid --sort-memory: {text!r} is not a size such as 512MiB, 2GiB or 1000000")
+    value = int(match[1]) * _UNITS[match[2]]
+    if value < MIN_SORT_MEMORY:
+        options.fail(f"invalid --sort-memory: must be at least 1MiB, got {text}")
     return value
 
 
@@ -160,18 +184,23 @@ def load_proposal_policy(path: str) -> tuple[CachePolicy, dict[str, Any]]:
 # --- input ----------------------------------------------------------------------------------------
 
 
-def _simulate(args: argparse.Namespace, stream: Callable[[Iterator[LoggedRequest]], Simulation],
-              since: datetime | None, until: datetime | None, models: Sequence[str] | None) -> Simulation:
-    """The log through ``stream`` (the engine), from ``--log`` or from Postgres."""
+def _simulate(args: argparse.Namespace, proposal: Proposal, since: datetime | None, until: datetime | None,
+              models: Sequence[str] | None, progress: _Progress) -> Simulation:
+    """The log through the engine, from the ``--log`` files or from Postgres."""
+    import tempfile
+
     import asyncpg
 
-    from promptcache.operator.replay import rows
+    from promptcache.operator.replay import rows, shards, sources
+    from promptcache.operator.replay.engine import simulate
 
     if args.log is not None:
-        with contextlib.ExitStack() as files:
-            source = sys.stdin.buffer if args.log == "-" else files.enter_context(options.open_file(args.log, "rb"))
-            return stream(rows.from_jsonl(source, "standard input" if args.log == "-" else args.log, since, until,
-                                          models))
+        with tempfile.TemporaryDirectory(prefix="promptcache-replay-") as workdir:
+            selection = sources.Selection(sources.prepare(args.log, workdir), since, until,
+                                          None if models is None else frozenset(models))
+            progress.total = sum(source.size for source in selection.sources)
+            run = shards.Run(selection, proposal, args.unit, args.dedupe, args.sort_memory, workdir)
+            return shards.simulate(run, args.workers, progress.share)
     dsn = options.database(args)
 
     async def from_database() -> Simulation:
@@ -180,7 +209,8 @@ def _simulate(args: argparse.Namespace, stream: Callable[[Iterator[LoggedRequest
         except ValueError as exc:  # a DSN asyncpg cannot parse (e.g. a port that is not a number)
             raise rows.LogError(f"invalid database URL: {exc}") from None
         try:
-            return await rows.from_postgres(conn, since, until, models, stream)
+            return await rows.from_postgres(conn, since, until, models,
+                                            lambda requests: simulate(requests, proposal, args.unit, progress.count))
         finally:
             await conn.close()
 
@@ -194,25 +224,39 @@ def _simulate(args: argparse.Namespace, stream: Callable[[Iterator[LoggedRequest
 
 
 class _Progress:
-    """A ``\\r`` counter on standard error, only when it is a terminal."""
+    """A progress line on standard error, only when it is a terminal: share done, rate and time left for files
+    (their total size is known), a count and rate for Postgres."""
 
     def __init__(self) -> None:
         self.enabled = sys.stderr.isatty()
         self.start = time.monotonic()
         self.shown = False
+        self.total = 0
+        """Bytes of input, when known."""
 
-    def __call__(self, done: int) -> None:
+    def share(self, done: float, label: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        width = 24
+        bar = "#" * int(width * done) + "." * (width - int(width * done))
+        rate = done * self.total / max(elapsed, 1e-9) / 2**20
+        eta = f"{elapsed * (1 - done) / done:,.0f} s left" if done > 0.01 else "estimating"
+        self._write(f"{label}: [{bar}] {100 * done:5.1f}% of {self.total / 2**20:,.0f} MiB, {rate:,.1f} MiB/s, {eta}")
+
+    def count(self, done: int) -> None:
         if self.enabled:
             rate = done / max(time.monotonic() - self.start, 1e-9)
-            sys.stderr.write(f"\rreplaying: {done:,} requests ({rate:,.0f}/s)")
-            sys.stderr.flush()
-            self.shown = True
+            self._write(f"replaying: {done:,} requests ({rate:,.0f}/s)")
 
     def note(self, text: str) -> None:
         if self.enabled:
-            sys.stderr.write(f"\r\x1b[K{text}")
-            sys.stderr.flush()
-            self.shown = True
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        sys.stderr.write(f"\r\x1b[K{text}")
+        sys.stderr.flush()
+        self.shown = True
 
     def clear(self) -> None:
         if self.shown:
@@ -339,7 +383,7 @@ def plot_savings(report: Report, path: str) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from promptcache.operator.replay.engine import ReplayError, canonical, report, simulate
+    from promptcache.operator.replay.engine import ReplayError, canonical, report
     from promptcache.operator.replay.proposal import UNITS, Proposal
     from promptcache.operator.replay.rows import LogError
 
@@ -354,8 +398,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     output = args.output or ("table" if sys.stdout.isatty() else "json")
     if output not in ("json", "table"):
         options.fail(f"invalid --output {output!r}: must be json or table")
-    if args.log == "-" and args.policy == "-":
+    if args.log is not None and "-" in args.log and args.policy == "-":
         options.fail("--log and --policy cannot both be standard input")
+    args.workers = _integer(args, "workers", 1)
+    args.sort_memory = _size(args.sort_memory)
+    if args.log is None and (args.workers > 1 or args.dedupe):
+        options.fail("--workers and --dedupe are for --log files (Postgres has one row per id, in order)")
     seed = _integer(args, "seed", 0)
     iterations = _integer(args, "iterations", 1)
     confidence = _confidence(args.confidence)
@@ -374,8 +422,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     progress = _Progress()
     try:
         try:
-            sim = _simulate(args, lambda requests: simulate(requests, proposal, args.unit, progress), since, until,
-                            models)
+            sim = _simulate(args, proposal, since, until, models, progress)
             if sim.read == 0:
                 raise ReplayError("no logged requests in the selected window" + _describe(args))
             progress.note(f"bootstrapping: {iterations:,} resamples of {len(sim.clusters):,} clusters")

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import (
+    ROUND_CEILING,
+    ROUND_FLOOR,
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -60,6 +72,8 @@ class Simulation:
     without_chain: int = 0
     over_limit: int = 0
     order_violations: int = 0
+    duplicates: int = 0
+    """Identical copies of a request dropped by ``--dedupe`` (counted by the reader, not the engine)."""
 
     @property
     def read(self) -> int:
@@ -99,28 +113,93 @@ class _Index(MemoryIndex):
 SWEEP_EVERY = 100_000
 """Requests between two sweeps of expired index entries."""
 
+GroupKey = tuple[str, Decimal, Decimal]
+"""A model at the prices its requests were billed at: one tariff under the proposal."""
+# A cell's columns: one cluster's requests of one group, summed exactly (PROMPT to REQUESTS as in a cluster's row).
+_BASELINE, _PROJECTED, _LIST, _RECORDED_LIST = BASELINE, PROJECTED, LIST, COLUMNS
+PRECISION = 80
+"""Digits of a Decimal sum; one that would need more is an error, never rounded (see :func:`exact`)."""
 
-class _Group:
-    """Requests of one model at one set of prices: their exact projected and creation cost numerators."""
 
-    __slots__ = ("creation", "projected", "rates", "totals")
+@contextmanager
+def exact() -> Iterator[None]:
+    """Decimal arithmetic that raises rather than rounds: money is summed exactly or not at all, so sums do not
+    depend on their order (a shard's sums add up to a single run's)."""
+    try:
+        with localcontext(Context(prec=PRECISION, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])):
+            yield
+    except Inexact:
+        raise ReplayError(f"a cost sum needs more than {PRECISION} digits; replay sums money exactly or not at "
+                          "all") from None
 
-    def __init__(self, rates: Rates, totals: _Totals) -> None:
-        self.rates = rates
-        self.totals = totals
-        self.projected = 0
-        self.creation = dict.fromkeys(TIERS, 0)
+
+@dataclass
+class Partial:
+    """Exact sums of part of a log: what a shard of scopes gives, and what shards add up to.
+
+    Money stays exact (recorded costs as Decimal, projected ones as integer numerators over their
+    group's scale) and floats are made once, in :func:`finish`; so the sums, and the result, do not
+    depend on the order requests were added in, or on how the scopes were split between processes.
+    """
+
+    cells: dict[tuple[str, GroupKey], list[Any]] = field(default_factory=dict)
+    """Per (cluster, group): baseline, projected and list numerators, prompt, read, hits, requests, recorded list."""
+    creation: dict[GroupKey, dict[str, int]] = field(default_factory=dict)
+    """Per group, each tier's cache write cost numerator."""
+    skipped_status: int = 0
+    without_chain: int = 0
+    over_limit: int = 0
+    order_violations: int = 0
+
+    def add(self, other: Partial) -> None:
+        for key, cell in other.cells.items():
+            mine = self.cells.get(key)
+            if mine is None:
+                self.cells[key] = list(cell)
+            else:
+                for column, value in enumerate(cell):
+                    mine[column] += value
+        for group, written in other.creation.items():
+            creation = self.creation.setdefault(group, dict.fromkeys(TIERS, 0))
+            for tier, value in written.items():
+                creation[tier] += value
+        self.skipped_status += other.skipped_status
+        self.without_chain += other.without_chain
+        self.over_limit += other.over_limit
+        self.order_violations += other.order_violations
+
+
+def _rates(group: GroupKey, proposal: Proposal) -> Rates:
+    model, recorded_in, recorded_out = group
+    inp, out = proposal.price_overrides.get(model, (recorded_in, recorded_out))
+    try:
+        return Tariff.for_policy(model, inp, out, proposal.policy).rates
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
 
 
 def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = "principal",
              progress: Callable[[int], None] | None = None) -> Simulation:
     """Run the log through the proposal. The log must be in (ts, id) order, as exports are."""
+    return finish(accumulate(requests, proposal, unit, progress), proposal)
+
+
+def accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = "principal",
+               progress: Callable[[int], None] | None = None) -> Partial:
+    """The exact sums of ``requests`` (in (ts, id) order, at least within each scope) under the proposal."""
+    with exact():
+        return _accumulate(requests, proposal, unit, progress)
+
+
+def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str,
+                progress: Callable[[int], None] | None) -> Partial:
     if unit not in UNITS:
         raise ReplayError(f"unit must be one of {list(UNITS)}, got {unit!r}")
     policy = proposal.policy
     index = _Index()
-    sim = Simulation()
-    groups: dict[tuple[str, Decimal, Decimal], _Group] = {}
+    partial = Partial()
+    cells = partial.cells
+    groups: dict[GroupKey, tuple[Rates, dict[str, int]]] = {}
     # Each scope with its entries, by its names: building a Scope costs more than finding it.
     scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry]]] = {}
     # Per request, only markers can change: a recorded tier maps (once per proposal, not per block)
@@ -128,14 +207,12 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
     projected_tier: dict[str | None, str | None] = {tier: proposal.tiers([tier])[0] for tier in TIERS}
     automatic = policy.automatic_ttl is not None and policy.automatic_mode != "off"
     max_breakpoints = policy.max_breakpoints
-    clusters = sim.clusters
     by_principal = unit == "principal"
     previous: tuple[Any, str] | None = None
     for n, request in enumerate(requests, 1):
         key = (request.ts, request.id)
         if previous is not None and key < previous:
-            raise ReplayError(f"request {request.id} is out of (ts, id) order; replay needs a sorted log "
-                              "(as `promptcache log export` writes it)")
+            raise ReplayError(f"request {request.id} is out of (ts, id) order")
         previous = key
         if n % 10_000 == 0:
             if progress is not None:
@@ -143,11 +220,11 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
             if n % SWEEP_EVERY == 0:
                 index.sweep(request.ts)
         if not 200 <= request.status < 300:
-            sim.skipped_status += 1
+            partial.skipped_status += 1
             continue
         recorded = request.chain
         if not recorded:
-            sim.without_chain += 1
+            partial.without_chain += 1
             continue
         marked = [i for i, b in enumerate(recorded) if b.tier is not None]
         # Whether every marker stays as recorded.
@@ -168,7 +245,7 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
                 tier = tiers[i]
                 tiers[i] = projected_tier.get(tier) or proposal.tiers([tier])[0]
             if len(marked) > max_breakpoints:
-                sim.over_limit += 1
+                partial.over_limit += 1
                 for i in marked[max_breakpoints:]:
                     tiers[i] = None
                 marked = marked[:max_breakpoints]
@@ -177,7 +254,7 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
                 marked = sorted([*marked, target])
             breakpoints = [(i, tier) for i in marked if (tier := tiers[i]) is not None]
         if len(breakpoints) > 1 and out_of_order([tier for _, tier in breakpoints]) is not None:
-            sim.order_violations += 1
+            partial.order_violations += 1
         names = (request.principal, request.model, request.tokenizer_version)
         known = scopes.get(names)
         if known is None:
@@ -189,61 +266,82 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
         if split.cache_valid:
             index.apply(scope, result, request.ts)
 
-        model = request.model
-        group = groups.get((model, request.input_per_mtok, request.output_per_mtok))
+        group_key = (request.model, request.input_per_mtok, request.output_per_mtok)
+        group = groups.get(group_key)
         if group is None:
-            inp, out = proposal.price_overrides.get(model, (request.input_per_mtok, request.output_per_mtok))
-            totals = sim.per_model.get(model)
-            if totals is None:
-                totals = sim.per_model[model] = _Totals()
-            try:
-                rates = Tariff.for_policy(model, inp, out, policy).rates
-            except ValueError as exc:
-                raise ReplayError(str(exc)) from None
-            group = groups[model, request.input_per_mtok, request.output_per_mtok] = _Group(rates, totals)
-        rates = group.rates
-        # The proxy's bill (pricing.cost) as its exact numerator over rates.scale.
-        numerator = rates.cost(split, group.creation)
-        group.projected += numerator
-        prompt, read = split.prompt, split.read
-        hit = read > 0
-        totals = group.totals
-        totals.baseline += request.billed_cost
-        totals.list += request.list_cost
-        totals.prompt += prompt
-        totals.read += read
-        totals.hits += hit
-        totals.requests += 1
-
+            group = groups[group_key] = (_rates(group_key, proposal), dict.fromkeys(TIERS, 0))
+            partial.creation[group_key] = group[1]
+        rates, creation = group
         cluster = request.principal if by_principal else _cluster(request, unit)
-        row = clusters.get(cluster)
-        if row is None:
-            row = clusters[cluster] = [0.0] * COLUMNS
-        scale = rates.scale
-        row[0] += float(request.billed_cost)  # BASELINE
-        row[1] += numerator / scale  # PROJECTED
-        row[2] += rates.list_cost(split) / scale  # LIST
-        row[3] += prompt  # PROMPT
-        row[4] += read  # READ
-        row[5] += hit  # HITS
-        row[6] += 1  # REQUESTS
+        cell = cells.get((cluster, group_key))
+        if cell is None:
+            cell = cells[cluster, group_key] = [Decimal(0), 0, 0, 0, 0, 0, 0, Decimal(0)]
+        read = split.read
+        # The proxy's bill (pricing.cost) as its exact numerator over rates.scale.
+        cell[0] += request.billed_cost  # _BASELINE
+        cell[1] += rates.cost(split, creation)  # _PROJECTED
+        cell[2] += rates.list_cost(split)  # _LIST
+        cell[3] += split.prompt  # PROMPT
+        cell[4] += read  # READ
+        cell[5] += read > 0  # HITS
+        cell[6] += 1  # REQUESTS
+        cell[7] += request.list_cost  # _RECORDED_LIST
+    return partial
 
-    for group in groups.values():
-        group.totals.projected += group.rates.decimal(group.projected)
-        for tier, written in group.creation.items():
-            group.totals.creation_cost[tier] += group.rates.decimal(written)
-    overall = sim.overall
-    for totals in sim.per_model.values():
-        overall.baseline += totals.baseline
-        overall.projected += totals.projected
-        overall.list += totals.list
-        overall.prompt += totals.prompt
-        overall.read += totals.read
-        overall.hits += totals.hits
-        overall.requests += totals.requests
-        for tier in TIERS:
-            overall.creation_cost[tier] += totals.creation_cost[tier]
+
+def finish(partial: Partial, proposal: Proposal) -> Simulation:
+    """The simulation's totals and per-cluster sums (floats, for the bootstrap) from exact sums.
+
+    Each float is the correctly rounded value of an exact sum, whichever way the sum was split.
+    """
+    sim = Simulation(skipped_status=partial.skipped_status, without_chain=partial.without_chain,
+                     over_limit=partial.over_limit, order_violations=partial.order_violations)
+    rates = {group: _rates(group, proposal) for group in partial.creation}
+    projected: dict[GroupKey, int] = dict.fromkeys(rates, 0)
+    by_cluster: dict[str, list[tuple[list[Any], int]]] = {}
+    with exact():
+        for (cluster, group), cell in partial.cells.items():
+            by_cluster.setdefault(cluster, []).append((cell, rates[group].scale))
+            projected[group] += cell[_PROJECTED]
+            totals = sim.per_model.get(group[0])
+            if totals is None:
+                totals = sim.per_model[group[0]] = _Totals()
+            totals.baseline += cell[_BASELINE]
+            totals.list += cell[_RECORDED_LIST]
+            totals.prompt += cell[PROMPT]
+            totals.read += cell[READ]
+            totals.hits += cell[HITS]
+            totals.requests += cell[REQUESTS]
+        sim.clusters = {cluster: _row(cells) for cluster, cells in by_cluster.items()}
+        for group, group_rates in rates.items():
+            totals = sim.per_model[group[0]]
+            totals.projected += group_rates.decimal(projected[group])
+            for tier, written in partial.creation[group].items():
+                totals.creation_cost[tier] += group_rates.decimal(written)
+        overall = sim.overall
+        for totals in sim.per_model.values():
+            overall.baseline += totals.baseline
+            overall.projected += totals.projected
+            overall.list += totals.list
+            overall.prompt += totals.prompt
+            overall.read += totals.read
+            overall.hits += totals.hits
+            overall.requests += totals.requests
+            for tier in TIERS:
+                overall.creation_cost[tier] += totals.creation_cost[tier]
     return sim
+
+
+def _row(cells: list[tuple[list[Any], int]]) -> list[float]:
+    """A cluster's row of floats from its cells (one per group it has requests in)."""
+    if len(cells) == 1:
+        (cell, scale), = cells
+        return [float(cell[_BASELINE]), cell[_PROJECTED] / scale, cell[_LIST] / scale,
+                *map(float, cell[PROMPT:REQUESTS + 1])]
+    row = [float(sum(cell[_BASELINE] for cell, _ in cells)),
+           float(sum(Fraction(cell[_PROJECTED], scale) for cell, scale in cells)),
+           float(sum(Fraction(cell[_LIST], scale) for cell, scale in cells))]
+    return row + [float(sum(cell[column] for cell, _ in cells)) for column in (PROMPT, READ, HITS, REQUESTS)]
 
 
 def _ratio(a: Decimal | int, b: Decimal | int, places: str) -> str:
@@ -309,6 +407,8 @@ def report(sim: Simulation, proposal: Proposal, *, seed: int = 0, iterations: in
         caveats.append(f"only {len(sim.clusters)} {unit} clusters: the intervals are rough")
     if sim.without_chain:
         caveats.append(f"{sim.without_chain} requests had no prefix chain and were left out")
+    if sim.duplicates:
+        caveats.append(f"{sim.duplicates} identical copies of requests were dropped (--dedupe)")
     if sim.skipped_status:
         caveats.append(f"{sim.skipped_status} non-2xx requests were skipped")
     if sim.over_limit:

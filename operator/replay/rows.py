@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import IO, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
-from promptcache.proxy.storage.requestlog import LogFormatError, LoggedRequest, export_rows, read_jsonl
+from promptcache.proxy.storage.requestlog import LoggedRequest, export_rows
 
 _T = TypeVar("_T")
 CHUNK = 1000
@@ -23,23 +23,6 @@ CHUNK = 1000
 
 class LogError(Exception):
     """The log cannot be read to its end; the message says where and why, in one line."""
-
-
-def from_jsonl(stream: IO[bytes], name: str, since: datetime | None, until: datetime | None,
-               models: Sequence[str] | None) -> Iterator[LoggedRequest]:
-    """The requests of a JSON Lines log (``name`` in messages) that :func:`export_rows` would select."""
-    wanted = None if models is None else frozenset(models)
-    try:
-        for request in read_jsonl(stream):
-            if wanted is not None and request.model not in wanted:
-                continue
-            if (since is not None and request.ts < since) or (until is not None and request.ts >= until):
-                continue
-            yield request
-    except LogFormatError as exc:
-        raise LogError(f"{name}: {exc}") from None
-    except OSError as exc:
-        raise LogError(f"cannot read {name}: {exc}") from None
 
 
 async def from_postgres(conn: asyncpg.Connection[asyncpg.Record], since: datetime | None, until: datetime | None,

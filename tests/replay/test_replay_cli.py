@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -233,7 +234,7 @@ def test_progress_goes_to_stderr_only_on_a_terminal(files: dict[str, Path], caps
     assert main(["replay", "--log", str(log), *common(files, "--iterations", "100")]) == 0
     shown = capsys.readouterr()
     assert shown.out == quiet.out
-    assert "\rreplaying: 10,000 requests (" in shown.err
+    assert re.search(r"\r\x1b\[Kreplaying: \[#+\.*\] +\d+\.\d% of \d+ MiB, [\d.,]+ MiB/s, \d+ s left", shown.err)
     assert "bootstrapping: 100 resamples of 840 clusters" in shown.err
     assert shown.err.endswith("\r\x1b[K")
 
@@ -290,7 +291,6 @@ def bad_files(folder: Path) -> Iterator[tuple[str, str]]:
     """Files the bad-input cases name (written once)."""
     lines = [to_json_line(r) for r in REQUESTS[:5]]
     yield "malformed.jsonl", "\n".join([*lines[:2], lines[2].replace('"status":200', '"status":"ok"'), *lines[3:]])
-    yield "shuffled.jsonl", "\n".join([lines[1], lines[0], *lines[2:]])
     yield "not-json.jsonl", "{\n"
     yield "deep.jsonl", "\n".join([lines[0], "[" * 100_000 + "]" * 100_000])
     yield "deep-policy.yaml", "enabledTtls: " + "[" * 5_000 + "]" * 5_000 + "\n"
@@ -308,7 +308,6 @@ BAD = [
     (["--log", "{folder}/deep.jsonl"], "{folder}/deep.jsonl: line 2: nested more than 128 levels deep"),
     (["--policy", "{folder}/deep-policy.yaml"],
      "invalid policy file {folder}/deep-policy.yaml: nested more than 128 levels deep"),
-    (["--log", "{folder}/shuffled.jsonl"], "is out of (ts, id) order"),
     (["--log", "{folder}/empty.jsonl"], "no logged requests in the selected window"),
     (["--models", "model-c"], "no logged requests in the selected window (--models model-c)"),
     (["--since", "2025-03-02T00:00:00Z"], "no logged requests in the selected window (--since 2025-03-02T00:00:00Z)"),
