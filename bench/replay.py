@@ -1,4 +1,4 @@
-"""Replay benchmark (issue 6): the engine over 1,000,000 synthetic requests, and interval calibration.
+"""Replay benchmark (issues 6 and 15): reader, engine, end to end with 1 and 2 workers, 10M streamed, calibration.
 
 The log is agents in conversations: each principal works through conversations one after another; a
 conversation starts from the principal's tool definitions and system prompt (a 1h breakpoint), and every
@@ -8,20 +8,25 @@ Gaps between turns are mostly seconds (tool loops), sometimes minutes (a person 
 expire), and hours between conversations (some 1h entries expire). The recorded billing is the client's
 own cache model (reads the previous turn while it is live), so the baseline is what a proxy billed.
 
-The requests are generated lazily, in (ts, id) order, and fed to ``simulate`` in batches of 100 whose
-generation is clocked and taken out: the bench measures the engine (simulate + report) on in-memory
-requests, not JSON parsing (1M lines would be about 2.4 GB). Parsing is timed separately on a
-100k-request JSONL sample and extrapolated, and labelled so. Two proposals: ``standard`` (markers kept as
-recorded, automatic caching of the last user message) and ``5m-as-1h`` (a tier override: every marker
-changes). Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of this process (the generator
-included), wall and CPU times are both printed.
+Figures, each beside its peer from the same run:
 
-Calibration: synthetic per-cluster sums whose population ratios are known go through the bootstrap
-(``promptcache.operator.replay.bootstrap.resample`` with the engine's ``STATISTICS``); the coverage is the share
-of datasets whose 95% interval holds the truth (target 90% to 98%).
+- reader: ``read_jsonl`` over a JSONL sample, in us/line, beside a bare ``orjson.loads`` loop over the same
+  lines (the floor for any JSON reader in Python) and the ratio;
+- engine: ``simulate`` on in-memory requests (generated lazily and clocked out in batches of 100), in
+  us/request, beside the pre-optimisation engine the tests keep as their reference (tests/replay/reference.py)
+  on the first ``--reference-requests`` of the same log, and the ratio. Two proposals: ``standard`` (markers
+  kept, automatic caching of the last user message) and ``5m-as-1h`` (a tier override: every marker changes);
+- end to end: ``promptcache replay --log FILE`` on a file of ``--requests`` lines, with ``--workers 1`` and
+  ``2``: seconds from start to result JSON, the peak RSS of the largest process (``ru_maxrss`` of the waited
+  children) and whether the two outputs are the same bytes;
+- ``--streamed N`` (e.g. 10000000): N requests generated and streamed through the engine, never held: seconds
+  and the peak RSS, which stays flat as N grows;
+- calibration: synthetic per-cluster sums whose population ratios are known go through the bootstrap
+  (``promptcache.operator.replay.bootstrap.resample`` with the engine's ``STATISTICS``); the coverage is the share
+  of datasets whose 95% interval holds the truth (target 90% to 98%).
 
-Run with ``.venv/bin/python -P bench/replay.py [--requests N] [--iterations B] [--datasets D] [--proposals P]
-[--profile]``; it exits 1 if the calibration misses 90% to 98%.
+Run with ``.venv/bin/python -P bench/replay.py [--requests N] [--streamed N] [--iterations B] [--datasets D]
+[--proposals P] [--profile]``; it exits 1 if the calibration misses 90% to 98% or the workers' outputs differ.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ import cProfile
 import heapq
 import io
 import itertools
+import json
+import os
 import pstats
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from promptcache.operator.replay.bootstrap import resample
 from promptcache.operator.replay.engine import (
@@ -65,6 +74,10 @@ from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.storage.requestlog import LoggedRequest, read_jsonl, to_json_line
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from replay import reference
+
+PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 # (model, input $/MTok, output $/MTok, tokenizer): principals are spread over the models.
 MODELS = (
@@ -286,16 +299,22 @@ def run(name: str, args: argparse.Namespace) -> float:
     reported, reported_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     engine, engine_cpu = simulated - source.seconds + reported, simulated_cpu - source.cpu + reported_cpu
     summary = result["summary"]
+    reference_source = Clocked(itertools.islice(synthetic_log(args.requests, args.principals),
+                                                args.reference_requests))
+    start = time.perf_counter()
+    reference.simulate(reference_source, proposal, "principal")
+    reference_us = 1e6 * (time.perf_counter() - start - reference_source.seconds) / reference_source.count
     print(f"proposal {name!r}: {spec}, tier override {override}")
     print(f"  requests: {source.count:,}, {source.blocks / source.count:.1f} blocks per request on average")
     print(f"  generating the requests (inside the run):  {source.seconds:6.2f} s wall  {source.cpu:6.2f} s CPU")
     per_request = 1e6 * (simulated - source.seconds) / source.count
     print(f"  simulate, generation excluded:              {simulated - source.seconds:6.2f} s wall "
           f"{simulated_cpu - source.cpu:6.2f} s CPU  ({per_request:.1f} us/request)")
+    print(f"  reference engine on the first {reference_source.count:,}: {reference_us:.1f} us/request: the engine "
+          f"is {reference_us / per_request:.2f}x as fast")
     print(f"  report ({args.iterations} resamples of {len(sim.clusters):,} clusters): {reported:6.2f} s wall "
           f"{reported_cpu:6.2f} s CPU")
-    print(f"  ENGINE (simulate + report):                 {engine:6.2f} s wall  {engine_cpu:6.2f} s CPU "
-          "(target <= 20 s)")
+    print(f"  ENGINE (simulate + report):                 {engine:6.2f} s wall  {engine_cpu:6.2f} s CPU")
     print(f"  peak memory so far: {peak_mib():.0f} MiB (resource.getrusage ru_maxrss: the whole process, "
           "generator included)")
     print(f"  result: {summary['requests']:,} simulated, savings {summary['savings_pct']}% "
@@ -303,37 +322,93 @@ def run(name: str, args: argparse.Namespace) -> float:
     return engine
 
 
+def reader(args: argparse.Namespace, folder: Path) -> None:
+    """read_jsonl beside a bare orjson.loads loop over the same lines (best of three each)."""
+    path = folder / "sample.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for r in synthetic_log(args.sample, args.principals):
+            fh.write(to_json_line(r) + "\n")
+    lines = path.read_bytes().splitlines(keepends=True)
+    ours = bare = float("inf")
+    count = 0
+    for _ in range(3):
+        start = time.perf_counter()
+        count = sum(1 for _ in read_jsonl(path))
+        ours = min(ours, (time.perf_counter() - start) / count)
+        start = time.perf_counter()
+        for line in lines:
+            orjson.loads(line)
+        bare = min(bare, (time.perf_counter() - start) / len(lines))
+    print(f"reader: read_jsonl {1e6 * ours:.1f} us/line over {count:,} lines ({path.stat().st_size / count:,.0f} "
+          f"bytes each), a bare orjson.loads loop {1e6 * bare:.1f} us/line: {ours / bare:.2f}x the floor "
+          "(goal <= 15 us/line)")
+
+
+def end_to_end(args: argparse.Namespace, folder: Path) -> bool:
+    """``promptcache replay`` on a file of --requests lines with 1 and 2 workers; True if the outputs agree."""
+    path, policy = folder / "log.jsonl", folder / "policy.json"
+    policy.write_text(json.dumps(PROPOSALS["standard"][0]), encoding="utf-8")
+    start = time.perf_counter()
+    with path.open("w", encoding="utf-8") as fh:
+        for r in synthetic_log(args.requests, args.principals):
+            fh.write(to_json_line(r) + "\n")
+    print(f"end to end: {args.requests:,} lines, {path.stat().st_size / 2**30:.2f} GiB written in "
+          f"{time.perf_counter() - start:.0f} s (not timed below)")
+    outputs = []
+    for workers in args.workers.split(","):
+        start = time.perf_counter()
+        done = subprocess.run([PROMPTCACHE, "replay", "--log", str(path), "--policy", str(policy), "--workers",
+                               workers, "--iterations", str(args.iterations), "--output", "json"],
+                              capture_output=True, check=True)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        outputs.append(done.stdout)
+        print(f"  --workers {workers}: {seconds:6.2f} s from JSON Lines to result JSON, {args.requests / seconds:,.0f} "
+              f"requests/s; peak RSS of the largest process so far {peak / 1024:.0f} MiB")
+    same = all(output == outputs[0] for output in outputs)
+    print(f"  outputs byte-identical across worker counts: {same} (digest {json.loads(outputs[0])['digest'][:16]}...)")
+    return same
+
+
+def streamed(args: argparse.Namespace) -> None:
+    """--streamed requests generated and run through the engine, never held: time and peak RSS."""
+    spec, override = PROPOSALS["standard"]
+    proposal = Proposal(CachePolicy.from_spec(spec), spec, override)
+    source = Clocked(synthetic_log(args.streamed, args.principals))
+    start = time.perf_counter()
+    sim = simulate(source, proposal, "principal")
+    report(sim, proposal, seed=1, iterations=args.iterations, unit="principal")
+    seconds = time.perf_counter() - start
+    print(f"streamed: {source.count:,} requests generated and replayed in {seconds:.0f} s ({source.seconds:.0f} s of "
+          f"it generating; engine {1e6 * (seconds - source.seconds) / source.count:.1f} us/request); peak RSS of this "
+          f"process {peak_mib():.0f} MiB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--reference-requests", type=int, default=100_000)
     parser.add_argument("--principals", type=int, default=2000)
     parser.add_argument("--iterations", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--datasets", type=int, default=1000, help="calibration datasets")
-    parser.add_argument("--sample", type=int, default=100_000, help="requests in the JSONL parsing sample")
+    parser.add_argument("--sample", type=int, default=100_000, help="requests in the reader's JSONL sample")
+    parser.add_argument("--workers", default="1,2", help="worker counts for the end-to-end runs")
+    parser.add_argument("--streamed", type=int, default=0, help="also stream this many requests (e.g. 10000000)")
     parser.add_argument("--proposals", default=",".join(PROPOSALS), help=f"comma-separated, of {', '.join(PROPOSALS)}")
     parser.add_argument("--profile", action="store_true", help="cProfile the simulation, print the top 25")
     args = parser.parse_args()
 
-    print(f"Replay engine on {args.requests:,} synthetic requests from {args.principals:,} principals. The requests "
-          "are generated lazily in memory and fed to simulate(): this measures the engine on in-memory requests, "
-          "not JSONL parsing (timed separately below).")
+    print(f"Replay on {args.requests:,} synthetic requests from {args.principals:,} principals; load average "
+          f"{os.getloadavg()[0]:.2f} before.")
     print(f"peak memory before the runs: {peak_mib():.0f} MiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        reader(args, Path(tmp))
     for name in args.proposals.split(","):
         run(name, args)
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sample.jsonl"
-        with path.open("w", encoding="utf-8") as fh:
-            for r in synthetic_log(args.sample, args.principals):
-                fh.write(to_json_line(r) + "\n")
-        size = path.stat().st_size
-        start = time.perf_counter()
-        count = sum(1 for _ in read_jsonl(path))
-        parsing = time.perf_counter() - start
-    scale = args.requests / count
-    print(f"JSONL parsing (read_jsonl) of a {count:,}-request sample: {parsing:.2f} s, {size / 2**20:.0f} MiB "
-          f"({1e6 * parsing / count:.0f} us/line); EXTRAPOLATED to {args.requests:,} requests: "
-          f"~{parsing * scale:.0f} s and ~{size * scale / 2**30:.1f} GiB of JSONL, on top of the engine")
+        same = end_to_end(args, Path(tmp))
+    if args.streamed:
+        streamed(args)
 
     start = time.perf_counter()
     shares = coverage(args.datasets, args.iterations)
@@ -342,7 +417,7 @@ def main() -> int:
     for name, share in shares.items():
         print(f"  {name}: the interval covers the truth in {100 * share:.1f}% of datasets (target 90% to 98%)")
     ok = all(0.90 <= s <= 0.98 for s in shares.values())
-    return 0 if ok else 1
+    return 0 if ok and same else 1
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def reconcile(prompt: int, completion: int, classification: Classification | Non
         return Split(prompt, completion)
     parts = [classification.read_tokens, *classification.creation.values()]
     ours = sum(parts)
-    if min(parts) < 0 or ours > prompt * OVERCOUNT_LIMIT:
+    if min(parts) < 0 or ours * OVERCOUNT_LIMIT.denominator > prompt * OVERCOUNT_LIMIT.numerator:
         return Split(prompt, completion, cache_valid=False)
     scaled = ours > prompt
     if scaled:
