@@ -62,6 +62,17 @@ class _Totals:
     requests: int = 0
     creation_cost: dict[str, Decimal] = field(default_factory=lambda: {t: Decimal(0) for t in TIERS})
 
+    def add(self, other: _Totals) -> None:
+        self.baseline += other.baseline
+        self.projected += other.projected
+        self.list += other.list
+        self.prompt += other.prompt
+        self.read += other.read
+        self.hits += other.hits
+        self.requests += other.requests
+        for tier in TIERS:
+            self.creation_cost[tier] += other.creation_cost[tier]
+
 
 @dataclass
 class Simulation:
@@ -318,17 +329,8 @@ def finish(partial: Partial, proposal: Proposal) -> Simulation:
             totals.projected += group_rates.decimal(projected[group])
             for tier, written in partial.creation[group].items():
                 totals.creation_cost[tier] += group_rates.decimal(written)
-        overall = sim.overall
         for totals in sim.per_model.values():
-            overall.baseline += totals.baseline
-            overall.projected += totals.projected
-            overall.list += totals.list
-            overall.prompt += totals.prompt
-            overall.read += totals.read
-            overall.hits += totals.hits
-            overall.requests += totals.requests
-            for tier in TIERS:
-                overall.creation_cost[tier] += totals.creation_cost[tier]
+            sim.overall.add(totals)
     return sim
 
 

@@ -158,15 +158,6 @@ def simulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str = 
         group.totals.projected += group.rates.decimal(group.projected)
         for tier, written in group.creation.items():
             group.totals.creation_cost[tier] += group.rates.decimal(written)
-    overall = sim.overall
     for totals in sim.per_model.values():
-        overall.baseline += totals.baseline
-        overall.projected += totals.projected
-        overall.list += totals.list
-        overall.prompt += totals.prompt
-        overall.read += totals.read
-        overall.hits += totals.hits
-        overall.requests += totals.requests
-        for tier in TIERS:
-            overall.creation_cost[tier] += totals.creation_cost[tier]
+        sim.overall.add(totals)
     return sim
