@@ -103,7 +103,8 @@ async def run_replay(*, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={NAME_LABEL: REPLAY_APP})
 async def replay_job_changed(*, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
-    """A replay Job that failed for good fails its PlanReplay, which would otherwise stay Running."""
-    failed = await planreplay.job_failed(dict(body), memo.kube)
-    if failed is not None:
-        post(failed[0], [failed[1]])
+    """A replay Job that failed for good fails its PlanReplay, which would otherwise stay Running; a sharded one
+    that completed has its shards' sums added up into the result."""
+    outcome = await planreplay.job_changed(dict(body), memo.kube, memo.config)
+    if outcome is not None:
+        post(outcome[0], [outcome[1]])

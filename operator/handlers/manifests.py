@@ -24,8 +24,10 @@ from promptcache.operator.constants import (
     MANAGED_BY_LABEL,
     MODEL_LABEL,
     NAME_LABEL,
+    PLAN_ENV,
     PROXY_APP,
     REPLAY_APP,
+    SHARDS_ANNOTATION,
     TOKENIZER_VOLUME,
     WINDOW_ANNOTATION,
 )
@@ -243,13 +245,28 @@ def replay_names(replay: str) -> dict[str, str]:
     return {"job": job, "configmap": f"{replay}-report"}
 
 
-def replay_job(replay: str, namespace: str, generation: int, settings: OperatorSettings) -> dict[str, Any]:
+def replay_job(replay: str, namespace: str, generation: int, settings: OperatorSettings,
+               plan: str | None = None, shards: int = 1) -> dict[str, Any]:
     """``promptcache replay-job NS/NAME`` in the operator's image; it patches the result itself.
 
     A failed pod is retried twice (the database may be back), and the finished Job is kept for a day
-    so its logs can be read.
+    so its logs can be read. With ``shards`` above 1 it is an Indexed Job of that many pods, each given
+    the resolved ``plan`` and its index (``--shard``), that only sum their shard; the operator adds up
+    the shards when the Job completes (docs/design.md#sharded-planreplay).
     """
     labels = {NAME_LABEL: REPLAY_APP, MANAGED_BY_LABEL: MANAGED_BY}
+    annotations = {GENERATION_ANNOTATION: str(generation)}
+    args = ["replay-job", f"{namespace}/{replay}"]
+    env = _database_env(settings)
+    spec: dict[str, Any] = {"backoffLimit": 2}
+    if shards > 1:
+        if plan is None:
+            raise ValueError("a sharded replay Job needs the resolved plan")
+        annotations[SHARDS_ANNOTATION] = str(shards)
+        args += ["--shard", "$(JOB_COMPLETION_INDEX)"]  # the kubelet expands it: the job controller sets it
+        env = [*env, {"name": PLAN_ENV, "value": plan}]
+        spec = {"completionMode": "Indexed", "completions": shards, "parallelism": shards,
+                "backoffLimitPerIndex": 2, "maxFailedIndexes": 0}
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "fsGroup": PROXY_UID, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -257,8 +274,8 @@ def replay_job(replay: str, namespace: str, generation: int, settings: OperatorS
         "containers": [{
             "name": "replay",
             "image": settings.proxy_image,
-            "args": ["replay-job", f"{namespace}/{replay}"],
-            "env": _database_env(settings),
+            "args": args,
+            "env": env,
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
             "resources": REPLAY_RESOURCES,
             "securityContext": _secure_container(),
@@ -271,9 +288,9 @@ def replay_job(replay: str, namespace: str, generation: int, settings: OperatorS
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": replay_names(replay)["job"], "namespace": namespace, "labels": labels,
-                     "annotations": {GENERATION_ANNOTATION: str(generation)}},
+                     "annotations": annotations},
         "spec": {
-            "backoffLimit": 2,
+            **spec,
             "ttlSecondsAfterFinished": 86400,
             "template": {"metadata": {"labels": labels}, "spec": pod},
         },

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -26,7 +26,15 @@ import kopf
 import kubernetes
 from kubernetes.client import ApiException
 
-from promptcache.operator.constants import GENERATION_ANNOTATION, MODELS, POLICIES, REPLAY_APP, REPLAYS
+from promptcache.operator.constants import (
+    GENERATION_ANNOTATION,
+    MODELS,
+    PLAN_ENV,
+    POLICIES,
+    REPLAY_APP,
+    REPLAYS,
+    SHARDS_ANNOTATION,
+)
 from promptcache.operator.errors import SpecError
 from promptcache.operator.handlers import manifests
 from promptcache.operator.handlers.conditions import Condition, merge, now_rfc3339, stalled
@@ -34,12 +42,25 @@ from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Event
 from promptcache.operator.replay import proposal, rows
-from promptcache.operator.replay.engine import ReplayError, canonical, report, simulate
+from promptcache.operator.replay.engine import (
+    REQUESTS,
+    Partial,
+    ReplayError,
+    Simulation,
+    accumulate,
+    canonical,
+    finish,
+    report,
+    simulate,
+)
 from promptcache.operator.replay.proposal import Proposal
+from promptcache.operator.replay.wire import WireError, decode, encode
 from promptcache.proxy.domain.policy import CachePolicy
 from promptcache.proxy.storage.requestlog import count_rows, format_timestamp
 
 TERMINAL = ("Succeeded", "Failed")
+REDUCE_RETRY = 30.0
+"""Seconds between attempts to read a completed sharded Job's sums while Postgres is unavailable."""
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _RESULT_FIELDS = ("summary", "intervals", "digest", "caveats", "reportConfigMap", "startedAt", "finishedAt")
 
@@ -58,10 +79,62 @@ class Plan:
     unit: str
     requests: int
     """2xx requests logged in the window: what decides between the operator and a Job."""
+    parallelism: int = 1
 
     @property
     def window(self) -> str:
         return f"{format_timestamp(self.since)}/{format_timestamp(self.until)}"
+
+    def resolved(self, generation: int) -> str:
+        """The plan as a spec that needs no cluster and no clock (the policy inline, the window absolute), with
+        the request count and the generation it is of: what a sharded run's pods are given, so that every shard
+        and the operator's sum of them replay the same proposal over the same window (:func:`from_resolved`)."""
+        p = self.proposal
+        spec = {
+            "models": list(self.models),
+            "window": {"start": format_timestamp(self.since), "end": format_timestamp(self.until)},
+            "policy": dict(p.spec), "tierOverride": dict(p.tier_override),
+            "pricingOverrides": {m: {"inputPerMTok": str(i), "outputPerMTok": str(o)}
+                                 for m, (i, o) in sorted(p.price_overrides.items())},
+            "bootstrap": {"seed": self.seed, "iterations": self.iterations, "confidence": self.confidence,
+                          "unit": self.unit},
+            "parallelism": self.parallelism,
+        }
+        return canonical({"spec": spec, "requests": self.requests, "generation": generation})
+
+
+MAX_PARALLELISM = 64
+
+
+def parallelism(spec: Mapping[str, Any]) -> int:
+    """``parallelism``: how many pods a Job's run is split across (1: one pod, which writes the status itself)."""
+    value = spec.get("parallelism", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLELISM:
+        raise SpecError("InvalidSpec", f"parallelism must be an integer from 1 to {MAX_PARALLELISM}, got {value!r}")
+    return value
+
+
+def _plan(spec: Mapping[str, Any], now: datetime, policy: tuple[CachePolicy, dict[str, Any]],
+          requests: int) -> Plan:
+    """What needs no cluster: the fields ``resolve`` and :func:`from_resolved` both parse."""
+    models = proposal.models(spec)
+    since, until = proposal.window(spec, now)
+    seed, iterations, confidence, unit = proposal.bootstrap(spec)
+    tiers = proposal.tier_override(spec.get("tierOverride"))
+    prices = proposal.price_overrides(spec.get("pricingOverrides"), models)
+    return Plan(Proposal(policy[0], policy[1], tiers, prices), models, since, until, seed, iterations, confidence,
+                unit, requests, parallelism(spec))
+
+
+def from_resolved(text: str) -> tuple[Plan, int]:
+    """The plan :meth:`Plan.resolved` wrote, and its generation; :class:`SpecError` for anything else."""
+    try:
+        document = json.loads(text)
+        spec, requests, generation = document["spec"], document["requests"], document["generation"]
+        return _plan(spec, datetime.now(UTC), proposal.policy(spec["policy"], "policy"), int(requests)), \
+            int(generation)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise SpecError("InvalidPlan", f"{PLAN_ENV} is not a resolved replay plan: {exc!r}") from None
 
 
 # --- the spec ------------------------------------------------------------------------------------
@@ -96,19 +169,13 @@ async def resolve(obj: Mapping[str, Any], kube: Kube, conn: asyncpg.Connection[a
                   now: datetime) -> Plan:
     """The spec as a replay; :class:`SpecError` when it cannot be one (``lastHours`` ends at ``now``)."""
     spec, namespace = obj.get("spec") or {}, obj["metadata"]["namespace"]
-    models = proposal.models(spec)
-    since, until = proposal.window(spec, now)
-    seed, iterations, confidence, unit = proposal.bootstrap(spec)
-    tiers = proposal.tier_override(spec.get("tierOverride"))
-    prices = proposal.price_overrides(spec.get("pricingOverrides"), models)
-    policy, echoed = await _policy(spec, namespace, kube)
-    await _check_models(models, namespace, kube)
-    requests = await count_rows(conn, since, until, models)
+    plan = _plan(spec, now, await _policy(spec, namespace, kube), 0)
+    await _check_models(plan.models, namespace, kube)
+    requests = await count_rows(conn, plan.since, plan.until, plan.models)
     if requests == 0:
-        raise SpecError("EmptyWindow", f"no 2xx requests of {', '.join(models)} were logged from "
-                                       f"{format_timestamp(since)} to {format_timestamp(until)}")
-    return Plan(Proposal(policy, echoed, tiers, prices), models, since, until, seed, iterations, confidence, unit,
-                requests)
+        raise SpecError("EmptyWindow", f"no 2xx requests of {', '.join(plan.models)} were logged from "
+                                       f"{plan.window.replace('/', ' to ')}")
+    return replace(plan, requests=requests)
 
 
 # --- status --------------------------------------------------------------------------------------
@@ -177,6 +244,15 @@ async def execute(obj: Mapping[str, Any], plan: Plan, kube: Kube, conn: asyncpg.
     try:
         sim = await rows.from_postgres(conn, plan.since, plan.until, plan.models,
                                        lambda requests: simulate(requests, plan.proposal, plan.unit))
+    except ReplayError as exc:  # a cost sum beyond exact arithmetic
+        return await status.fail("ReplayFailed", str(exc)) if await status.current() else None
+    return await publish(obj, plan, sim, kube, status)
+
+
+async def publish(obj: Mapping[str, Any], plan: Plan, sim: Simulation, kube: Kube, status: _Status) -> Event | None:
+    """Bootstrap the simulation, then write the report ConfigMap and the final status; None when the spec moved
+    on meanwhile."""
+    try:
         result = (await asyncio.to_thread(report, sim, plan.proposal, seed=plan.seed, iterations=plan.iterations,
                                           unit=plan.unit, confidence=plan.confidence)).result
     except ReplayError as exc:  # e.g. every request in the window lacks a prefix chain
@@ -224,7 +300,8 @@ async def reconcile(obj: Mapping[str, Any], kube: Kube, config: OperatorConfig) 
                 plan = await resolve(obj, kube, conn, datetime.now(UTC))
             except SpecError as exc:
                 return await status.fail(exc.reason, str(exc))
-            if plan.requests > config.inline_replay_max_requests and config.manifests.database_secret:
+            if (plan.requests > config.inline_replay_max_requests or plan.parallelism > 1) \
+                    and config.manifests.database_secret:
                 return await _start_job(obj, plan, kube, config.manifests, status, create=job is None)
             await status.progress("Running", "Replaying", f"replaying {plan.requests} requests from {plan.window} "
                                                           "in the operator", startedAt=now_rfc3339())
@@ -239,36 +316,99 @@ async def reconcile(obj: Mapping[str, Any], kube: Kube, config: OperatorConfig) 
 
 async def _start_job(obj: Mapping[str, Any], plan: Plan, kube: Kube, settings: manifests.OperatorSettings,
                      status: _Status, *, create: bool) -> Event:
-    """Hand the run to a Job; it writes the final status itself. An existing Job of this generation is kept
-    (the operator restarted after creating it)."""
-    job = manifests.replay_job(status.name, status.namespace, status.generation, settings)
+    """Hand the run to a Job; it writes the final status itself, or its shards' sums for the operator to add up.
+    The status says Running before the Job exists, so no pod finds its resource not yet running; an existing Job
+    of this generation is kept (the operator restarted after creating it)."""
+    job = manifests.replay_job(status.name, status.namespace, status.generation, settings,
+                               plan.resolved(status.generation), plan.parallelism)
     kopf.adopt(job, owner=_body(obj))
+    message = f"replaying {plan.requests} requests from {plan.window} in Job {job['metadata']['name']}"
+    if plan.parallelism > 1:
+        message += f", {plan.parallelism} shards"
+    await status.progress("Running", "JobRunning", message, startedAt=now_rfc3339())
     if create:
         await kube.create(job)
-    message = f"replaying {plan.requests} requests from {plan.window} in Job {job['metadata']['name']}"
-    await status.progress("Running", "JobRunning", message, startedAt=now_rfc3339())
     return ("Normal", "JobStarted", message)
 
 
-async def job_failed(job: Mapping[str, Any], kube: Kube) -> tuple[kopf.Body, Event] | None:
-    """A replay Job out of retries wrote no result: its PlanReplay, still Running for that generation, fails.
+async def job_changed(job: Mapping[str, Any], kube: Kube, config: OperatorConfig) -> tuple[kopf.Body, Event] | None:
+    """A replay Job of the generation its PlanReplay is Running: out of retries, it fails the PlanReplay (which
+    would otherwise stay Running); a sharded one complete, the operator adds up its shards and writes the result.
     Returns the PlanReplay and the event to post about it."""
-    conditions = (job.get("status") or {}).get("conditions") or []
-    failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []
+                  if c.get("status") == "True"}
     meta = job["metadata"]
+    annotations = meta.get("annotations") or {}
+    sharded = SHARDS_ANNOTATION in annotations
     owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "PlanReplay"), None)
-    if failed is None or owner is None:
+    if owner is None or not ("Failed" in conditions or (sharded and "Complete" in conditions)):
         return None
     obj = await kube.get_resource(REPLAYS, meta["namespace"], owner["name"])
     if obj is None or obj["metadata"].get("uid") != owner.get("uid"):
         return None
     current = obj.get("status") or {}
-    generation = (meta.get("annotations") or {}).get(GENERATION_ANNOTATION)
-    if current.get("phase") != "Running" or str(current.get("observedGeneration")) != generation:
+    if current.get("phase") != "Running" or str(current.get("observedGeneration")) != \
+            annotations.get(GENERATION_ANNOTATION) or str(obj["metadata"].get("generation")) != \
+            annotations.get(GENERATION_ANNOTATION):
         return None
-    detail = ": ".join(str(part) for part in (failed.get("reason"), failed.get("message")) if part)
-    message = f"Job {meta['name']} failed: {detail or 'no reason given'}"
-    return _body(obj), await _Status(kube, obj).fail("JobFailed", message)
+    status = _Status(kube, obj)
+    failed = conditions.get("Failed")
+    if failed is not None:
+        detail = ": ".join(str(part) for part in (failed.get("reason"), failed.get("message")) if part)
+        return _body(obj), await status.fail("JobFailed", f"Job {meta['name']} failed: {detail or 'no reason given'}")
+    while True:  # a watch event is not retried by kopf: the sums wait in Postgres until it is back
+        try:
+            event = await _reduce(obj, job, kube, config, status)
+            return (_body(obj), event) if event is not None else None
+        except DB_ERRORS as exc:
+            await status.progress("Running", "DatabaseUnavailable", f"the shards' sums are unavailable, retrying in "
+                                                                    f"{REDUCE_RETRY:g} s: {exc}")
+        await asyncio.sleep(REDUCE_RETRY)
+        if not await status.current():
+            return None
+
+
+async def _reduce(obj: Mapping[str, Any], job: Mapping[str, Any], kube: Kube, config: OperatorConfig,
+                  status: _Status) -> Event | None:
+    """Add up a completed sharded Job's sums, bootstrap and write the result; the shards' rows are deleted after."""
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    try:
+        plan, generation = from_resolved(next(e["value"] for e in container.get("env") or []
+                                              if e.get("name") == PLAN_ENV))
+    except (StopIteration, SpecError) as exc:
+        return await status.fail("InvalidPlan", f"Job {job['metadata']['name']} has no resolved plan: {exc!r}")
+    if generation != status.generation:
+        return None
+    uid = str(obj["metadata"]["uid"])
+    if not config.database_url:
+        return await status.fail("DatabaseNotConfigured", "the operator has no PROMPTCACHE_DATABASE_URL to read "
+                                                          "the shards' sums from")
+    conn = await asyncpg.connect(config.database_url)
+    try:
+        written = await conn.fetch("SELECT shard, sums FROM replay_shards WHERE replay_uid = $1 AND generation = $2 "
+                                   "ORDER BY shard", uid, status.generation)
+        missing = sorted(set(range(plan.parallelism)) - {row["shard"] for row in written})
+        if missing:
+            return await status.fail("ShardMissing", f"Job {job['metadata']['name']} completed, but shard(s) "
+                                                     f"{', '.join(map(str, missing))} of {plan.parallelism} wrote "
+                                                     "no sums")
+        try:
+            sim = await asyncio.to_thread(_total, [bytes(row["sums"]) for row in written], plan.proposal)
+        except (WireError, ReplayError) as exc:
+            return await status.fail("ShardUnreadable", str(exc))
+        event = await publish(obj, plan, sim, kube, status)
+        await conn.execute("DELETE FROM replay_shards WHERE replay_uid = $1 AND generation <= $2", uid,
+                           status.generation)
+        return event
+    finally:
+        await conn.close()
+
+
+def _total(shards: Sequence[bytes], proposal: Proposal) -> Simulation:
+    total = Partial()
+    for data in shards:
+        total.add(decode(data))
+    return finish(total, proposal)
 
 
 # --- the Job's side ------------------------------------------------------------------------------
@@ -283,20 +423,31 @@ def _api_message(exc: ApiException) -> str:
     return f": {message}" if message else ""
 
 
-def run_job(namespace: str, name: str) -> int:
-    """Run the PlanReplay's current generation and patch its status, as a replay Job's pod does.
+def run_job(namespace: str, name: str, shard: int | None = None) -> int:
+    """Run the PlanReplay's current generation and patch its status, as a replay Job's pod does; with ``shard``,
+    as a sharded Job's pod does: sum that shard of the plan in ``$PROMPTCACHE_REPLAY_PLAN`` into Postgres.
 
-    0 once an outcome is written (Succeeded or Failed: running again would not change it) or there is
-    nothing to do; 1 when Postgres or the API failed, so the Job retries the pod.
+    0 once an outcome is written (Succeeded or Failed, or a shard's sums: running again would not change it) or
+    there is nothing to do; 1 when Postgres or the API failed, so the Job retries the pod.
     """
-    return asyncio.run(_run_job(namespace, name))
+    return asyncio.run(_run_job(namespace, name, shard))
 
 
-async def _run_job(namespace: str, name: str) -> int:
+async def _run_job(namespace: str, name: str, shard: int | None) -> int:
     database_url = os.environ.get("PROMPTCACHE_DATABASE_URL")
     if not database_url:
         print("PROMPTCACHE_DATABASE_URL is not set: the replay reads the request log from Postgres", file=sys.stderr)
         return 1
+    plan: tuple[Plan, int] | None = None
+    if shard is not None:
+        try:
+            plan = from_resolved(os.environ.get(PLAN_ENV, ""))
+        except SpecError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        if shard >= plan[0].parallelism:
+            print(f"shard {shard} does not exist: the plan has {plan[0].parallelism}", file=sys.stderr)
+            return 1
     try:
         kube = Kube.connect()
     except kubernetes.config.ConfigException as exc:
@@ -312,12 +463,14 @@ async def _run_job(namespace: str, name: str) -> int:
         event: Event | None
         conn = await asyncpg.connect(database_url)
         try:
+            if plan is not None and shard is not None:
+                return await _sum_shard(obj, *plan, shard, conn, status, where)
             try:
-                plan = await resolve(obj, kube, conn, datetime.now(UTC))
+                resolved = await resolve(obj, kube, conn, datetime.now(UTC))
             except SpecError as exc:
                 event = await status.fail(exc.reason, str(exc))
             else:
-                event = await execute(obj, plan, kube, conn, status)
+                event = await execute(obj, resolved, kube, conn, status)
         finally:
             await conn.close()
         if event is None:
@@ -334,3 +487,26 @@ async def _run_job(namespace: str, name: str) -> int:
         return 1
     finally:
         kube.close()
+
+
+async def _sum_shard(obj: Mapping[str, Any], plan: Plan, generation: int, shard: int,
+                     conn: asyncpg.Connection[asyncpg.Record], status: _Status, where: str) -> int:
+    """One shard's exact sums into ``replay_shards``; the operator adds them up once the Job completes."""
+    label = f"{where}: shard {shard} of {plan.parallelism}"
+    if (obj.get("status") or {}).get("phase") != "Running" or status.generation != generation:
+        print(f"{label}: the resource is not running this generation; nothing to do")
+        return 0
+    try:
+        partial = await rows.from_postgres(conn, plan.since, plan.until, plan.models,
+                                           lambda requests: accumulate(requests, plan.proposal, plan.unit),
+                                           (shard, plan.parallelism))
+    except ReplayError as exc:
+        await status.fail("ReplayFailed", f"{label}: {exc}")
+        print(f"{label}: {exc}", file=sys.stderr)
+        return 0
+    requests = sum(cell[REQUESTS] for cell in partial.cells.values())
+    await conn.execute("INSERT INTO replay_shards (replay_uid, generation, shard, shards, requests, sums) "
+                       "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING", str(obj["metadata"]["uid"]),
+                       status.generation, shard, plan.parallelism, requests, encode(partial))
+    print(f"{label}: summed {requests} requests")
+    return 0

@@ -9,6 +9,7 @@ those clusters.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,16 @@ from typing import Any
 import numpy as np
 
 from promptcache.operator.replay.bootstrap import Totals, resample
+from promptcache.operator.replay.misses import (
+    BELOW_MINIMUM,
+    HORIZON,
+    REASONS,
+    REJECTED,
+    UNMARKED,
+    Recorded,
+    forget,
+    from_history,
+)
 from promptcache.operator.replay.proposal import UNITS, Proposal
 from promptcache.proxy.domain.classify import classify_marked
 from promptcache.proxy.domain.entries import IndexEntry, Scope
@@ -42,6 +53,7 @@ from promptcache.proxy.storage.memory import MemoryIndex
 from promptcache.proxy.storage.requestlog import LoggedRequest
 
 FEW_CLUSTERS = 30
+MISS_COLUMNS = 2 * len(REASONS)
 # Columns of the per-cluster sums the bootstrap resamples (simulate() writes them by number).
 BASELINE, PROJECTED, LIST, PROMPT, READ, HITS, REQUESTS = range(7)
 COLUMNS = 7
@@ -61,6 +73,8 @@ class _Totals:
     hits: int = 0
     requests: int = 0
     creation_cost: dict[str, Decimal] = field(default_factory=lambda: {t: Decimal(0) for t in TIERS})
+    misses: builtins.list[int] = field(default_factory=lambda: [0] * MISS_COLUMNS)
+    """Per reason, requests that read nothing: recorded (the first len(REASONS)), then projected."""
 
     def add(self, other: _Totals) -> None:
         self.baseline += other.baseline
@@ -72,6 +86,7 @@ class _Totals:
         self.requests += other.requests
         for tier in TIERS:
             self.creation_cost[tier] += other.creation_cost[tier]
+        self.misses = [a + b for a, b in zip(self.misses, other.misses, strict=True)]
 
 
 @dataclass
@@ -104,9 +119,10 @@ class _Index(MemoryIndex):
     """The memory index as replay drives it.
 
     ``classify`` gets a scope's entries whole, not a lookup of its candidates: it reads only the
-    candidates, so the result is the same without building the lookup. Entries that expired before
-    ``now`` are swept from time to time: an expired entry and no entry classify and merge alike, and
-    the log only moves forward, so memory follows the live cache rather than the length of the log.
+    candidates, so the result is the same without building the lookup. Entries that expired more than
+    :data:`~.misses.HORIZON` before ``now`` are swept from time to time: an expired entry and no entry
+    classify and merge alike, an entry that old explains no miss, and the log only moves forward, so
+    memory follows the live cache (and a day after it) rather than the length of the log.
     """
 
     def entries(self, scope: Scope) -> dict[bytes, IndexEntry]:
@@ -116,8 +132,9 @@ class _Index(MemoryIndex):
         return entries
 
     def sweep(self, now: datetime) -> None:
+        horizon = now - HORIZON
         for entries in self._scopes.values():
-            for h in [h for h, e in entries.items() if not e.live(now)]:
+            for h in [h for h, e in entries.items() if e.expires_at < horizon]:
                 del entries[h]
 
 
@@ -157,6 +174,8 @@ class Partial:
     """Per (cluster, group): baseline, projected and list numerators, prompt, read, hits, requests, recorded list."""
     creation: dict[GroupKey, dict[str, int]] = field(default_factory=dict)
     """Per group, each tier's cache write cost numerator."""
+    misses: dict[GroupKey, list[int]] = field(default_factory=dict)
+    """Per group, requests that read nothing by reason: recorded, then projected (see :mod:`.misses`)."""
     skipped_status: int = 0
     without_chain: int = 0
     over_limit: int = 0
@@ -174,6 +193,10 @@ class Partial:
             creation = self.creation.setdefault(group, dict.fromkeys(TIERS, 0))
             for tier, value in written.items():
                 creation[tier] += value
+        for group, counts in other.misses.items():
+            mine_counts = self.misses.setdefault(group, [0] * MISS_COLUMNS)
+            for column, value in enumerate(counts):
+                mine_counts[column] += value
         self.skipped_status += other.skipped_status
         self.without_chain += other.without_chain
         self.over_limit += other.over_limit
@@ -210,9 +233,12 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
     index = _Index()
     partial = Partial()
     cells = partial.cells
-    groups: dict[GroupKey, tuple[Rates, dict[str, int]]] = {}
-    # Each scope with its entries, by its names: building a Scope costs more than finding it.
-    scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry]]] = {}
+    groups: dict[GroupKey, tuple[Rates, dict[str, int], list[int]]] = {}
+    # Each scope with its entries, its chains' starts and its recorded cache, by its names: building a Scope
+    # costs more than finding it.
+    scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry], dict[bytes, datetime], Recorded]] = {}
+    minimum = policy.min_prefix_tokens
+    projected_reasons = len(REASONS)
     # Per request, only markers can change: a recorded tier maps (once per proposal, not per block)
     # and automatic placement may add one. A chain whose markers all stay is classified as recorded.
     projected_tier: dict[str | None, str | None] = {tier: proposal.tiers([tier])[0] for tier in TIERS}
@@ -230,6 +256,8 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
                 progress(n)
             if n % SWEEP_EVERY == 0:
                 index.sweep(request.ts)
+                for _, _, starts, recorded_cache in scopes.values():
+                    forget(request.ts, starts, recorded_cache.expiry, recorded_cache.starts)
         if not 200 <= request.status < 300:
             partial.skipped_status += 1
             continue
@@ -237,7 +265,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
         if not recorded:
             partial.without_chain += 1
             continue
-        marked = [i for i, b in enumerate(recorded) if b.tier is not None]
+        marked = recorded_marked = [i for i, b in enumerate(recorded) if b.tier is not None]
         # Whether every marker stays as recorded.
         kept = len(marked) <= max_breakpoints
         breakpoints: list[tuple[int, str]] = []
@@ -264,25 +292,47 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
             if target is not None and tiers[target] is not None and target not in marked:
                 marked = sorted([*marked, target])
             breakpoints = [(i, tier) for i in marked if (tier := tiers[i]) is not None]
+        rejected = len(recorded_marked) > max_breakpoints
         if len(breakpoints) > 1 and out_of_order([tier for _, tier in breakpoints]) is not None:
             partial.order_violations += 1
+            rejected = True
         names = (request.principal, request.model, request.tokenizer_version)
         known = scopes.get(names)
         if known is None:
             scope = Scope(*names)
-            known = scopes[names] = (scope, index.entries(scope))
-        scope, entries = known
-        result = classify_marked(recorded, breakpoints, entries, policy, request.ts)
+            known = scopes[names] = (scope, index.entries(scope), {}, Recorded())
+        scope, entries, starts, recorded_cache = known
+        ts = request.ts
+        result = classify_marked(recorded, breakpoints, entries, policy, ts)
         split = reconcile(request.prompt_tokens, request.completion_tokens, result)
+        recorded_miss = recorded_cache.reason(recorded, recorded_marked, request.read_tokens,
+                                              sum(request.creation_tokens.values()), ts)
+        projected_miss: int | None = None
+        if split.read == 0:
+            if rejected:
+                projected_miss = REJECTED
+            elif not breakpoints:
+                projected_miss = UNMARKED
+            elif all(recorded[i].tokens < minimum for i, _ in breakpoints):
+                projected_miss = BELOW_MINIMUM
+            else:
+                projected_miss = from_history(recorded, _expiry(entries), starts, ts)
         if split.cache_valid:
-            index.apply(scope, result, request.ts)
+            index.apply(scope, result, ts)
+            if result.writes:
+                starts[recorded[0].hash] = ts
 
         group_key = (request.model, request.input_per_mtok, request.output_per_mtok)
         group = groups.get(group_key)
         if group is None:
-            group = groups[group_key] = (_rates(group_key, proposal), dict.fromkeys(TIERS, 0))
+            group = groups[group_key] = (_rates(group_key, proposal), dict.fromkeys(TIERS, 0), [0] * MISS_COLUMNS)
             partial.creation[group_key] = group[1]
-        rates, creation = group
+            partial.misses[group_key] = group[2]
+        rates, creation, missed = group
+        if recorded_miss is not None:
+            missed[recorded_miss] += 1
+        if projected_miss is not None:
+            missed[projected_reasons + projected_miss] += 1
         cluster = request.principal if by_principal else _cluster(request, unit)
         cell = cells.get((cluster, group_key))
         if cell is None:
@@ -298,6 +348,14 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
         cell[6] += 1  # REQUESTS
         cell[7] += request.list_cost  # _RECORDED_LIST
     return partial
+
+
+def _expiry(entries: dict[bytes, IndexEntry]) -> Callable[[bytes], datetime | None]:
+    def expiry(prefix_hash: bytes) -> datetime | None:
+        entry = entries.get(prefix_hash)
+        return None if entry is None else entry.expires_at
+
+    return expiry
 
 
 def finish(partial: Partial, proposal: Proposal) -> Simulation:
@@ -326,6 +384,8 @@ def finish(partial: Partial, proposal: Proposal) -> Simulation:
         sim.clusters = {cluster: _row(cells) for cluster, cells in by_cluster.items()}
         for group, group_rates in rates.items():
             totals = sim.per_model[group[0]]
+            counts = partial.misses.get(group, [0] * MISS_COLUMNS)
+            totals.misses = [a + b for a, b in zip(totals.misses, counts, strict=True)]
             totals.projected += group_rates.decimal(projected[group])
             for tier, written in partial.creation[group].items():
                 totals.creation_cost[tier] += group_rates.decimal(written)
@@ -368,6 +428,8 @@ def _summary(t: _Totals) -> dict[str, Any]:
         "read_token_ratio": _ratio(t.read, t.prompt, "0.000001"),
         "hit_rate": _ratio(t.hits, t.requests, "0.000001"),
         "creation_cost": {tier: _money(v) for tier, v in t.creation_cost.items()},
+        "misses": {"recorded": dict(zip(REASONS, t.misses[:len(REASONS)], strict=True)),
+                   "projected": dict(zip(REASONS, t.misses[len(REASONS):], strict=True))},
     }
 
 

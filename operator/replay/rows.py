@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from promptcache.proxy.storage.requestlog import LoggedRequest, export_rows
+from promptcache.proxy.storage.requestlog import LoggedRequest, Shard, export_rows
 
 _T = TypeVar("_T")
 CHUNK = 1000
@@ -26,12 +26,13 @@ class LogError(Exception):
 
 
 async def from_postgres(conn: asyncpg.Connection[asyncpg.Record], since: datetime | None, until: datetime | None,
-                        models: Sequence[str] | None, consume: Callable[[Iterator[LoggedRequest]], _T]) -> _T:
+                        models: Sequence[str] | None, consume: Callable[[Iterator[LoggedRequest]], _T],
+                        shard: Shard | None = None) -> _T:
     """``consume(requests)`` in a worker thread, the requests pulled from the cursor through this event loop
     a chunk at a time: the loop stays free between chunks (the operator keeps serving), and a cancelled
-    caller ends the stream, so the thread finishes instead of reading on."""
+    caller ends the stream, so the thread finishes instead of reading on. ``shard``: only its principals."""
     loop = asyncio.get_running_loop()
-    rows = export_rows(conn, since, until, models)
+    rows = export_rows(conn, since, until, models, shard)
     lock = asyncio.Lock()
     stopped = False
 

@@ -226,18 +226,27 @@ def parse_line(raw: bytes | str, lineno: int) -> LoggedRequest | None:
     return parse_json_line(line, lineno) if line.strip() else None
 
 
+Shard = tuple[int, int]
+"""``(k, n)``: the principals whose :data:`SHARD_OF` is ``k`` of ``n`` shards."""
+SHARD_OF = "mod(('x' || left(md5(principal_id), 8))::bit(32)::bigint, {shards})"
+"""A principal's shard in SQL: its MD5's first 32 bits (unsigned) modulo the number of shards. Shards hold whole
+principals, so whole cache scopes; MD5 because Postgres 15 has it built in and it is the same everywhere."""
+
+
 async def export_rows(
     conn: asyncpg.Connection[asyncpg.Record],
     since: datetime | None = None,
     until: datetime | None = None,
     models: Sequence[str] | None = None,
+    shard: Shard | None = None,
 ) -> AsyncIterator[LoggedRequest]:
-    """Logged requests with ``since <= ts < until`` for ``models`` (None: no bound), in (ts, id) order.
+    """Logged requests with ``since <= ts < until`` for ``models`` (None: no bound) and the principals of
+    ``shard`` (None: all), in (ts, id) order.
 
     Streams through a cursor in one read-only snapshot, so a long export neither holds the whole
     log in memory nor mixes in rows committed while it runs.
     """
-    where, args = _where(since, until, models)
+    where, args = _where(since, until, models, shard=shard)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         async for row in conn.cursor(_SELECT + where + _ORDER, *args, prefetch=1000):
             yield _from_row(row)
@@ -258,10 +267,16 @@ async def count_rows(
 
 
 def _where(since: datetime | None, until: datetime | None, models: Sequence[str] | None,
-           conditions: Sequence[str] = ()) -> tuple[str, list[object]]:
+           conditions: Sequence[str] = (), shard: Shard | None = None) -> tuple[str, list[object]]:
     """The WHERE clause (with a leading space, or empty) and its arguments for the export bounds."""
     terms = list(conditions)
     args: list[object] = []
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ValueError(f"shard {k} of {n} does not exist")
+        args += [n, k]
+        terms.append(f"{SHARD_OF.format(shards=f'${len(args) - 1}::bigint')} = ${len(args)}")
     if since is not None:
         args.append(since)
         terms.append(f"ts >= ${len(args)}")

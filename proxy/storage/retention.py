@@ -1,4 +1,5 @@
-"""Retention: delete cache entries long expired and request-log rows past their keeping time.
+"""Retention: delete cache entries long expired, request-log rows past their keeping time, and sharded replays'
+sums left behind.
 
 Deletes run in short bounded batches rather than one long statement, so the proxy's commits
 never queue behind a large backlog, and several operators may run them at once (a row is
@@ -22,6 +23,11 @@ DELETE FROM request_log WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM request_log WHERE ts < $1 LIMIT $2
 ))
 """
+_PURGE_SHARDS = """
+DELETE FROM replay_shards WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM replay_shards WHERE written_at < $1 LIMIT $2
+))
+"""
 
 
 class Retention:
@@ -41,6 +47,10 @@ class Retention:
     async def purge_request_log(self, older_than: datetime, batch: int = 1000) -> int:
         """Request log retention: delete rows logged before ``older_than`` in bounded batches."""
         return await self._delete_in_batches(_PURGE_LOG, older_than, batch)
+
+    async def purge_replay_shards(self, older_than: datetime, batch: int = 1000) -> int:
+        """Sharded replays' sums nobody added up (their PlanReplay was deleted or changed while they ran)."""
+        return await self._delete_in_batches(_PURGE_SHARDS, older_than, batch)
 
     async def _delete_in_batches(self, query: str, cutoff: datetime, batch: int) -> int:
         if batch < 1:

@@ -45,6 +45,10 @@ PROXY_GRANTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "proxy_secrets": ("SELECT", "INSERT"),
     # Reserved once, like the ledger row the id keys: ON CONFLICT (request_id) reads the key column only.
     "client_request_ids": ("INSERT", "SELECT (request_id)"),
+    # A sharded replay's pod adds its shard's sums (ON CONFLICT DO NOTHING: a retried pod adds nothing). The
+    # operator reads and deletes them with the owner role. A proxy could write bogus sums, but it can already log
+    # bogus requests, which replays read: this widens nothing.
+    "replay_shards": ("INSERT",),
 })
 """Per table, the privileges of the proxy role: every table the migrations create, so none is left undecided."""
 

@@ -666,6 +666,8 @@ PLAN_REPLAY = spec_cases("PlanReplay", [
      "format"),
     ("lastHours 0", {"lastHours": 0}, "lastHours", "minimum"),
     ("lastHours over a year", {"lastHours": 8761}, "lastHours", "maximum"),
+    ("parallelism 0", {"parallelism": 0}, "parallelism", "minimum"),
+    ("parallelism over 64", {"parallelism": 65}, "parallelism", "maximum"),
     ("policy and cachePolicyRef", {"policy": {}}, "", "rule", "set exactly one of policy and cachePolicyRef"),
     ("neither policy nor cachePolicyRef", {"cachePolicyRef": DELETE}, "", "rule",
      "set exactly one of policy and cachePolicyRef"),
@@ -951,7 +953,7 @@ DEFAULTS = {
                       ".spec.tokenizer.configMapRef.key": "tokenizer.json"},
     "PlanReplay": {".spec.bootstrap": {"iterations": 2000, "confidence": 0.95, "seed": 0, "unit": "principal"},
                    ".spec.bootstrap.iterations": 2000, ".spec.bootstrap.confidence": 0.95, ".spec.bootstrap.seed": 0,
-                   ".spec.bootstrap.unit": "principal"},
+                   ".spec.bootstrap.unit": "principal", ".spec.parallelism": 1},
     "CachePolicy": {},  # no schema defaults: the proxy's parser owns them (tests/packaging/test_crds.py)
 }
 

@@ -48,10 +48,18 @@ async def test_run_once_sweeps_beyond_grace_and_purges_beyond_retention(lone_pg:
     await Ledger(lone_pg).commit(record("writer", NOW - timedelta(days=40), writes))
     await Ledger(lone_pg).commit(record("recent", NOW - timedelta(days=29)))
     await Ledger(lone_pg).commit(record("old", NOW - timedelta(days=31)))
-    swept, purged = await run_once(lone_pg, Housekeeping(batch=1), NOW)
-    assert (swept, purged) == (2, 2)  # entries a and b; log rows writer and old
     conn = await asyncpg.connect(empty_pg_dsn)
     try:
+        for shard, written in enumerate((NOW - timedelta(days=2), NOW - timedelta(hours=1))):
+            await conn.execute("INSERT INTO replay_shards (replay_uid, generation, shard, shards, requests, sums, "
+                               "written_at) VALUES ('uid', 1, $1, 2, 0, '', $2)", shard, written)
+    finally:
+        await conn.close()
+    swept, purged, shards = await run_once(lone_pg, Housekeeping(batch=1), NOW)
+    assert (swept, purged, shards) == (2, 2, 1)  # entries a and b; log rows writer and old; the 2-day-old shard
+    conn = await asyncpg.connect(empty_pg_dsn)
+    try:
+        assert [r["shard"] for r in await conn.fetch("SELECT shard FROM replay_shards")] == [1]
         left = sorted(bytes(r["prefix_hash"][:1]) for r in await conn.fetch("SELECT prefix_hash FROM cache_entries"))
         logs = sorted(r["request_id"] for r in await conn.fetch("SELECT request_id FROM request_log"))
         ledger = await conn.fetchval("SELECT count(*) FROM ledger")
@@ -60,4 +68,4 @@ async def test_run_once_sweeps_beyond_grace_and_purges_beyond_retention(lone_pg:
     assert left == [b"c", b"d"]
     assert logs == ["recent"]
     assert ledger == 3  # the ledger is money: retention never touches it
-    assert await run_once(lone_pg, Housekeeping(batch=1), NOW) == (0, 0)
+    assert await run_once(lone_pg, Housekeeping(batch=1), NOW) == (0, 0, 0)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,7 +31,14 @@ import openai
 import pytest
 
 from promptcache.operator import cli
-from promptcache.operator.constants import API_VERSION, GENERATION_ANNOTATION, REPLAYS, WINDOW_ANNOTATION
+from promptcache.operator.constants import (
+    API_VERSION,
+    GENERATION_ANNOTATION,
+    PLAN_ENV,
+    REPLAYS,
+    SHARDS_ANNOTATION,
+    WINDOW_ANNOTATION,
+)
 from promptcache.operator.handlers import planreplay
 from promptcache.proxy.storage.requestlog import format_timestamp
 from promptcache.proxy.testing.simulator import Simulator
@@ -50,6 +59,15 @@ REPLAY_ACCOUNT = "promptcache-replay"
 ``PROMPTCACHE_REPLAY_SERVICE_ACCOUNT``."""
 
 
+SHARDS = 3
+"""The sharded run's parallelism: the traffic has one principal in each shard."""
+
+
+def shard_of(principal: str, shards: int) -> int:
+    """The test's own reckoning of requestlog.SHARD_OF: the first 32 bits of the principal's MD5, modulo shards."""
+    return int(hashlib.md5(principal.encode()).hexdigest()[:8], 16) % shards
+
+
 @dataclass(frozen=True)
 class Traffic:
     alias: str
@@ -64,9 +82,12 @@ async def traffic(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, simulat
     alias = unique("replayed")
     start = datetime.now(UTC) - timedelta(seconds=1)
     config = {"models": [model_config(alias, simulator[0] + "/v1", "openai", word_tokenizer)]}
+    principals: list[str] = []
+    while len({shard_of(p, SHARDS) for p in principals}) < SHARDS:  # one principal in each shard
+        principals = [unique(name) for name in ("acme", "globex", "initech")]
     async with running_proxy(config, tmp_path_factory.mktemp("replay-proxy"), pg_dsn) as proxy:
-        for principal in ("acme", "globex", "initech"):
-            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=await new_key(pg_dsn, unique(principal)),
+        for principal in principals:
+            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=await new_key(pg_dsn, principal),
                                         max_retries=0)
             for messages in openai_turns():
                 await client.chat.completions.create(model=alias, messages=messages)  # type: ignore[arg-type]
@@ -132,6 +153,17 @@ async def running_in_job(kube: Cluster, ns: str, name: str, generation: int = 1)
 
     obj: dict[str, Any] = await eventually(check, within=30, what=f"{name} generation {generation} to run in a Job")
     return obj
+
+
+async def replay_job(kube: Cluster, ns: str, name: str, generation: int = 1) -> Obj:
+    """The Job of that generation, which the operator creates right after saying Running."""
+    async def created() -> Obj | None:
+        job = await kube.get_or_none("batch/v1", "jobs", ns, name)
+        ours = job is not None and job["metadata"]["annotations"][GENERATION_ANNOTATION] == str(generation)
+        return job if ours else None
+
+    job: Obj = await eventually(created, what=f"the Job {name} of generation {generation}")
+    return job
 
 
 def phase_of(obj: Obj) -> tuple[int | None, str | None]:
@@ -206,7 +238,11 @@ async def test_in_process_replay_runs_once_per_generation(
         assert (summary["projectedCost"], summary["savings"]) == (summary["baselineCost"], "0")
         assert Decimal(summary["savingsPct"]) == 0 and summary["hitRate"] == "0.666667"  # turns 2 and 3 read
         assert set(summary) == {"requests", "baselineCost", "projectedCost", "listCost", "savings", "savingsPct",
-                                "readTokenRatio", "hitRate", "creationCost"}
+                                "readTokenRatio", "hitRate", "creationCost", "misses"}
+        # Each principal's first turn found nothing cached, as recorded (its split wrote) and as projected.
+        first_turns = {"rejected": 0, "unmarked": 0, "belowMinimum": 0, "expired": 0, "beyondLookback": 0,
+                       "prefixChanged": 0, "neverWritten": 3}
+        assert summary["misses"] == {"recorded": first_turns, "projected": first_turns}
         assert set(status["intervals"]) == {"projectedCost", "savings", "savingsPct", "hitRate", "readTokenRatio"}
         assert all(isinstance(b, str) for bounds in status["intervals"].values() for b in bounds)
         assert status["intervals"]["savings"] == ["0", "0"]
@@ -283,6 +319,8 @@ async def test_bad_specs_fail_with_a_reason(
                        "defaultTtl must be one of enabledTtls"),
         "two-windows": (replay("two-windows", [alias], ns=ns, window=window, lastHours=1, policy={}),
                         "set exactly one of window and lastHours"),
+        "too-parallel": (replay("too-parallel", [alias], ns=ns, window=window, policy={}, parallelism=65),
+                         "spec.parallelism: Invalid value: 65"),
     }
     for name, (obj, words) in refused.items():
         with pytest.raises(KubeError) as refusal:
@@ -341,7 +379,7 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
             kube.watching(API_VERSION, REPLAYS, ns, "there") as watch:
         await kube.create(replay("there", [traffic.alias], ns=ns, **spec))
         there = await running_in_job(kube, ns, "there")
-        job = await kube.get("batch/v1", "jobs", ns, "there-replay")
+        job = await replay_job(kube, ns, "there-replay")
         assert [(r["kind"], r["uid"]) for r in job["metadata"]["ownerReferences"]] == [
             ("PlanReplay", there["metadata"]["uid"])]
         assert job["metadata"]["annotations"][GENERATION_ANNOTATION] == "1"
@@ -398,6 +436,103 @@ async def test_large_replays_run_as_a_job_with_the_same_result(
         await kube.release(ns)  # nothing for a later test's operator to find
 
 
+async def test_a_sharded_replay_runs_as_an_indexed_job_whose_sums_add_up_to_the_single_run(
+        kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, traffic: Traffic,
+        pg_dsn: str, tmp_path: Path) -> None:
+    """``parallelism: 3`` is an Indexed Job of three pods, each given the resolved plan and its index; each sums its
+    principals' requests into Postgres, and when the job controller completes the Job the operator adds them up:
+    the digest of the run in the operator, byte for byte."""
+    ns = await kube.namespace("replays")
+    identity = await replay_identity(kube, ns, tmp_path)
+    await dsn_secret(kube, ns, pg_dsn)
+    spec = {"window": traffic.window, "policy": SERVED_WITH, "tierOverride": {"5m": "1h"}}
+    async with start_operator(namespaces=[ns], environment=replay_environment(operator_env)), \
+            kube.watching(API_VERSION, REPLAYS, ns, "split") as watch:
+        await kube.create(deployed(traffic.alias, ns))
+        await kube.create(replay("whole", [traffic.alias], ns=ns, **spec))
+        whole = await finished(kube, ns, "whole")
+        assert whole["status"]["phase"] == "Succeeded"
+        assert await kube.get_or_none("batch/v1", "jobs", ns, "whole-replay") is None, "small: run in the operator"
+
+        await kube.create(replay("split", [traffic.alias], ns=ns, parallelism=SHARDS, **spec))
+        split = await running_in_job(kube, ns, "split")
+        assert (condition(split, "Reconciling") or {})["message"].endswith("in Job split-replay, 3 shards")
+        job = await replay_job(kube, ns, "split-replay")
+        assert {k: job["spec"][k] for k in ("completionMode", "completions", "parallelism", "backoffLimitPerIndex",
+                                            "maxFailedIndexes")} == {
+            "completionMode": "Indexed", "completions": 3, "parallelism": 3, "backoffLimitPerIndex": 2,
+            "maxFailedIndexes": 0}
+        assert job["metadata"]["annotations"][SHARDS_ANNOTATION] == "3"
+        [container] = job["spec"]["template"]["spec"]["containers"]
+        assert container["args"] == ["replay-job", f"{ns}/split", "--shard", "$(JOB_COMPLETION_INDEX)"]
+        [plan] = [e["value"] for e in container["env"] if e["name"] == PLAN_ENV]
+        resolved = json.loads(plan)
+        assert resolved["generation"] == 1 and resolved["requests"] == 9
+        assert resolved["spec"]["window"] == traffic.window and resolved["spec"]["policy"] == SERVED_WITH
+
+        # The job controller's three pods, each with its index; run here as processes, one after another.
+        pods: dict[str, Obj] = {}
+        for _ in range(3):
+            pod = await new_pod(kube, ns, job, set(pods))
+            pods[pod["metadata"]["name"]] = pod
+        indexes = sorted(int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+                         for p in pods.values())
+        assert indexes == [0, 1, 2]
+        summed = []
+        for pod in pods.values():
+            code, output = await run_pod(kube, ns, pod, identity)
+            assert code == 0, output
+            index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+            words = re.search(rf"shard {index} of 3: summed (\d+) requests", output)
+            assert words is not None, output
+            summed.append(int(words[1]))
+        assert summed == [3, 3, 3], "each shard holds its principal's three requests"
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            rows = await conn.fetch("SELECT shard, shards, requests FROM replay_shards WHERE replay_uid = $1",
+                                    split["metadata"]["uid"])
+            assert sorted((r["shard"], r["shards"]) for r in rows) == [(0, 3), (1, 3), (2, 3)]
+            assert sum(r["requests"] for r in rows) == 9
+            # A retried pod adds nothing: its shard's sums are already there.
+            code, output = await run_pod(kube, ns, next(iter(pods.values())), identity)
+            assert code == 0, output
+            assert await conn.fetchval("SELECT count(*) FROM replay_shards WHERE replay_uid = $1",
+                                       split["metadata"]["uid"]) == 3
+            assert (await get(kube, ns, "split") or {})["status"]["phase"] == "Running", "the operator adds up"
+
+            # Every index succeeded: the job controller completes the Job, and the operator adds up its shards.
+            for pod in pods.values():
+                await pod_finished(kube, ns, pod, 0)
+            done = await finished(kube, ns, "split")
+            assert done["status"]["phase"] == "Succeeded", done["status"]
+            assert done["status"]["digest"] == whole["status"]["digest"]
+            assert done["status"]["summary"] == whole["status"]["summary"]
+            report = await kube.get("v1", "configmaps", ns, "split-report")
+            assert json.loads(report["data"]["result.json"])["digest"] == whole["status"]["digest"]
+            assert await conn.fetchval("SELECT count(*) FROM replay_shards WHERE replay_uid = $1",
+                                       split["metadata"]["uid"]) == 0, "added up, the sums are deleted"
+        finally:
+            await conn.close()
+        assert await phases(watch) == [(1, "Pending"), (1, "Running"), (1, "Succeeded")]
+
+        async def succeeded() -> bool:  # kopf posts events asynchronously
+            events = await kube.events(ns, involving="split")
+            return [e["type"] for e in events if e["reason"] == "Succeeded"] == ["Normal"]
+
+        await eventually(succeeded, what="the Succeeded event of the sharded run")
+        for bad in ("-1", "x", "99999"):
+            with pytest.raises(SystemExit) as usage:
+                cli.main(["replay-job", f"{ns}/split", "--shard", bad])
+            assert usage.value.code == 2
+        [pod] = list(pods.values())[:1]  # a pod without its plan (the index the job controller gave it kept)
+        pod["spec"]["containers"][0]["env"] = [e for e in pod["spec"]["containers"][0]["env"]
+                                               if e["name"] != PLAN_ENV]
+        code, output = await run_pod(kube, ns, pod, identity)
+        assert (code, output.strip()) == (1, f"{PLAN_ENV} is not a resolved replay plan: "
+                                             "JSONDecodeError('Expecting value: line 1 column 1 (char 0)')")
+        await kube.release(ns)  # nothing for a later test's operator to find
+
+
 async def test_a_new_generation_replaces_the_job_and_a_failed_job_fails_the_replay(
         kube: Cluster, start_operator: StartOperator, operator_env: OperatorEnvironment, traffic: Traffic,
         tmp_path: Path) -> None:
@@ -410,12 +545,12 @@ async def test_a_new_generation_replaces_the_job_and_a_failed_job_fails_the_repl
         await kube.create(deployed(traffic.alias, ns))
         await kube.create(replay("doomed", [traffic.alias], ns=ns, window=traffic.window, policy=SERVED_WITH))
         await running_in_job(kube, ns, "doomed")
-        first = await kube.get("batch/v1", "jobs", ns, "doomed-replay")
+        first = await replay_job(kube, ns, "doomed-replay")
         await new_pod(kube, ns, first)
 
         await kube.patch(API_VERSION, REPLAYS, ns, "doomed", {"spec": {"tierOverride": {"5m": "24h"}}})
         await running_in_job(kube, ns, "doomed", generation=2)
-        second = await kube.get("batch/v1", "jobs", ns, "doomed-replay")
+        second = await replay_job(kube, ns, "doomed-replay", 2)
         assert second["metadata"]["uid"] != first["metadata"]["uid"]
         assert second["metadata"]["annotations"][GENERATION_ANNOTATION] == "2"
 

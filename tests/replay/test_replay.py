@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
+import msgspec
 import openai
 import pytest
 
 from promptcache.operator.replay.engine import REQUESTS, ReplayError, canonical, report, simulate
+from promptcache.operator.replay.misses import REASONS
 from promptcache.operator.replay.proposal import Proposal
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.policy import CachePolicy
@@ -90,6 +92,11 @@ CACHED = [blk("sys", 1000, "5m", "system"), blk("q", 1010)]
 BASE_POLICY: dict[str, Any] = {"minPrefixTokens": 0}
 
 
+def misses(**counts: int) -> dict[str, int]:
+    """A summary's misses by reason: zero but for ``counts``."""
+    return {reason: counts.get(reason, 0) for reason in REASONS}
+
+
 # --- §5 classification through replay, by hand ---------------------------------------------------
 
 
@@ -123,6 +130,8 @@ def test_the_hit_case_summary_in_full() -> None:
         "requests": 2, "baseline_cost": "0.00202", "projected_cost": "0.00137", "list_cost": "0.00202",
         "savings": "0.00065", "savings_pct": "32.1782", "read_token_ratio": "0.495050", "hit_rate": "0.500000",
         "creation_cost": {"5m": "0.00125", "1h": "0", "24h": "0"},
+        # Recorded: both marked, neither wrote (the recording cached nothing). Projected: r1 is the first.
+        "misses": {"recorded": misses(below_minimum=2), "projected": misses(never_written=1)},
     }
 
 
@@ -540,3 +549,40 @@ def test_one_cluster_gives_a_caveat_and_collapsed_intervals() -> None:
         lo, hi = map(Decimal, bounds)
         point, step = Decimal(result["summary"][name]), Decimal(quantum[name])
         assert point - step <= lo <= point <= hi <= point + step, (name, lo, point, hi)
+
+
+# --- why requests missed (docs/design.md#miss-reasons) --------------------------------------------
+
+
+def test_each_miss_has_its_reason_under_the_recording_and_the_proposal() -> None:
+    """One principal (one scope) per reason, by hand; the recording cached nothing but for ``rec``, whose
+    recorded splits say it wrote its system prompt, missed it after 6 minutes, and read it a minute later."""
+    policy = {"minPrefixTokens": 100, "maxBreakpoints": 1, "lookbackBlocks": 2}
+    m = timedelta(minutes=1)
+    a_chain = [blk("a", 500, None, "system"), blk("b", 1000, "5m"), blk("qa", 1010)]
+    b_chain = [blk("a", 500, None, "system"), blk("c", 1000, "5m"), blk("qb", 1010)]
+    far = [blk("sys", 1000), blk("m1", 1100), blk("m2", 1200), blk("z", 1300, "5m"), blk("qz", 1310)]
+    scenarios: dict[str, list[tuple[timedelta, list[ChainBlock]]]] = {
+        "new": [(0 * m, CACHED)],
+        "exp": [(0 * m, CACHED), (6 * m, CACHED)],  # expired a minute ago
+        "old": [(0 * m, CACHED), (2 * 24 * 60 * m, CACHED)],  # expired two days ago: beyond the horizon
+        "chg": [(0 * m, a_chain), (1 * m, b_chain)],  # the same start, another block at the breakpoint
+        "min": [(0 * m, [blk("t", 50, "5m"), blk("q", 60)])],
+        "unm": [(0 * m, [blk("x", 1000), blk("y", 1010)])],
+        "rej": [(0 * m, [blk("s1", 1000, "5m"), blk("s2", 1200, "5m"), blk("q", 1210)])],
+        "look": [(0 * m, CACHED), (1 * m, far)],  # sys is cached, but 3 blocks before the breakpoint
+        "rec": [(0 * m, CACHED), (6 * m, CACHED), (7 * m, CACHED)],
+    }
+    log = [logged(f"{who}-{n}", T0 + at, chain, chain[-1].tokens, principal=who)
+           for who, turns in scenarios.items() for n, (at, chain) in enumerate(turns)]
+    recorded = {"rec-0": (0, 1000), "rec-1": (0, 1000), "rec-2": (1000, 0)}  # (read, 5m creation)
+    log = [msgspec.structs.replace(r, read_tokens=recorded[r.id][0], creation_tokens={
+        **r.creation_tokens, "5m": recorded[r.id][1]}) if r.id in recorded else r for r in log]
+    result = replay(sorted(log, key=lambda r: (r.ts, r.id)), policy)
+    assert result["summary"]["requests"] == 15
+    assert result["summary"]["misses"] == {
+        "recorded": misses(unmarked=1, below_minimum=11, never_written=1, expired=1),
+        "projected": misses(rejected=1, unmarked=1, below_minimum=1, expired=2, beyond_lookback=1,
+                            prefix_changed=1, never_written=7),
+    }
+    assert result["per_model"][0]["misses"] == result["summary"]["misses"]

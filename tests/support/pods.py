@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -24,15 +25,41 @@ PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 
 
-async def container_env(kube: Cluster, namespace: str, container: Mapping[str, Any]) -> dict[str, str]:
-    """What the kubelet would put in the container's environment: values, Secret and ConfigMap keys."""
+_FIELD = re.compile(r"metadata\.(name|namespace|uid)|metadata\.(annotations|labels)\['([^']+)'\]")
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _field(pod: Mapping[str, Any], path: str) -> str:
+    """A downward-API ``fieldRef`` of the pod (the job controller gives an Indexed Job's pods one)."""
+    match = _FIELD.fullmatch(path)
+    if match is None:
+        raise AssertionError(f"a fieldRef the test cannot play: {path}")
+    meta = pod["metadata"]
+    return str(meta[match[1]]) if match[1] else str((meta.get(match[2]) or {})[match[3]])
+
+
+def expand(args: list[str], env: Mapping[str, str]) -> list[str]:
+    """``$(VAR)`` in args replaced by the container's variable, ``$$`` by ``$``, as the kubelet does; an unknown
+    reference stays as written."""
+    def one(match: re.Match[str]) -> str:
+        return "$" if match[0] == "$$" else env.get(match[1], match[0])
+
+    return [_REFERENCE.sub(one, arg) for arg in args]
+
+
+async def container_env(kube: Cluster, namespace: str, container: Mapping[str, Any],
+                        pod: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """What the kubelet would put in the container's environment: values, Secret and ConfigMap keys, and the
+    pod's own fields."""
     env: dict[str, str] = {}
     for var in container.get("env") or []:
         if "value" in var:
             env[var["name"]] = var["value"]
             continue
         source = var.get("valueFrom") or {}
-        if "secretKeyRef" in source:
+        if "fieldRef" in source and pod is not None:
+            env[var["name"]] = _field(pod, source["fieldRef"]["fieldPath"])
+        elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
             secret = await kube.get("v1", "secrets", namespace, ref["name"])
             env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
@@ -65,10 +92,11 @@ async def run_pod(kube: Cluster, namespace: str, pod: Mapping[str, Any],
     [container] = pod["spec"]["containers"]
     assert "command" not in container, "containers give args only; the image's entrypoint is promptcache"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTCACHE_") and k != "KUBECONFIG"}
-    env = {**base, **await container_env(kube, namespace, container)}
+    own = await container_env(kube, namespace, container, pod)
+    env = {**base, **own}
     if kubeconfig is not None:
         env["KUBECONFIG"] = str(kubeconfig)
-    process = await asyncio.create_subprocess_exec(PROMPTCACHE, *container.get("args", []), env=env,
+    process = await asyncio.create_subprocess_exec(PROMPTCACHE, *expand(container.get("args", []), own), env=env,
                                                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                                    stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
