@@ -4,8 +4,8 @@ Reads requests from JSON Lines files (any order, gzip or plain, ``-`` for standa
 by several processes with ``--workers``) or streams them from Postgres, filters them by model and time
 window, runs them through the replay engine and prints the result: the canonical result JSON
 (``--output json``, the default when standard output is not a terminal) or a readable summary
-(``table``). ``--plot`` draws the bootstrap distribution of savings (needs matplotlib, the ``plot``
-extra). Every bad input exits 2 with one line on standard error.
+(``table``). ``--plot`` draws the result (:mod:`.plot`; needs matplotlib, the ``plot`` extra).
+Every bad input exits 2 with one line on standard error.
 
 The engine and numpy are imported when the command runs, so other subcommands do not load them.
 """
@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from promptcache.operator.cli import options
+from promptcache.operator.cli.figures import pct, usd
 from promptcache.proxy.domain.tiers import TIERS
 
 if TYPE_CHECKING:
@@ -66,8 +67,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--sort-memory", default="512MiB", metavar="SIZE",
                    help="memory for sorting files that are not in (ts, id) order, all workers together, before "
                         "sorted runs spill to temporary files (default 512MiB; KiB, MiB, GiB or bytes)")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the bootstrap distribution of savings to a PNG "
-                                                      "(needs matplotlib: the `plot` extra)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the result to a PNG: the savings' bootstrap distribution "
+                                                      "and break-even, each model's baseline and projected cost, "
+                                                      "and the misses by reason (needs matplotlib: the `plot` "
+                                                      "extra)")
     p.set_defaults(func=cmd_replay)
 
 
@@ -265,32 +268,19 @@ class _Progress:
             self.shown = False
 
 
-def _usd(text: str) -> str:
-    """Dollars to four significant digits, at least cents: $360.69, $3.325, $0.9164, $0.00001234."""
-    value = Decimal(text)
-    if not value:
-        return "$0"
-    places = min(8, max(2, 3 - value.copy_abs().adjusted()))
-    return f"{'-' if value < 0 else ''}${abs(value):,.{places}f}"
-
-
-def _pct(text: str, scale: int = 1) -> str:
-    if text == "NaN":
-        return "n/a"
-    return f"{(Decimal(text) * scale).quantize(Decimal('0.01'))}%"
-
-
 def _interval(bounds: Sequence[str], show: Callable[[str], str]) -> str:
     lo, hi = bounds
     return "n/a" if "NaN" in (lo, hi) else f"[{show(lo)}, {show(hi)}]"
 
 
 def _ratio(text: str) -> str:
-    return _pct(text, 100)
+    return pct(text, 100)
 
 
 def render_table(result: Mapping[str, Any]) -> str:
-    """The result for a person: summary with intervals, per-model rows, caveats, digest."""
+    """The result for a person: summary with intervals, misses by reason, per-model rows, caveats, digest."""
+    from promptcache.operator.replay.misses import REASONS
+
     s, iv, params = result["summary"], result["intervals"], result["params"]
     level = f"{Decimal(repr(params['confidence'])) * 100:f}".rstrip("0").rstrip(".")
     lines = [
@@ -298,20 +288,24 @@ def render_table(result: Mapping[str, Any]) -> str:
         f"seed {params['seed']}, {level}% intervals",
         "",
         f"  {'':<18} {'value':>18}   {level}% interval",
-        f"  {'baseline (billed)':<18} {_usd(s['baseline_cost']):>18}",
-        f"  {'list price':<18} {_usd(s['list_cost']):>18}",
-        f"  {'projected':<18} {_usd(s['projected_cost']):>18}   {_interval(iv['projected_cost'], _usd)}",
-        f"  {'savings':<18} {_usd(s['savings']):>18}   {_interval(iv['savings'], _usd)}",
-        f"  {'savings %':<18} {_pct(s['savings_pct']):>18}   {_interval(iv['savings_pct'], _pct)}",
+        f"  {'baseline (billed)':<18} {usd(s['baseline_cost']):>18}",
+        f"  {'list price':<18} {usd(s['list_cost']):>18}",
+        f"  {'projected':<18} {usd(s['projected_cost']):>18}   {_interval(iv['projected_cost'], usd)}",
+        f"  {'savings':<18} {usd(s['savings']):>18}   {_interval(iv['savings'], usd)}",
+        f"  {'savings %':<18} {pct(s['savings_pct']):>18}   {_interval(iv['savings_pct'], pct)}",
         f"  {'hit rate':<18} {_ratio(s['hit_rate']):>18}   {_interval(iv['hit_rate'], _ratio)}",
         f"  {'read token ratio':<18} {_ratio(s['read_token_ratio']):>18}   {_interval(iv['read_token_ratio'], _ratio)}",
-        "  cache writes       " + ", ".join(f"{tier} {_usd(v)}" for tier, v in s["creation_cost"].items()),
+        "  cache writes       " + ", ".join(f"{tier} {usd(v)}" for tier, v in s["creation_cost"].items()),
+        "  read nothing       " + (", ".join(
+            f"{reason.replace('_', ' ')} {s['misses']['recorded'][reason]:,} → {s['misses']['projected'][reason]:,}"
+            for reason in REASONS if s["misses"]["recorded"][reason] or s["misses"]["projected"][reason])
+            or "none") + "  (recorded → projected)",
         "",
     ]
     header = ("model", "requests", "baseline", "projected", "savings", "savings %", "hit rate", "read ratio")
     rows = [header] + [
-        (m["model"], f"{m['requests']:,}", _usd(m["baseline_cost"]), _usd(m["projected_cost"]), _usd(m["savings"]),
-         _pct(m["savings_pct"]), _ratio(m["hit_rate"]), _ratio(m["read_token_ratio"]))
+        (m["model"], f"{m['requests']:,}", usd(m["baseline_cost"]), usd(m["projected_cost"]), usd(m["savings"]),
+         pct(m["savings_pct"]), _ratio(m["hit_rate"]), _ratio(m["read_token_ratio"]))
         for m in result["per_model"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -332,51 +326,14 @@ def _check_matplotlib() -> None:
         options.fail("--plot needs matplotlib, which is not installed: pip install 'promptcache[plot]'")
 
 
-def plot_savings(report: Report, path: str) -> None:
-    """Histogram of the bootstrap savings, with the point estimate and the interval marked."""
-    import matplotlib
+def plot(report: Report, policy: str, path: str) -> None:
+    from promptcache.operator.cli import plot as picture
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    def usd(text: str) -> str:  # a dollar sign is escaped, or two of them would start mathtext
-        return _usd(text).replace("$", r"\$")
-
-    result = report.result
-    replicates = np.asarray(report.savings_replicates, dtype=np.float64)
-    replicates = replicates[np.isfinite(replicates)]
-    point = float(result["summary"]["savings"])
-    lo, hi = result["intervals"]["savings"]
-    params = result["params"]
-    level = f"{params['confidence'] * 100:g}%"
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    name = "the policy from standard input" if policy == "-" else f"the policy in {policy}"
     try:
-        ax.hist(replicates, bins=min(60, max(10, replicates.size // 25)), color="#8fb3d9", edgecolor="#4a6f96",
-                linewidth=0.5, label=f"{replicates.size:,} bootstrap resamples", zorder=2)
-        if "NaN" not in (lo, hi):
-            ax.axvspan(float(lo), float(hi), color="#f2c14e", alpha=0.3, zorder=1,
-                       label=f"{level} interval [{usd(lo)}, {usd(hi)}]")
-            for bound in (lo, hi):
-                ax.axvline(float(bound), color="#c98a00", linestyle="--", linewidth=1.2)
-        ax.axvline(point, color="#b22222", linewidth=2, label=f"point estimate {usd(result['summary']['savings'])}")
-        if min(point, float(replicates.min(initial=point))) < 0 < max(point, float(replicates.max(initial=point))):
-            ax.axvline(0, color="black", linewidth=0.8)
-        summary = result["summary"]
-        ax.set_title(f"Projected savings: {summary['requests']:,} requests, {_pct(summary['savings_pct'])} of "
-                     f"baseline {usd(summary['baseline_cost'])}\nbootstrap by {params['unit']}, seed "
-                     f"{params['seed']}", fontsize=10)
-        ax.set_xlabel("savings, USD (baseline - projected; negative: the policy costs more)")
-        ax.set_ylabel("resamples")
-        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        try:
-            fig.savefig(path, format="png")
-        except OSError as exc:
-            options.fail(f"cannot write {path}: {exc}")
-    finally:
-        plt.close(fig)
+        picture.save(report, name, path)
+    except OSError as exc:
+        options.fail(f"cannot write {path}: {exc}")
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -432,7 +389,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except (LogError, ReplayError) as exc:
         options.fail(str(exc))
     if args.plot is not None:
-        plot_savings(result, args.plot)
+        plot(result, args.policy, args.plot)
     options.write_output(canonical(result.result) + "\n" if output == "json" else render_table(result.result))
     return 0
 

@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import msgspec
 import pytest
 
 from promptcache.operator.cli import main
@@ -210,6 +211,39 @@ def test_plot_draws_the_bootstrap_distribution(files: dict[str, Path], tmp_path:
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 20_000  # axes, bars, lines and a legend, not an empty canvas
+
+
+def test_the_picture_names_the_policy_and_the_baseline_and_has_break_even_models_and_misses() -> None:
+    import numpy as np
+    from matplotlib.patches import Rectangle
+    from replay.test_replay import SYNTHETIC_OVERRIDE, SYNTHETIC_POLICY, proposal, synthetic_log
+
+    from promptcache.operator.cli import plot
+    from promptcache.operator.replay.engine import report, simulate
+    from promptcache.operator.replay.misses import REASONS
+
+    log = [msgspec.structs.replace(r, model="small" if n % 3 else "large")
+           for n, r in enumerate(synthetic_log(principals=40, seed=3))]
+    p = proposal(SYNTHETIC_POLICY, SYNTHETIC_OVERRIDE)
+    replayed_ = report(simulate(log, p), p, seed=1, iterations=300)
+    fig = plot.figure(replayed_, "the policy in proposal.yaml")
+    title = fig.get_suptitle()
+    assert title.startswith("Projected savings of the policy in proposal.yaml against the recorded bills (the "
+                            "baseline)\n")
+    assert "minPrefixTokens 256" in title and "tier 5m→1h" in title
+    savings, models, misses = fig.axes
+    lines = {str(line.get_label()).split(" ")[0]: list(np.asarray(line.get_xdata())) for line in savings.get_lines()}
+    point = float(replayed_.result["summary"]["savings"])
+    assert (lines["break-even:"], lines["point"]) == ([0, 0], [point, point])
+    per_model = {m["model"]: m for m in replayed_.result["per_model"]}
+    assert [t.get_text().split("\n")[0] for t in models.get_yticklabels()] == sorted(per_model)
+    widths = [cast(Rectangle, bar).get_width() for bar in models.patches]
+    assert widths == [float(per_model[m][k]) for k in ("baseline_cost", "projected_cost") for m in sorted(per_model)]
+    counts = replayed_.result["summary"]["misses"]
+    assert [t.get_text() for t in misses.get_yticklabels()] == [r.replace("_", " ") for r in REASONS]
+    widths = [cast(Rectangle, bar).get_width() for bar in misses.patches]
+    assert widths == [counts[side][r] for side in ("recorded", "projected") for r in REASONS]
+    assert sum(counts["projected"].values()) > 0
 
 
 def test_plot_without_matplotlib_says_so(files: dict[str, Path], tmp_path: Path) -> None:
