@@ -21,7 +21,8 @@ from promptcache.proxy.domain.tiers import TIERS, duration
 REASONS = ("rejected", "unmarked", "below_minimum", "expired", "beyond_lookback", "prefix_changed",
            "never_written")
 REJECTED, UNMARKED, BELOW_MINIMUM, EXPIRED, BEYOND_LOOKBACK, PREFIX_CHANGED, NEVER_WRITTEN = range(len(REASONS))
-HORIZON = max(duration(tier) for tier in TIERS)
+DURATIONS = {tier: duration(tier) for tier in TIERS}
+HORIZON = max(DURATIONS.values())
 """How long past its expiry an entry (and past its last write a chain's start) still explains a miss."""
 
 
@@ -70,15 +71,18 @@ class Recorded:
                 reason = BELOW_MINIMUM
             else:
                 reason = from_history(chain, self.expiry.get, self.starts, now)
-        top, wrote = read + created, False
+        expiry, top, wrote = self.expiry, read + created, False
         for i in marked:
             block = chain[i]
-            written = read < block.tokens <= top
-            if (written or (read and block.tokens == read)) and block.tier is not None:
-                expires, current = now + duration(block.tier), self.expiry.get(block.hash)
-                if current is None or expires > current:
-                    self.expiry[block.hash] = expires
-                wrote = wrote or written
+            tokens = block.tokens
+            if read < tokens <= top:
+                wrote = True
+            elif tokens != read or not read:
+                continue
+            expires = now + DURATIONS[block.tier]  # type: ignore[index]  # marked: it has a tier
+            current = expiry.get(block.hash)
+            if current is None or expires > current:
+                expiry[block.hash] = expires
         if wrote:
             self.starts[chain[0].hash] = now
         return reason
