@@ -38,6 +38,9 @@ _TIMESTAMP = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_DECIMALS = re.compile(r"[0-9]+(\.[0-9]+)?(?: [0-9]+(\.[0-9]+)?){3}")
+"""Four decimals joined by spaces: four values match only if each does (one with a space makes five parts, or
+an empty one a double space)."""
 _HEX = re.compile(r"[0-9a-fA-F]{2,64}")
 """With an even length: 1 to 32 bytes."""
 
@@ -349,7 +352,7 @@ def _to_row(r: LoggedRequest) -> tuple[object, ...]:
 _SCALAR_STRINGS = len(_KEYS) + len(TIERS) + 10
 """Strings in a line besides its chain and optional keys: the keys, those of creation_tokens, and ten values."""
 _BLOCK_STRINGS = len(_CHAIN_KEYS) + 3
-"""Strings in a chain item: its keys, ``h``, ``r`` and ``m`` (less one for each ``null`` in the line)."""
+"""Strings in a chain item: its keys, ``h``, ``r`` and ``m`` (less one for each null marker)."""
 
 
 def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
@@ -357,10 +360,9 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
     """The request on ``line`` if it is valid and plainly written; None: let the strict reader decide.
 
     msgspec keeps the last of a repeated key, which the format refuses. Without a backslash in the line
-    every string is two quote characters, and a valid line's strings are its keys and its string values;
-    a repeated key adds two, so the count differs. (``null`` is only valid as a marker; one inside a string
-    makes the count differ too, and that line goes to the strict reader.) ``fromhex`` and ``block`` are bound
-    as defaults: locals are found faster than globals, once per block of every line.
+    every string is two quote characters, and a valid line's strings are its keys and its string values
+    (a null marker is none); a repeated key adds at least its own two, so the count differs. ``fromhex`` and
+    ``block`` are bound as defaults: locals are found faster than globals, once per block of every line.
     """
     if b"\\" in line:
         return None
@@ -371,7 +373,8 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
     chain = w.chain
     tokens = [b.t for b in chain]
     size = len(chain)
-    strings = _SCALAR_STRINGS + _BLOCK_STRINGS * size - line.count(b"null")
+    hexes = "".join([b.h for b in chain])
+    strings = _SCALAR_STRINGS + _BLOCK_STRINGS * size - [b.m for b in chain].count(None)
     engine_cached = None if w.engine_cached_tokens is msgspec.UNSET else w.engine_cached_tokens
     cache_key = None if w.prompt_cache_key is msgspec.UNSET else w.prompt_cache_key
     if engine_cached is not None:
@@ -383,9 +386,8 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
     # A hash is 1 to 32 bytes of hex. fromhex refuses other characters and odd lengths but skips whitespace,
     # of which only a space can be in a string here (control characters would need a backslash).
     if (line.count(b'"') != 2 * strings or w.creation_tokens.keys() != _KEY_SETS[TIERS] or tokens != sorted(tokens)
-            or (b" " in line and " " in "".join([b.h for b in chain]))
-            or not (_DECIMAL.fullmatch(w.input_per_mtok) and _DECIMAL.fullmatch(w.output_per_mtok)
-                    and _DECIMAL.fullmatch(w.billed_cost) and _DECIMAL.fullmatch(w.list_cost))):
+            or (b" " in line and " " in hexes)
+            or not _DECIMALS.fullmatch(f"{w.input_per_mtok} {w.output_per_mtok} {w.billed_cost} {w.list_cost}")):
         return None
     try:
         ts = parse_timestamp(w.ts)
