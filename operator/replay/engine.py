@@ -35,13 +35,16 @@ import numpy as np
 from promptcache.operator.replay.bootstrap import Totals, resample
 from promptcache.operator.replay.misses import (
     BELOW_MINIMUM,
-    HORIZON,
+    DURATIONS,
     REASONS,
     REJECTED,
     UNMARKED,
+    Memory,
     Recorded,
     forget,
     from_history,
+    remembered,
+    started,
 )
 from promptcache.operator.replay.proposal import UNITS, Proposal
 from promptcache.proxy.domain.classify import classify_marked
@@ -120,9 +123,9 @@ class _Index(MemoryIndex):
 
     ``classify`` gets a scope's entries whole, not a lookup of its candidates: it reads only the
     candidates, so the result is the same without building the lookup. Entries that expired more than
-    :data:`~.misses.HORIZON` before ``now`` are swept from time to time: an expired entry and no entry
-    classify and merge alike, an entry that old explains no miss, and the log only moves forward, so
-    memory follows the live cache (and a day after it) rather than the length of the log.
+    one TTL before ``now`` are swept from time to time: an expired entry and no entry classify and merge
+    alike, an entry that old explains no miss (:mod:`.misses`), and the log only moves forward, so memory
+    follows the live cache (about twice it) rather than the length of the log.
     """
 
     def entries(self, scope: Scope) -> dict[bytes, IndexEntry]:
@@ -132,9 +135,8 @@ class _Index(MemoryIndex):
         return entries
 
     def sweep(self, now: datetime) -> None:
-        horizon = now - HORIZON
         for entries in self._scopes.values():
-            for h in [h for h, e in entries.items() if e.expires_at < horizon]:
+            for h in [h for h, e in entries.items() if e.expires_at + DURATIONS[e.tier] <= now]:
                 del entries[h]
 
 
@@ -257,7 +259,8 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
             if n % SWEEP_EVERY == 0:
                 index.sweep(request.ts)
                 for _, _, starts, recorded_cache in scopes.values():
-                    forget(request.ts, starts, recorded_cache.expiry, recorded_cache.starts)
+                    forget(request.ts, starts)
+                    recorded_cache.forget(request.ts)
         if not 200 <= request.status < 300:
             partial.skipped_status += 1
             continue
@@ -320,7 +323,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
         if split.cache_valid:
             index.apply(scope, result, ts)
             if result.writes:
-                starts[recorded[0].hash] = ts
+                started(starts, recorded[0].hash, max(remembered(w.expires_at, w.tier)[1] for w in result.writes))
 
         group_key = (request.model, request.input_per_mtok, request.output_per_mtok)
         group = groups.get(group_key)
@@ -350,12 +353,12 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
     return partial
 
 
-def _expiry(entries: dict[bytes, IndexEntry]) -> Callable[[bytes], datetime | None]:
-    def expiry(prefix_hash: bytes) -> datetime | None:
+def _expiry(entries: dict[bytes, IndexEntry]) -> Callable[[bytes], Memory | None]:
+    def memory(prefix_hash: bytes) -> Memory | None:
         entry = entries.get(prefix_hash)
-        return None if entry is None else entry.expires_at
+        return None if entry is None else remembered(entry.expires_at, entry.tier)
 
-    return expiry
+    return memory
 
 
 def finish(partial: Partial, proposal: Proposal) -> Simulation:

@@ -5,8 +5,9 @@ the proxy would reject it (more markers than ``maxBreakpoints``, a longer TTL af
 marks nothing; every marker is below ``minPrefixTokens``; an entry for one of its prefixes expired; an
 entry for one of its prefixes is live but out of the lookup's reach (``lookbackBlocks``); a chain
 beginning with its first block wrote an entry, so the prefix changed before the breakpoint; or
-nothing like it was ever written. What a scope cached is remembered for :data:`HORIZON` past its expiry
-(the longest tier), and only facts that recent decide, so the counts do not depend on when memory was
+nothing like it was written. An entry is remembered for one more TTL past its expiry (a 5m entry
+5 minutes, a 1h one an hour), a chain's start as long as its latest entry; only facts that recent
+decide, so memory stays about twice the live cache, and the counts do not depend on when memory was
 swept, nor on how the scopes were split into shards.
 """
 
@@ -22,34 +23,39 @@ REASONS = ("rejected", "unmarked", "below_minimum", "expired", "beyond_lookback"
            "never_written")
 REJECTED, UNMARKED, BELOW_MINIMUM, EXPIRED, BEYOND_LOOKBACK, PREFIX_CHANGED, NEVER_WRITTEN = range(len(REASONS))
 DURATIONS = {tier: duration(tier) for tier in TIERS}
-HORIZON = max(DURATIONS.values())
-"""How long past its expiry an entry (and past its last write a chain's start) still explains a miss."""
+
+Memory = tuple[datetime, datetime]
+"""An entry as a miss sees it: when it expires, and until when it explains a miss (one more TTL)."""
 
 
-def from_history(chain: Sequence[ChainBlock], expiry: Callable[[bytes], datetime | None],
+def remembered(expires: datetime, tier: str) -> Memory:
+    return expires, expires + DURATIONS[tier]
+
+
+def from_history(chain: Sequence[ChainBlock], memory: Callable[[bytes], Memory | None],
                  starts: Mapping[bytes, datetime], now: datetime) -> int:
-    """The reason a chain with cacheable markers read nothing, from what its scope cached: ``expiry`` of a
-    prefix hash (None: no entry), ``starts`` the last write of a chain by its first block's hash."""
+    """The reason a chain with cacheable markers read nothing, from what its scope cached: ``memory`` of a
+    prefix hash (None: no entry, or none recent), ``starts`` until when a chain's first block explains a miss."""
     live = False
     for block in chain:
-        expires = expiry(block.hash)
-        if expires is None:
+        known = memory(block.hash)
+        if known is None:
             continue
+        expires, until = known
         if expires > now:
             live = True
-        elif now - expires <= HORIZON:
+        elif now < until:
             return EXPIRED
     if live:
         return BEYOND_LOOKBACK
     started = starts.get(chain[0].hash)
-    return PREFIX_CHANGED if started is not None and now - started <= HORIZON else NEVER_WRITTEN
+    return PREFIX_CHANGED if started is not None and now < started else NEVER_WRITTEN
 
 
-def forget(now: datetime, *tables: MutableMapping[bytes, datetime]) -> None:
-    """Drop what no longer explains anything at ``now`` (the log only moves forward)."""
-    for table in tables:
-        for key in [key for key, at in table.items() if now - at > HORIZON]:
-            del table[key]
+def forget(now: datetime, starts: MutableMapping[bytes, datetime]) -> None:
+    """Drop the starts that no longer explain anything at ``now`` (the log only moves forward)."""
+    for key in [key for key, until in starts.items() if until <= now]:
+        del starts[key]
 
 
 class Recorded:
@@ -57,8 +63,13 @@ class Recorded:
     is inferred (the markers past the read, up to the read plus the creation tokens) and its reads refreshed."""
 
     def __init__(self) -> None:
-        self.expiry: dict[bytes, datetime] = {}
+        self.memory: dict[bytes, Memory] = {}
         self.starts: dict[bytes, datetime] = {}
+
+    def forget(self, now: datetime) -> None:
+        for key in [key for key, (_, until) in self.memory.items() if until <= now]:
+            del self.memory[key]
+        forget(now, self.starts)
 
     def reason(self, chain: Sequence[ChainBlock], marked: Sequence[int], read: int, created: int,
                now: datetime) -> int | None:
@@ -70,19 +81,26 @@ class Recorded:
             elif created == 0:
                 reason = BELOW_MINIMUM
             else:
-                reason = from_history(chain, self.expiry.get, self.starts, now)
-        expiry, top, wrote = self.expiry, read + created, False
+                reason = from_history(chain, self.memory.get, self.starts, now)
+        memory, top, latest = self.memory, read + created, None
         for i in marked:
             block = chain[i]
             tokens = block.tokens
-            if read < tokens <= top:
-                wrote = True
-            elif tokens != read or not read:
+            if not (read < tokens <= top or (read and tokens == read)):
                 continue
-            expires = now + DURATIONS[block.tier]  # type: ignore[index]  # marked: it has a tier
-            current = expiry.get(block.hash)
-            if current is None or expires > current:
-                expiry[block.hash] = expires
-        if wrote:
-            self.starts[chain[0].hash] = now
+            known = remembered(now + DURATIONS[block.tier], block.tier)  # type: ignore[index,arg-type]
+            current = memory.get(block.hash)
+            if current is None or known[0] > current[0]:
+                memory[block.hash] = known
+            if tokens > read and (latest is None or known[1] > latest):
+                latest = known[1]
+        if latest is not None:
+            started(self.starts, chain[0].hash, latest)
         return reason
+
+
+def started(starts: MutableMapping[bytes, datetime], first: bytes, until: datetime) -> None:
+    """A chain beginning with ``first`` wrote an entry that explains misses until ``until``."""
+    current = starts.get(first)
+    if current is None or until > current:
+        starts[first] = until
