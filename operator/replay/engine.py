@@ -41,10 +41,10 @@ from promptcache.operator.replay.misses import (
     UNMARKED,
     Memory,
     Recorded,
+    Starts,
     forget,
     from_history,
-    remembered,
-    started,
+    new_starts,
 )
 from promptcache.operator.replay.proposal import UNITS, Proposal
 from promptcache.proxy.domain.classify import classify_marked
@@ -238,7 +238,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
     groups: dict[GroupKey, tuple[Rates, dict[str, int], list[int]]] = {}
     # Each scope with its entries, its chains' starts and its recorded cache, by its names: building a Scope
     # costs more than finding it.
-    scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry], dict[bytes, datetime], Recorded]] = {}
+    scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry], Starts, Recorded]] = {}
     minimum = policy.min_prefix_tokens
     projected_reasons = len(REASONS)
     # Per request, only markers can change: a recorded tier maps (once per proposal, not per block)
@@ -259,8 +259,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
             if n % SWEEP_EVERY == 0:
                 index.sweep(request.ts)
                 for _, _, starts, recorded_cache in scopes.values():
-                    forget(request.ts, starts)
-                    recorded_cache.forget(request.ts)
+                    forget(request.ts, starts, recorded_cache.touched, recorded_cache.starts)
         if not 200 <= request.status < 300:
             partial.skipped_status += 1
             continue
@@ -303,7 +302,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
         known = scopes.get(names)
         if known is None:
             scope = Scope(*names)
-            known = scopes[names] = (scope, index.entries(scope), {}, Recorded())
+            known = scopes[names] = (scope, index.entries(scope), new_starts(), Recorded())
         scope, entries, starts, recorded_cache = known
         ts = request.ts
         result = classify_marked(recorded, breakpoints, entries, policy, ts)
@@ -322,8 +321,8 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
                 projected_miss = from_history(recorded, _expiry(entries), starts, ts)
         if split.cache_valid:
             index.apply(scope, result, ts)
-            if result.writes:
-                started(starts, recorded[0].hash, max(remembered(w.expires_at, w.tier)[1] for w in result.writes))
+            for write in result.writes:
+                starts[write.tier][recorded[0].hash] = ts
 
         group_key = (request.model, request.input_per_mtok, request.output_per_mtok)
         group = groups.get(group_key)
@@ -353,10 +352,10 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
     return partial
 
 
-def _expiry(entries: dict[bytes, IndexEntry]) -> Callable[[bytes], Memory | None]:
-    def memory(prefix_hash: bytes) -> Memory | None:
+def _expiry(entries: dict[bytes, IndexEntry]) -> Memory:
+    def memory(prefix_hash: bytes) -> list[tuple[datetime, str]]:
         entry = entries.get(prefix_hash)
-        return None if entry is None else remembered(entry.expires_at, entry.tier)
+        return [] if entry is None else [(entry.expires_at, entry.tier)]
 
     return memory
 

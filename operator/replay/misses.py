@@ -13,7 +13,7 @@ swept, nor on how the scopes were split into shards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 from promptcache.proxy.domain.classify import ChainBlock
@@ -23,53 +23,63 @@ REASONS = ("rejected", "unmarked", "below_minimum", "expired", "beyond_lookback"
            "never_written")
 REJECTED, UNMARKED, BELOW_MINIMUM, EXPIRED, BEYOND_LOOKBACK, PREFIX_CHANGED, NEVER_WRITTEN = range(len(REASONS))
 DURATIONS = {tier: duration(tier) for tier in TIERS}
+REMEMBERED = {tier: 2 * duration(tier) for tier in TIERS}
+"""From a write, how long its entry explains misses: its TTL, then one more."""
 
-Memory = tuple[datetime, datetime]
-"""An entry as a miss sees it: when it expires, and until when it explains a miss (one more TTL)."""
+Memory = Callable[[bytes], Iterable[tuple[datetime, str]]]
+"""What a scope cached of a prefix hash: (expiry, tier) of each entry it holds of it."""
+Starts = dict[str, dict[bytes, datetime]]
+"""Per tier, the last time a chain beginning with a block (by its hash) wrote an entry of that tier."""
 
 
-def remembered(expires: datetime, tier: str) -> Memory:
-    return expires, expires + DURATIONS[tier]
+def new_starts() -> Starts:
+    return {tier: {} for tier in TIERS}
 
 
-def from_history(chain: Sequence[ChainBlock], memory: Callable[[bytes], Memory | None],
-                 starts: Mapping[bytes, datetime], now: datetime) -> int:
-    """The reason a chain with cacheable markers read nothing, from what its scope cached: ``memory`` of a
-    prefix hash (None: no entry, or none recent), ``starts`` until when a chain's first block explains a miss."""
+def from_history(chain: Sequence[ChainBlock], memory: Memory, starts: Starts, now: datetime) -> int:
+    """The reason a chain with cacheable markers read nothing, from what its scope cached: ``memory`` of each
+    prefix hash, and the ``starts`` of the chains that wrote."""
     live = False
     for block in chain:
-        known = memory(block.hash)
-        if known is None:
-            continue
-        expires, until = known
-        if expires > now:
-            live = True
-        elif now < until:
-            return EXPIRED
+        for expires, tier in memory(block.hash):
+            if expires > now:
+                live = True
+            elif now < expires + DURATIONS[tier]:
+                return EXPIRED
     if live:
         return BEYOND_LOOKBACK
-    started = starts.get(chain[0].hash)
-    return PREFIX_CHANGED if started is not None and now < started else NEVER_WRITTEN
+    first = chain[0].hash
+    for tier, written in starts.items():
+        at = written.get(first)
+        if at is not None and now < at + REMEMBERED[tier]:
+            return PREFIX_CHANGED
+    return NEVER_WRITTEN
 
 
-def forget(now: datetime, starts: MutableMapping[bytes, datetime]) -> None:
-    """Drop the starts that no longer explain anything at ``now`` (the log only moves forward)."""
-    for key in [key for key, until in starts.items() if until <= now]:
-        del starts[key]
+def forget(now: datetime, *tables: Starts) -> None:
+    """Drop, per tier, the times that no longer explain anything at ``now`` (the log only moves forward)."""
+    for table in tables:
+        for tier, written in table.items():
+            gone = now - REMEMBERED[tier]
+            for key in [key for key, at in written.items() if at <= gone]:
+                del written[key]
 
 
 class Recorded:
     """One scope's cache as the recorded splits show it: the proxy's policy is not in the log, so what it wrote
-    is inferred (the markers past the read, up to the read plus the creation tokens) and its reads refreshed."""
+    is inferred (the markers past the read, up to the read plus the creation tokens) and its reads refreshed.
+    Kept as the last write or read of each prefix per tier: the log is in order, so a write is an assignment."""
 
     def __init__(self) -> None:
-        self.memory: dict[bytes, Memory] = {}
-        self.starts: dict[bytes, datetime] = {}
+        self.touched: Starts = new_starts()
+        self.starts: Starts = new_starts()
+
+    def memory(self, prefix_hash: bytes) -> list[tuple[datetime, str]]:
+        return [(at + DURATIONS[tier], tier) for tier, held in self.touched.items()
+                if (at := held.get(prefix_hash)) is not None]
 
     def forget(self, now: datetime) -> None:
-        for key in [key for key, (_, until) in self.memory.items() if until <= now]:
-            del self.memory[key]
-        forget(now, self.starts)
+        forget(now, self.touched, self.starts)
 
     def reason(self, chain: Sequence[ChainBlock], marked: Sequence[int], read: int, created: int,
                now: datetime) -> int | None:
@@ -77,30 +87,17 @@ class Recorded:
         reason: int | None = None
         if read == 0:
             if not marked:
-                reason = UNMARKED
-            elif created == 0:
-                reason = BELOW_MINIMUM
-            else:
-                reason = from_history(chain, self.memory.get, self.starts, now)
-        memory, top, latest = self.memory, read + created, None
+                return UNMARKED
+            if created == 0:
+                return BELOW_MINIMUM  # and it wrote nothing
+            reason = from_history(chain, self.memory, self.starts, now)
+        touched, top = self.touched, read + created
         for i in marked:
             block = chain[i]
             tokens = block.tokens
-            if not (read < tokens <= top or (read and tokens == read)):
+            if tokens > top or tokens < read or not tokens:  # neither written nor read
                 continue
-            known = remembered(now + DURATIONS[block.tier], block.tier)  # type: ignore[index,arg-type]
-            current = memory.get(block.hash)
-            if current is None or known[0] > current[0]:
-                memory[block.hash] = known
-            if tokens > read and (latest is None or known[1] > latest):
-                latest = known[1]
-        if latest is not None:
-            started(self.starts, chain[0].hash, latest)
+            touched[block.tier][block.hash] = now  # type: ignore[index]  # marked: it has a tier
+            if tokens > read:
+                self.starts[block.tier][chain[0].hash] = now  # type: ignore[index]
         return reason
-
-
-def started(starts: MutableMapping[bytes, datetime], first: bytes, until: datetime) -> None:
-    """A chain beginning with ``first`` wrote an entry that explains misses until ``until``."""
-    current = starts.get(first)
-    if current is None or until > current:
-        starts[first] = until
