@@ -92,11 +92,13 @@ class Recorded:
                 return BELOW_MINIMUM  # and it wrote nothing
             reason = from_history(chain, self.memory, self.starts, now)
         touched, top = self.touched, read + created
-        for i in marked:
+        for i in reversed(marked):  # deepest first: positions, so tokens, only fall from here
             block = chain[i]
             tokens = block.tokens
-            if tokens > top or tokens < read or not tokens:  # neither written nor read
+            if tokens > top:
                 continue
+            if tokens < read or not tokens:  # neither written nor read, nor any before it
+                break
             touched[block.tier][block.hash] = now  # type: ignore[index]  # marked: it has a tier
             if tokens > read:
                 self.starts[block.tier][chain[0].hash] = now  # type: ignore[index]

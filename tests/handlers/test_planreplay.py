@@ -530,6 +530,24 @@ async def test_a_sharded_replay_runs_as_an_indexed_job_whose_sums_add_up_to_the_
         code, output = await run_pod(kube, ns, pod, identity)
         assert (code, output.strip()) == (1, f"{PLAN_ENV} is not a resolved replay plan: "
                                              "JSONDecodeError('Expecting value: line 1 column 1 (char 0)')")
+
+        # A pod reported Succeeded without having written its sums (it never ran): the Job completes, and the
+        # operator fails the PlanReplay rather than add up two shards of three.
+        await kube.create(replay("gap", [traffic.alias], ns=ns, parallelism=SHARDS, **spec))
+        await running_in_job(kube, ns, "gap")
+        gap_job = await replay_job(kube, ns, "gap-replay")
+        seen: set[str] = set()
+        for n in range(SHARDS):
+            pod = await new_pod(kube, ns, gap_job, seen)
+            seen.add(pod["metadata"]["name"])
+            if n:
+                code, output = await run_pod(kube, ns, pod, identity)
+                assert code == 0, output
+            await pod_finished(kube, ns, pod, 0)
+        failed = await finished(kube, ns, "gap")
+        stalled = condition(failed, "Stalled") or {}
+        assert (failed["status"]["phase"], stalled.get("reason")) == ("Failed", "ShardMissing")
+        assert re.fullmatch(r"Job gap-replay completed, but shard\(s\) [0-2] of 3 wrote no sums", stalled["message"])
         await kube.release(ns)  # nothing for a later test's operator to find
 
 
