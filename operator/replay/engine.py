@@ -35,7 +35,7 @@ import numpy as np
 from promptcache.operator.replay.bootstrap import Totals, resample
 from promptcache.operator.replay.misses import (
     BELOW_MINIMUM,
-    DURATIONS,
+    HORIZON,
     REASONS,
     REJECTED,
     UNMARKED,
@@ -122,11 +122,15 @@ class _Index(MemoryIndex):
     """The memory index as replay drives it.
 
     ``classify`` gets a scope's entries whole, not a lookup of its candidates: it reads only the
-    candidates, so the result is the same without building the lookup. Entries that expired more than
-    one TTL before ``now`` are swept from time to time: an expired entry and no entry classify and merge
-    alike, an entry that old explains no miss (:mod:`.misses`), and the log only moves forward, so memory
-    follows the live cache (about twice it) rather than the length of the log.
+    candidates, so the result is the same without building the lookup. Entries that expired before
+    ``now`` are swept from time to time: an expired entry and no entry classify and merge alike, and
+    the log only moves forward, so memory follows the live cache rather than the length of the log.
+    A swept entry leaves its bare expiry behind for :data:`~.misses.HORIZON`, to explain misses.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._expired: dict[Scope, dict[bytes, datetime]] = {}
 
     def entries(self, scope: Scope) -> dict[bytes, IndexEntry]:
         entries = self._scopes.get(scope)
@@ -134,10 +138,28 @@ class _Index(MemoryIndex):
             entries = self._scopes[scope] = {}
         return entries
 
+    def memory(self, scope: Scope) -> Memory:
+        """The expiry of a prefix hash's entry, live or swept (the entry, when there is one, decides)."""
+        entries, expired = self._scopes.get(scope, {}), self._expired.get(scope, {})
+
+        def memory(prefix_hash: bytes) -> list[datetime]:
+            entry = entries.get(prefix_hash)
+            if entry is not None:
+                return [entry.expires_at]
+            expires = expired.get(prefix_hash)
+            return [] if expires is None else [expires]
+
+        return memory
+
     def sweep(self, now: datetime) -> None:
-        for entries in self._scopes.values():
-            for h in [h for h, e in entries.items() if e.expires_at + DURATIONS[e.tier] <= now]:
+        gone = now - HORIZON
+        for scope, entries in self._scopes.items():
+            expired = self._expired.setdefault(scope, {})
+            for h, e in [(h, e) for h, e in entries.items() if not e.live(now)]:
+                expired[h] = e.expires_at
                 del entries[h]
+            for h in [h for h, expires in expired.items() if expires < gone]:
+                del expired[h]
 
 
 SWEEP_EVERY = 100_000
@@ -318,7 +340,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
             elif all(recorded[i].tokens < minimum for i, _ in breakpoints):
                 projected_miss = BELOW_MINIMUM
             else:
-                projected_miss = from_history(recorded, _expiry(entries), starts, ts)
+                projected_miss = from_history(recorded, index.memory(scope), starts, ts)
         if split.cache_valid:
             index.apply(scope, result, ts)
             for write in result.writes:
@@ -350,14 +372,6 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
         cell[6] += 1  # REQUESTS
         cell[7] += request.list_cost  # _RECORDED_LIST
     return partial
-
-
-def _expiry(entries: dict[bytes, IndexEntry]) -> Memory:
-    def memory(prefix_hash: bytes) -> list[tuple[datetime, str]]:
-        entry = entries.get(prefix_hash)
-        return [] if entry is None else [(entry.expires_at, entry.tier)]
-
-    return memory
 
 
 def finish(partial: Partial, proposal: Proposal) -> Simulation:

@@ -5,10 +5,9 @@ the proxy would reject it (more markers than ``maxBreakpoints``, a longer TTL af
 marks nothing; every marker is below ``minPrefixTokens``; an entry for one of its prefixes expired; an
 entry for one of its prefixes is live but out of the lookup's reach (``lookbackBlocks``); a chain
 beginning with its first block wrote an entry, so the prefix changed before the breakpoint; or
-nothing like it was written. An entry is remembered for one more TTL past its expiry (a 5m entry
-5 minutes, a 1h one an hour), a chain's start as long as its latest entry; only facts that recent
-decide, so memory stays about twice the live cache, and the counts do not depend on when memory was
-swept, nor on how the scopes were split into shards.
+nothing like it was written. What a scope cached explains a miss up to :data:`HORIZON` past its expiry,
+as a bare expiry per prefix hash once the entry itself is swept; only facts that recent decide, so the
+counts do not depend on when memory was swept, nor on how the scopes were split into shards.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ REASONS = ("rejected", "unmarked", "below_minimum", "expired", "beyond_lookback"
            "never_written")
 REJECTED, UNMARKED, BELOW_MINIMUM, EXPIRED, BEYOND_LOOKBACK, PREFIX_CHANGED, NEVER_WRITTEN = range(len(REASONS))
 DURATIONS = {tier: duration(tier) for tier in TIERS}
-REMEMBERED = {tier: 2 * duration(tier) for tier in TIERS}
-"""From a write, how long its entry explains misses: its TTL, then one more."""
+HORIZON = max(DURATIONS.values())
+"""How long past its expiry an entry (or a chain's start) still explains a miss: the longest tier."""
 
-Memory = Callable[[bytes], Iterable[tuple[datetime, str]]]
-"""What a scope cached of a prefix hash: (expiry, tier) of each entry it holds of it."""
+Memory = Callable[[bytes], Iterable[datetime]]
+"""What a scope cached of a prefix hash: the expiry of each entry it remembers of it."""
 Starts = dict[str, dict[bytes, datetime]]
 """Per tier, the last time a chain beginning with a block (by its hash) wrote an entry of that tier."""
 
@@ -41,17 +40,17 @@ def from_history(chain: Sequence[ChainBlock], memory: Memory, starts: Starts, no
     prefix hash, and the ``starts`` of the chains that wrote."""
     live = False
     for block in chain:
-        for expires, tier in memory(block.hash):
+        for expires in memory(block.hash):
             if expires > now:
                 live = True
-            elif now < expires + DURATIONS[tier]:
+            elif now - expires <= HORIZON:
                 return EXPIRED
     if live:
         return BEYOND_LOOKBACK
     first = chain[0].hash
     for tier, written in starts.items():
         at = written.get(first)
-        if at is not None and now < at + REMEMBERED[tier]:
+        if at is not None and now - (at + DURATIONS[tier]) <= HORIZON:
             return PREFIX_CHANGED
     return NEVER_WRITTEN
 
@@ -60,8 +59,8 @@ def forget(now: datetime, *tables: Starts) -> None:
     """Drop, per tier, the times that no longer explain anything at ``now`` (the log only moves forward)."""
     for table in tables:
         for tier, written in table.items():
-            gone = now - REMEMBERED[tier]
-            for key in [key for key, at in written.items() if at <= gone]:
+            gone = now - HORIZON - DURATIONS[tier]
+            for key in [key for key, at in written.items() if at < gone]:
                 del written[key]
 
 
@@ -74,8 +73,8 @@ class Recorded:
         self.touched: Starts = new_starts()
         self.starts: Starts = new_starts()
 
-    def memory(self, prefix_hash: bytes) -> list[tuple[datetime, str]]:
-        return [(at + DURATIONS[tier], tier) for tier, held in self.touched.items()
+    def memory(self, prefix_hash: bytes) -> list[datetime]:
+        return [at + DURATIONS[tier] for tier, held in self.touched.items()
                 if (at := held.get(prefix_hash)) is not None]
 
     def forget(self, now: datetime) -> None:
