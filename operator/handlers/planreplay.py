@@ -347,10 +347,9 @@ async def job_changed(job: Mapping[str, Any], kube: Kube, config: OperatorConfig
     if obj is None or obj["metadata"].get("uid") != owner.get("uid"):
         return None
     current = obj.get("status") or {}
-    if current.get("phase") != "Running" or str(current.get("observedGeneration")) != \
-            annotations.get(GENERATION_ANNOTATION) or str(obj["metadata"].get("generation")) != \
-            annotations.get(GENERATION_ANNOTATION):
-        return None
+    ran = {str(current.get("observedGeneration")), str(obj["metadata"].get("generation"))}
+    if current.get("phase") != "Running" or ran != {annotations.get(GENERATION_ANNOTATION)}:
+        return None  # the Job is of another generation, or its outcome is already written
     status = _Status(kube, obj)
     failed = conditions.get("Failed")
     if failed is not None:
@@ -373,12 +372,9 @@ async def _reduce(obj: Mapping[str, Any], job: Mapping[str, Any], kube: Kube, co
     """Add up a completed sharded Job's sums, bootstrap and write the result; the shards' rows are deleted after."""
     [container] = job["spec"]["template"]["spec"]["containers"]
     try:
-        plan, generation = from_resolved(next(e["value"] for e in container.get("env") or []
-                                              if e.get("name") == PLAN_ENV))
+        plan, _ = from_resolved(next(e["value"] for e in container.get("env") or [] if e.get("name") == PLAN_ENV))
     except (StopIteration, SpecError) as exc:
         return await status.fail("InvalidPlan", f"Job {job['metadata']['name']} has no resolved plan: {exc!r}")
-    if generation != status.generation:
-        return None
     uid = str(obj["metadata"]["uid"])
     if not config.database_url:
         return await status.fail("DatabaseNotConfigured", "the operator has no PROMPTCACHE_DATABASE_URL to read "

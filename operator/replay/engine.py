@@ -261,7 +261,6 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
     # Each scope with its entries, its chains' starts and its recorded cache, by its names: building a Scope
     # costs more than finding it.
     scopes: dict[tuple[str, str, str], tuple[Scope, dict[bytes, IndexEntry], Starts, Recorded]] = {}
-    minimum = policy.min_prefix_tokens
     projected_reasons = len(REASONS)
     # Per request, only markers can change: a recorded tier maps (once per proposal, not per block)
     # and automatic placement may add one. A chain whose markers all stay is classified as recorded.
@@ -337,7 +336,7 @@ def _accumulate(requests: Iterable[LoggedRequest], proposal: Proposal, unit: str
                 projected_miss = REJECTED
             elif not breakpoints:
                 projected_miss = UNMARKED
-            elif all(recorded[i].tokens < minimum for i, _ in breakpoints):
+            elif result.read is None and not result.writes:  # classify writes every breakpoint it may cache
                 projected_miss = BELOW_MINIMUM
             else:
                 projected_miss = from_history(recorded, index.memory(scope), starts, ts)
