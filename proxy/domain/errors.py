@@ -20,3 +20,8 @@ class InvalidCacheControl(BadRequest):
         super().__init__(f"{where}: {rule}: {detail}")
         self.block = block
         self.rule = rule
+
+
+def clipped(text: str, limit: int = 40) -> str:
+    """``text`` as an error message quotes it: cut to ``limit`` characters, so hostile input cannot flood a log."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -25,6 +25,7 @@ import msgspec
 
 from promptcache.proxy.domain.classify import ChainBlock
 from promptcache.proxy.domain.diagnose import Previous
+from promptcache.proxy.domain.errors import clipped
 from promptcache.proxy.domain.markers import CACHE_KEY_RULE, valid_cache_key
 from promptcache.proxy.domain.nesting import deeper_than, too_deep
 from promptcache.proxy.domain.tiers import TIERS, Tier
@@ -372,9 +373,7 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
         return None
     chain = w.chain
     tokens = [b.t for b in chain]
-    size = len(chain)
-    hexes = "".join([b.h for b in chain])
-    strings = _SCALAR_STRINGS + _BLOCK_STRINGS * size - [b.m for b in chain].count(None)
+    strings = _SCALAR_STRINGS + _BLOCK_STRINGS * len(chain) - [b.m for b in chain].count(None)
     engine_cached = None if w.engine_cached_tokens is msgspec.UNSET else w.engine_cached_tokens
     cache_key = None if w.prompt_cache_key is msgspec.UNSET else w.prompt_cache_key
     if engine_cached is not None:
@@ -383,10 +382,15 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
         if not valid_cache_key(cache_key):
             return None
         strings += 2
+    creation = w.creation_tokens
+    if tuple(creation) != TIERS:  # written in another order: the same facts, kept in the documented one
+        if creation.keys() != _KEY_SETS[TIERS]:
+            return None
+        creation = {tier: creation[tier] for tier in TIERS}
     # A hash is 1 to 32 bytes of hex. fromhex refuses other characters and odd lengths but skips whitespace,
     # of which only a space can be in a string here (control characters would need a backslash).
-    if (line.count(b'"') != 2 * strings or w.creation_tokens.keys() != _KEY_SETS[TIERS] or tokens != sorted(tokens)
-            or (b" " in line and " " in hexes)
+    if (line.count(b'"') != 2 * strings or tokens != sorted(tokens)
+            or (b" " in line and " " in "".join([b.h for b in chain]))
             or not _DECIMALS.fullmatch(f"{w.input_per_mtok} {w.output_per_mtok} {w.billed_cost} {w.list_cost}")):
         return None
     try:
@@ -394,10 +398,9 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
         blocks = tuple([block(fromhex(b.h), b.t, b.r, b.m) for b in chain])
     except ValueError:
         return None
-    creation = w.creation_tokens
     return LoggedRequest(
         w.id, ts, w.principal, w.model, w.tokenizer_version, w.api, w.status, w.prompt_tokens, w.completion_tokens,
-        w.read_tokens, {tier: creation[tier] for tier in TIERS}, Decimal(w.input_per_mtok), Decimal(w.output_per_mtok),
+        w.read_tokens, creation, Decimal(w.input_per_mtok), Decimal(w.output_per_mtok),
         Decimal(w.billed_cost), Decimal(w.list_cost), blocks, engine_cached, cache_key,
     )
 
@@ -536,7 +539,7 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 def _invalid(field: str | None, rule: str, value: object) -> NoReturn:
     shown = json.dumps(value, ensure_ascii=False)
-    raise _Invalid(field, f"{rule}, got {shown if len(shown) <= 40 else shown[:37] + '...'}")
+    raise _Invalid(field, f"{rule}, got {clipped(shown)}")
 
 
 _PREVIOUS = """

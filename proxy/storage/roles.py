@@ -34,8 +34,9 @@ PROXY_GRANTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     # The version in force, which each ledger row names. Only the operator writes tariffs (proxies in a cluster
     # run --no-manage-tariffs), so the role needs no USAGE on tariffs_version_seq.
     "tariffs": ("SELECT",),
-    # Authentication. Keys are created and revoked with the owner role (promptcache keys).
-    "api_keys": ("SELECT",),
+    # Authentication, and when a key was last looked up (that column only). Keys are created, revoked and rotated
+    # with the owner role (promptcache keys, the operator's key requests).
+    "api_keys": ("SELECT", "UPDATE (last_used_at)"),
     # Appended to only. ON CONFLICT (request_id) reads the key column, and that is all it may read.
     "ledger": ("INSERT", "SELECT (request_id)"),
     # The commit's row; SELECT for replay Jobs, which read the request log with the proxy Secret of their

@@ -94,8 +94,10 @@ async def test_a_proxy_in_the_proxy_role_bills_end_to_end(
     try:
         entries = await conn.fetchval("SELECT count(*) FROM cache_entries WHERE principal_id = $1", principal)
         salts = await conn.fetchval("SELECT count(*) FROM proxy_secrets WHERE name = 'cache_salt'")
+        used = await conn.fetchval("SELECT last_used_at IS NOT NULL FROM api_keys WHERE principal_id = $1", principal)
     finally:
         await conn.close()
+    assert used  # the proxy's lookup stamped the key's use through its role's one updatable column
     assert (entries, salts) == (3, 1)  # turn 1 wrote the system prompt and u1, turn 2 read u1 and wrote u2
 
     # A replay Job reads the request log with the same Secret.
@@ -130,6 +132,7 @@ async def test_a_proxy_in_the_proxy_role_bills_end_to_end(
     "SELECT nextval('tariffs_version_seq')",
     "INSERT INTO api_keys (key_id, key_hash, principal_id) VALUES ('k', '\\x00', 'mallory')",
     "UPDATE api_keys SET revoked_at = NULL",
+    "UPDATE api_keys SET principal_id = 'mallory'",
     "DELETE FROM proxy_secrets",
     "DELETE FROM schema_migrations",
 ])

@@ -26,7 +26,7 @@ EXPECTED = {
     "schema_migrations": set(),
     "cache_entries": {"SELECT", "INSERT", "UPDATE"},
     "tariffs": {"SELECT"},
-    "api_keys": {"SELECT"},
+    "api_keys": {"SELECT"},  # and UPDATE of last_used_at only: updatable_columns
     "ledger": {"INSERT"},
     "request_log": {"SELECT", "INSERT"},
     "proxy_secrets": {"SELECT", "INSERT"},
@@ -48,11 +48,12 @@ async def privileges(dsn: str, role: str) -> dict[str, set[str]]:
         await conn.close()
 
 
-async def readable_columns(dsn: str, role: str, table: str) -> set[str]:
+async def readable_columns(dsn: str, role: str, table: str, privilege: str = "SELECT") -> set[str]:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch("SELECT attname FROM pg_attribute WHERE attrelid = $2::regclass AND attnum > 0 AND "
-                                "NOT attisdropped AND has_column_privilege($1, $2, attname, 'SELECT')", role, table)
+                                "NOT attisdropped AND has_column_privilege($1, $2, attname, $3)", role, table,
+                                privilege)
     finally:
         await conn.close()
     return {r["attname"] for r in rows}
@@ -74,7 +75,8 @@ def run_migrate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_every_table_has_a_decision() -> None:
     assert {t: set(p) for t, p in PROXY_GRANTS.items()} == EXPECTED | {
-        "ledger": {"INSERT", "SELECT (request_id)"}, "client_request_ids": {"INSERT", "SELECT (request_id)"}}
+        "ledger": {"INSERT", "SELECT (request_id)"}, "client_request_ids": {"INSERT", "SELECT (request_id)"},
+        "api_keys": {"SELECT", "UPDATE (last_used_at)"}}
 
 
 async def test_the_runner_makes_the_role_and_grants_exactly_its_dml() -> None:
@@ -82,10 +84,11 @@ async def test_the_runner_makes_the_role_and_grants_exactly_its_dml() -> None:
         role = roles.name("pcproxy")
         migrated = await migrate(dsn, proxy_role=role)
 
-        assert (migrated.applied, migrated.warnings) == ([1, 2, 3, 4, 5, 6, 7], [])
+        assert (migrated.applied, migrated.warnings) == ([1, 2, 3, 4, 5, 6, 7, 8], [])
         assert await privileges(dsn, role) == EXPECTED  # every table the migrations made, and nothing more
         assert await readable_columns(dsn, role, "ledger") == {"request_id"}  # what ON CONFLICT (request_id) reads
         assert await readable_columns(dsn, role, "client_request_ids") == {"request_id"}
+        assert await readable_columns(dsn, role, "api_keys", "UPDATE") == {"last_used_at"}
         assert await fetchval(dsn, "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role) is False
         assert await fetchval(dsn, "SELECT has_sequence_privilege($1, 'tariffs_version_seq', 'USAGE')", role) is False
         assert await fetchval(dsn, "SELECT has_schema_privilege($1, 'public', 'USAGE')", role) is True
@@ -115,7 +118,7 @@ async def test_an_owner_that_may_not_create_roles_still_migrates_and_says_what_t
 
         first = run_migrate("--database", owner_dsn, "--proxy-role", role)
 
-        assert (first.returncode, first.stdout) == (0, "applied migrations [1, 2, 3, 4, 5, 6, 7]\n")
+        assert (first.returncode, first.stdout) == (0, "applied migrations [1, 2, 3, 4, 5, 6, 7, 8]\n")
         assert first.stderr == (
             f"warning: the proxy role {role} does not exist and {owner} may not create roles, so it was not granted "
             f"its privileges: as a superuser or a role with CREATEROLE, run CREATE ROLE {role} NOLOGIN; then run "
