@@ -44,6 +44,8 @@ class Metrics:
                                         "cache_control, by rule", ["rule"], registry=r)
         self.auth_throttled = Counter("promptcache_auth_throttled", "Requests answered 429 without a key lookup: "
                                       "their address sent too many invalid keys", registry=r)
+        self.budget_refusals = Counter("promptcache_budget_refusals", "Requests answered 429 because their principal "
+                                       "had used its monthly budget", ["model"], registry=r)
         self.classify_queue = Gauge("promptcache_classify_queue", "Classifications waiting for a turn", registry=r,
                                     multiprocess_mode="livesum")
         self.classify_wait_seconds = Histogram("promptcache_classify_wait_seconds", "Wait for a classification turn",

@@ -10,9 +10,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from promptcache.operator.cli import admin, demo, hash, keys, log, migrate, operator, proxy, replay, replay_job, usage
+from promptcache.operator.cli import (
+    admin,
+    budgets,
+    demo,
+    hash,
+    keys,
+    log,
+    migrate,
+    operator,
+    proxy,
+    replay,
+    replay_job,
+    usage,
+)
 
-ROLES = (hash, migrate, proxy, operator, demo, keys, usage, admin, log, replay, replay_job)
+ROLES = (hash, migrate, proxy, operator, demo, keys, budgets, usage, admin, log, replay, replay_job)
 """In the order ``promptcache --help`` lists them."""
 
 

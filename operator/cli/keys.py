@@ -27,10 +27,10 @@ def register(commands: Commands) -> None:
     p = commands.add_parser("keys", help="create or revoke API keys (only their hashes are stored)")
     keys = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     k = keys.add_parser("create", help="create a key for a principal and print it once")
-    k.add_argument("--principal", required=True, type=_principal)
+    k.add_argument("--principal", required=True, type=principal_argument)
     options.add_database(k)
     k = keys.add_parser("list", help="key ids, principals, when created, revoked and last used (never the keys)")
-    k.add_argument("--principal", type=_principal, help="only this principal's keys")
+    k.add_argument("--principal", type=principal_argument, help="only this principal's keys")
     k.add_argument("--all", action="store_true", help="revoked keys too")
     k.add_argument("--output", choices=("table", "json"), default="table")
     options.add_database(k)
@@ -54,7 +54,8 @@ def _grace(text: str) -> timedelta:
     return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
-def _principal(name: str) -> str:
+def principal_argument(name: str) -> str:
+    """A principal named on the command line, by the rule the proxy writes principals to the ledger with."""
     from promptcache.proxy.domain.entries import PRINCIPAL_RULE, valid_principal
 
     if not valid_principal(name):

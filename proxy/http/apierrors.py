@@ -15,6 +15,8 @@ _ANTHROPIC_TYPES = {
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
                  413: "invalid_request_error"}
+_OPENAI_CODE_TYPES = {"insufficient_quota": "insufficient_quota"}
+"""Codes OpenAI gives a type of their own: a used-up quota (our budgets) is ``insufficient_quota`` twice."""
 
 
 def error_response(api: Api, status: int, message: str, code: str | None = None,
@@ -26,6 +28,7 @@ def error_response(api: Api, status: int, message: str, code: str | None = None,
             error["code"] = code
         body: dict[str, object] = {"type": "error", "error": error}
     else:
-        kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        kind = _OPENAI_CODE_TYPES.get(code or "") or _OPENAI_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error")
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers=headers)

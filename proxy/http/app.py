@@ -350,10 +350,25 @@ class Proxy:
             self.metrics.index_fallbacks.labels("shed").inc()
             raise _Reject(429, "the proxy is overloaded; retry shortly", retry_after=OVERLOAD_RETRY_AFTER)
         scope = Scope(principal, alias, runtime.tokenizer_version)
+        await self._budget(principal, alias)
         await self._client_request_id(request, principal)
         exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
                             admission, asked=asked)
         return exchange, body
+
+    async def _budget(self, principal: str, model: str) -> None:
+        """A principal over its monthly budget is refused before anything is forwarded (docs/design.md#budgets);
+        when Postgres cannot say, the request goes ahead: the ledger bills it either way."""
+        try:
+            over = await self.store.over_budget(principal)
+        except IndexUnavailable:
+            self.metrics.index_fallbacks.labels("budget_unknown").inc()
+            return
+        if over is not None:
+            self.metrics.budget_refusals.labels(model).inc()
+            raise _Reject(429, f"principal {principal} has used its monthly budget of ${over.monthly} (spent "
+                               f"${over.spent} since {over.month:%Y-%m-%d}); it resets at the start of next month "
+                               "(UTC) or when the budget is raised", code="insufficient_quota")
 
     async def _client_request_id(self, request: web.Request, principal: str) -> None:
         """The client's ``x-request-id``, when it is a valid one, becomes the request's id and ledger key; it is

@@ -122,7 +122,8 @@ _PLACEHOLDERS = {name: f"${n}" for n, name in enumerate(_PARAMETERS, 1)}
 # The log row always; the ledger row when billable; the cache changes only when this statement is
 # the one that billed (a retried commit finds its ledger row and changes nothing). The upsert is
 # memory.merge_write in SQL: an expired entry starts a new episode ({ts} is "now"); a live one keeps
-# its created_at and only moves to a later expiry. Sorted so concurrent commits lock rows in one order.
+# its created_at and only moves to a later expiry. Sorted so concurrent commits lock rows in one order. A principal
+# with a budget has the cost added to its month's spend (docs/design.md#budgets), only by the statement that billed.
 _COMMIT = """
 WITH log AS (
     INSERT INTO request_log ({log_columns}) VALUES ({log_values})
@@ -165,6 +166,12 @@ WITH log AS (
         expires_at = EXCLUDED.expires_at,
         created_at = CASE WHEN e.expires_at > {ts} THEN e.created_at ELSE EXCLUDED.created_at END
     WHERE e.expires_at <= {ts} OR EXCLUDED.expires_at > e.expires_at
+    RETURNING 1
+), spend AS (
+    INSERT INTO budget_spend AS s (principal_id, month, spent)
+    SELECT {principal_id}, date_trunc('month', {ts}, 'UTC'), {cost}::numeric
+    WHERE EXISTS (SELECT 1 FROM bill) AND EXISTS (SELECT 1 FROM budgets b WHERE b.principal_id = {principal_id})
+    ON CONFLICT (principal_id, month) DO UPDATE SET spent = s.spent + EXCLUDED.spent
     RETURNING 1
 ), refresh AS (
     UPDATE cache_entries SET expires_at = GREATEST(expires_at, {read_expires_at}::timestamptz)

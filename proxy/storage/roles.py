@@ -46,6 +46,11 @@ PROXY_GRANTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "proxy_secrets": ("SELECT", "INSERT"),
     # Reserved once, like the ledger row the id keys: ON CONFLICT (request_id) reads the key column only.
     "client_request_ids": ("INSERT", "SELECT (request_id)"),
+    # Budgets are set with the owner role (promptcache budgets); a proxy reads them to refuse a principal over its
+    # budget, and its commit adds each billed cost to the month's spend. A proxy could lower a count, but it can
+    # already skip the check: this widens nothing that matters for the bill, which is the ledger.
+    "budgets": ("SELECT",),
+    "budget_spend": ("SELECT", "INSERT", "UPDATE"),
     # A sharded replay's pod adds its shard's sums (ON CONFLICT DO NOTHING: a retried pod adds nothing). The
     # operator reads and deletes them with the owner role. A proxy could write bogus sums, but it can already log
     # bogus requests, which replays read: this widens nothing.

@@ -25,6 +25,7 @@ import msgspec
 from promptcache.proxy.domain.diagnose import Previous
 from promptcache.proxy.domain.entries import IndexEntry, Scope
 from promptcache.proxy.metrics import Metrics
+from promptcache.proxy.storage.budgets import Budget, BudgetCache, Budgets
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.index import PrefixIndex
 from promptcache.proxy.storage.keys import ApiKeys
@@ -80,6 +81,7 @@ class Store:
         self.ledger = Ledger(pg) if pg is not None else None
         self.api_keys = ApiKeys(pg) if pg is not None else None
         self.request_ids = RequestIds(pg) if pg is not None else None
+        self.budgets = BudgetCache(Budgets(pg)) if pg is not None else None
         self.redis = redis
         self.metrics = metrics
         self.spool = spool if spool is not None else MemorySpool(DEFAULT_SPOOL_BYTES)
@@ -371,6 +373,12 @@ class Store:
         if self.request_ids is None:
             raise IndexUnavailable("postgres", "not configured")
         return await self.request_ids.reserve(request_id, principal)
+
+    async def over_budget(self, principal: str) -> Budget | None:
+        """The principal's monthly budget when it is used up; IndexUnavailable when Postgres cannot say."""
+        if self.budgets is None:
+            raise IndexUnavailable("postgres", "not configured")
+        return await self.budgets.over(principal)
 
     async def principal_for_key(self, key: str) -> str | None:
         """The key's principal; known keys are cached briefly so a Postgres outage does not lock clients out."""
