@@ -69,6 +69,8 @@ class _Reject(Exception):
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        self.model: str | None = None
+        """The served model it was for, once known (never a name the client made up: labels stay bounded)."""
 
 
 @dataclass
@@ -323,7 +325,7 @@ class Proxy:
 
     def _rejected(self, api: Api, request_id: str, rej: _Reject) -> web.Response:
         """A request answered by the proxy itself: counted, logged, in the API's error shape."""
-        self.metrics.requests.labels(api, "-", "rejected_" + str(rej.status)).inc()
+        self.metrics.requests.labels(api, rej.model or "-", "rejected_" + str(rej.status)).inc()
         _log.info("rejected", extra={"request_id": request_id, "status": rej.status, "reason": str(rej)})
         response = error_response(api, rej.status, str(rej), rej.code, request_id)
         if rej.retry_after is not None:
@@ -335,6 +337,15 @@ class Proxy:
         principal = await self._principal(request)
         body = await self._body(request, config.limits.max_body_bytes, config.limits.body_timeout_seconds)
         runtime = self._runtime(body, api)
+        try:
+            return await self._admit_for(request, api, principal, body, runtime)
+        except _Reject as rej:
+            rej.model = runtime.config.alias
+            raise
+
+    async def _admit_for(self, request: web.Request, api: Api, principal: str, body: dict[str, Any],
+                         runtime: ModelRuntime) -> tuple[Exchange, dict[str, Any]]:
+        """The rest of admission, once the model is known (its rejections are counted under it)."""
         model, alias = runtime.config, runtime.config.alias
         if "stream" in body and not isinstance(body["stream"], bool):
             raise _Reject(400, "stream must be true or false")
@@ -575,9 +586,11 @@ class Proxy:
         forward = self._forward_body(ex)
         self._start_classification(ex)
         try:
+            sent = time.perf_counter()
             async with self._upstream_request(ex, request, forward) as upstream:
                 raw = await upstream.read()
                 status = upstream.status
+                upstream_took = time.perf_counter() - sent
         except TimeoutError:
             return await self._upstream_failed(ex, 504, "the upstream model timed out")
         except aiohttp.ClientError as exc:
@@ -613,6 +626,7 @@ class Proxy:
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             self._finish(ex, CLIENT_CLOSED, None, "client_disconnect")
             return response
+        self.metrics.added_seconds.labels(ex.model.alias).observe(time.perf_counter() - ex.t0 - upstream_took)
         self._finish(ex, 200, split, "ok", engine)  # after the answer is out: the commit never delays it
         return response
 
@@ -635,8 +649,10 @@ class Proxy:
         status, split, outcome = 502, None, "upstream_disconnect"
         self._start_classification(ex)
         try:
+            sent = time.perf_counter()
             async with self._upstream_request(ex, request, forward) as upstream:
-                self.metrics.upstream_seconds.labels(ex.model.alias).observe(time.perf_counter() - ex.t0)
+                head = time.perf_counter()
+                self.metrics.upstream_seconds.labels(ex.model.alias).observe(head - ex.t0)
                 if upstream.status >= 300:
                     return await self._relay_error(ex, upstream.status, await upstream.read())
                 if request.transport is None or request.transport.is_closing():  # gone before the first byte
@@ -645,6 +661,7 @@ class Proxy:
                 response = web.StreamResponse(headers={
                     "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": ex.request_id})
                 await response.prepare(request)
+                self.metrics.added_seconds.labels(ex.model.alias).observe(time.perf_counter() - ex.t0 - (head - sent))
                 rewriter = _StreamRewriter(self, ex, wants_usage)
                 async for event in events(upstream.content):
                     out = await rewriter.rewrite(event)

@@ -644,7 +644,7 @@ async def test_metrics_after_a_known_sequence(proxy: RunningProxy, http: aiohttp
         labels(api="anthropic", model="claude", outcome="ok"): 1,
         labels(api="openai", model="chat-notok", outcome="ok"): 1,
         labels(api="openai", model="-", outcome="rejected_404"): 1,
-        labels(api="anthropic", model="-", outcome="rejected_400"): 1,
+        labels(api="anthropic", model="claude", outcome="rejected_400"): 1,  # known: counted under it
         labels(api="openai", model="-", outcome="rejected_401"): 1,
     }
     assert by_name(metrics, "promptcache_read_tokens_total") == {
@@ -659,6 +659,13 @@ async def test_metrics_after_a_known_sequence(proxy: RunningProxy, http: aiohttp
     assert by_name(metrics, "promptcache_list_cost_usd_total")[labels(model="chat-notok")] == pytest.approx(0.000159)
     assert by_name(metrics, "promptcache_upstream_seconds_count") == {
         labels(model="chat"): 2, labels(model="claude"): 1, labels(model="chat-notok"): 1}
+    assert by_name(metrics, "promptcache_added_latency_seconds_count") == {
+        labels(model="chat"): 2, labels(model="claude"): 1, labels(model="chat-notok"): 1}
+    added = by_name(metrics, "promptcache_added_latency_seconds_sum")
+    assert all(0 < seconds < 5 for seconds in added.values()), added  # the proxy's share, not the upstream's
+    buckets = {dict(key)["le"] for key in by_name(metrics, "promptcache_upstream_seconds_bucket")}
+    assert {"60.0", "120.0", "300.0", "600.0", "+Inf"} <= buckets  # up to and past the 300 s upstream timeout
+    assert not [name for name, _ in metrics if name.endswith("_created")]
     for name, count in (("lookup", 3), ("classify", 3), ("commit", 4)):
         assert by_name(metrics, f"promptcache_{name}_seconds_count") == {labels(): count}, name
         assert by_name(metrics, f"promptcache_{name}_seconds_bucket")[labels(le="+Inf")] == count
