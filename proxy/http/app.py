@@ -361,17 +361,18 @@ class Proxy:
             self.metrics.index_fallbacks.labels("shed").inc()
             raise _Reject(429, "the proxy is overloaded; retry shortly", retry_after=OVERLOAD_RETRY_AFTER)
         scope = Scope(principal, alias, runtime.tokenizer_version)
-        await self._budget(principal, alias)
+        self._budget(principal, alias)
         await self._client_request_id(request, principal)
         exchange = Exchange(request[REQUEST_ID], api, datetime.now(UTC), time.perf_counter(), runtime, scope,
                             admission, asked=asked)
         return exchange, body
 
-    async def _budget(self, principal: str, model: str) -> None:
-        """A principal over its monthly budget is refused before anything is forwarded (docs/design.md#budgets);
-        when Postgres cannot say, the request goes ahead: the ledger bills it either way."""
+    def _budget(self, principal: str, model: str) -> None:
+        """A principal over its monthly budget (as last loaded, never waited for) is refused before anything is
+        forwarded (docs/design.md#budgets); before budgets could be read, the request goes ahead: the ledger bills
+        it either way."""
         try:
-            over = await self.store.over_budget(principal)
+            over = self.store.over_budget(principal)
         except IndexUnavailable:
             self.metrics.index_fallbacks.labels("budget_unknown").inc()
             return

@@ -150,6 +150,7 @@ class ProxyServer:
         server = cls(options, config, proxy)
         server._config_bytes = options.config_path.read_bytes()
         await server._share_salt_key()
+        await server._load_budgets()
         return server
 
     def app(self) -> web.Application:
@@ -210,6 +211,16 @@ class ProxyServer:
         self.proxy.metrics.config_reloads.labels("ok").inc()
         _log.info("config reloaded", extra={"digest": config.digest[:12], "models": sorted(config.models)})
         return True
+
+    async def _load_budgets(self) -> None:
+        """Budgets known before the first request (then refreshed in the background), when Postgres answers."""
+        budgets = self.proxy.store.budgets
+        if budgets is None:
+            return
+        try:
+            await budgets.load()
+        except IndexUnavailable as exc:
+            _log.warning("budgets unavailable, admitting every principal until Postgres answers: %s", exc)
 
     async def _share_salt_key(self) -> None:
         """Read (or make) the database's cache-salt key once some model forwards a salt; retried with the tariffs."""

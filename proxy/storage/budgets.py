@@ -3,15 +3,16 @@ restart, enforces the same count.
 
 The commit that bills a request adds its cost to the principal's spend for the month (UTC) the request started
 in, in the same transaction as the ledger row (:mod:`.ledger`), so the count is the ledger's own. Setting a budget
-seeds the month with what the ledger already holds. Proxies read a principal's state at most once per refresh
-period (:class:`BudgetCache`); the request that crosses the limit is answered and billed in full, those after it
+seeds the month with what the ledger already holds. Proxies load every budget once per refresh period in the
+background (:class:`BudgetCache`); the request that crosses the limit is answered and billed in full, those after it
 get 429 until the month turns or the budget is raised.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -24,6 +25,7 @@ from promptcache.proxy.storage.postgres import Database
 if TYPE_CHECKING:
     from promptcache.proxy.storage.postgres import Conn
 
+_log = logging.getLogger("promptcache.budgets")
 _MONEY = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?")
 MONEY_RULE = 'a non-negative amount of US dollars such as "100" or "2500.50" (at most 12 digits each side)'
 
@@ -93,29 +95,33 @@ class Budgets:
 
 
 class BudgetCache:
-    """A proxy's view of budgets: each principal's state read at most every ``refresh`` seconds.
+    """A proxy's view of budgets: all of them, with this month's spend, loaded in the background every ``refresh``
+    seconds (one query, however much traffic), so admission never waits for Postgres.
 
-    With Postgres unavailable the last state read stands (a principal over budget stays refused); a principal
-    never read raises :class:`IndexUnavailable`, and the caller admits the request and counts a fallback.
+    A load that fails leaves the last state in force (a principal over budget stays refused); before the first
+    load succeeds, :meth:`over` raises :class:`IndexUnavailable` and the caller admits and counts a fallback.
     """
 
     def __init__(self, budgets: Budgets, refresh: float = 1.0) -> None:
         self.budgets = budgets
         self.refresh = refresh
-        self._known: dict[str, tuple[Budget | None, float]] = {}
+        self._over: dict[str, Budget] | None = None
 
-    async def over(self, principal: str) -> Budget | None:
-        """The principal's budget when it is used up; None when it is not, or there is none."""
-        known = self._known.get(principal)
-        if known is None or known[1] <= time.monotonic():
+    async def load(self) -> None:
+        """Read every budget now; IndexUnavailable when Postgres cannot say (the last state stays)."""
+        self._over = {b.principal: b for b in await self.budgets.list() if b.exhausted}
+
+    async def run(self) -> None:
+        """Load every ``refresh`` seconds until cancelled."""
+        while True:
             try:
-                budget = await self.budgets.get(principal)
-            except IndexUnavailable:
-                if known is None:
-                    raise
-                budget = known[0]
-            else:
-                self._known[principal] = (budget, time.monotonic() + self.refresh)
-        else:
-            budget = known[0]
-        return budget if budget is not None and budget.exhausted else None
+                await self.load()
+            except IndexUnavailable as exc:
+                _log.warning("budgets not refreshed: %s", exc)
+            await asyncio.sleep(self.refresh)
+
+    def over(self, principal: str) -> Budget | None:
+        """The principal's budget when it is used up; None when it is not, or there is none."""
+        if self._over is None:
+            raise IndexUnavailable("budgets", "not loaded yet")
+        return self._over.get(principal)

@@ -104,6 +104,8 @@ class Store:
         """The committer, the refresh flush and the spool drain (first right away: start-up replays the spool)."""
         self._tasks = [asyncio.create_task(self._commit_loop()), asyncio.create_task(self._flush_loop()),
                        asyncio.create_task(self._drain_loop())]
+        if self.budgets is not None:
+            self._tasks.append(asyncio.create_task(self.budgets.run()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -374,11 +376,11 @@ class Store:
             raise IndexUnavailable("postgres", "not configured")
         return await self.request_ids.reserve(request_id, principal)
 
-    async def over_budget(self, principal: str) -> Budget | None:
-        """The principal's monthly budget when it is used up; IndexUnavailable when Postgres cannot say."""
+    def over_budget(self, principal: str) -> Budget | None:
+        """The principal's monthly budget when it is used up (as last loaded); IndexUnavailable when unknown."""
         if self.budgets is None:
             raise IndexUnavailable("postgres", "not configured")
-        return await self.budgets.over(principal)
+        return self.budgets.over(principal)
 
     async def principal_for_key(self, key: str) -> str | None:
         """The key's principal; known keys are cached briefly so a Postgres outage does not lock clients out."""

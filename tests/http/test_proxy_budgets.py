@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -53,9 +54,11 @@ async def test_a_budget_holds_across_two_proxies_and_a_restart(
     key = await new_key(pg_dsn, principal)
     async with running_proxy(config(simulator[0], word_tokenizer), tmp_path, pg_dsn) as a, \
             running_proxy(config(simulator[0], word_tokenizer), tmp_path, pg_dsn) as b:
-        for proxy in (a, b):
-            assert proxy.server.proxy.store.budgets is not None
-            proxy.server.proxy.store.budgets.refresh = 0  # every request reads the state: the test is exact
+        async def loaded() -> None:
+            """What each proxy's background load (every second) would see by now, loaded at once: the test is exact."""
+            for proxy in (a, b):
+                assert proxy.server.proxy.store.budgets is not None
+                await proxy.server.proxy.store.budgets.load()
         await chat(a, key)  # before any budget: its cost is seeded into the month when the budget is set
         await settle(a)
         one = await spent(pg_dsn, principal)
@@ -65,8 +68,10 @@ async def test_a_budget_holds_across_two_proxies_and_a_restart(
         done = budgets("set", principal, "--monthly", str(monthly), "--database", pg_dsn)
         assert (done.returncode, done.stdout) == (0, f"set the monthly budget of {principal} to ${monthly}\n")
 
+        await loaded()
         await chat(b, key)  # spent one < 1.5 x one: admitted, and it crosses the budget
         await settle(b)
+        await loaded()
         assert await spent(pg_dsn, principal) == 2 * one
         month = datetime.now(UTC).strftime("%Y-%m")
         message = (f"principal {principal} has used its monthly budget of ${monthly} (spent ${2 * one} since "
@@ -94,15 +99,18 @@ async def test_a_budget_holds_across_two_proxies_and_a_restart(
 
     # A fresh proxy (a restart) reads the same state from Postgres.
     async with running_proxy(config(simulator[0], word_tokenizer), tmp_path, pg_dsn) as fresh:
-        assert fresh.server.proxy.store.budgets is not None
-        fresh.server.proxy.store.budgets.refresh = 0
+        cache = fresh.server.proxy.store.budgets
+        assert cache is not None
+        await cache.load()
         with pytest.raises(openai.RateLimitError):
             await chat(fresh, key)
         assert budgets("set", principal, "--monthly", str(3 * one), "--database", pg_dsn).stdout.startswith(
             f"changed the monthly budget of {principal}")
+        await asyncio.sleep(cache.refresh + 0.5)  # its own background load, within a second, sees the raise
         await chat(fresh, key)  # raised: admitted again
         await settle(fresh)
         assert budgets("clear", principal, "--database", pg_dsn).stdout == f"cleared the budget of {principal}\n"
+        await cache.load()
         await chat(fresh, key)
         await settle(fresh)
     assert await spent(pg_dsn, principal) == 4 * one
