@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -110,14 +111,19 @@ async def running_proxy(
     config: Mapping[str, Any], tmp: Path, database_url: str | None, redis_url: str | None = None,
     **options: Any,
 ) -> AsyncIterator[RunningProxy]:
+    """A proxy in this process on ``config``; with Redis and no ``redis_prefix`` given, under a prefix of its own
+    that is deleted afterwards (a caller's prefix is the caller's to clean up)."""
     path = tmp / f"proxy-{secrets.token_hex(4)}.yaml"
     path.write_text(yaml.safe_dump(dict(config)))
-    options.setdefault("redis_prefix", f"pctest:{secrets.token_hex(4)}:")
-    opts = ProxyOptions(config_path=path, database_url=database_url, redis_url=redis_url, reload_interval=0.1,
-                        **options)
-    server = await ProxyServer.create(opts)
-    async with serving(server.app()) as url:
-        yield RunningProxy(url, server, path)
+    async with contextlib.AsyncExitStack() as stack:
+        if "redis_prefix" not in options:
+            options["redis_prefix"] = (await stack.enter_async_context(redis_prefix(redis_url, "pctest"))
+                                       if redis_url else f"pctest:{secrets.token_hex(4)}:")
+        opts = ProxyOptions(config_path=path, database_url=database_url, redis_url=redis_url, reload_interval=0.1,
+                            **options)
+        server = await ProxyServer.create(opts)
+        async with serving(server.app()) as url:
+            yield RunningProxy(url, server, path)
 
 
 async def settle(proxy: RunningProxy) -> None:
