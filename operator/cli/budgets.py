@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from decimal import Decimal
@@ -44,22 +43,8 @@ def _money(text: str) -> Decimal:
 
 def cmd_budgets(args: argparse.Namespace) -> int:
     from promptcache.proxy.storage.budgets import Budgets
-    from promptcache.proxy.storage.errors import IndexUnavailable
-    from promptcache.proxy.storage.postgres import Database
 
-    dsn = options.database(args)
-
-    async def run() -> int:
-        db = await Database.connect(dsn)
-        try:
-            return await _act(args, Budgets(db))
-        finally:
-            await db.close()
-
-    try:
-        return asyncio.run(run())
-    except IndexUnavailable as exc:
-        options.fail(f"database unavailable: {exc}")
+    return options.on_database(options.database(args), lambda db: _act(args, Budgets(db)))
 
 
 async def _act(args: argparse.Namespace, budgets: Budgets) -> int:

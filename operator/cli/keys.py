@@ -6,7 +6,6 @@ A key is printed once, when it is made, and only its hash is stored; listing sho
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
@@ -64,23 +63,9 @@ def principal_argument(name: str) -> str:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from promptcache.proxy.storage.errors import IndexUnavailable
     from promptcache.proxy.storage.keys import ApiKeys
-    from promptcache.proxy.storage.postgres import Database
 
-    dsn = options.database(args)
-
-    async def run() -> int:
-        pg = await Database.connect(dsn)
-        try:
-            return await _act(args, ApiKeys(pg))
-        finally:
-            await pg.close()
-
-    try:
-        return asyncio.run(run())
-    except IndexUnavailable as exc:
-        options.fail(f"database unavailable: {exc}")
+    return options.on_database(options.database(args), lambda db: _act(args, ApiKeys(db)))
 
 
 async def _act(args: argparse.Namespace, keys: ApiKeys) -> int:

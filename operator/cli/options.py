@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import IO, TYPE_CHECKING, NoReturn, TypeAlias
+from typing import IO, TYPE_CHECKING, NoReturn, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
+    from promptcache.proxy.storage.postgres import Database
+
     Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
     Options: TypeAlias = argparse.ArgumentParser | argparse._ArgumentGroup
 
+_T = TypeVar("_T")
 EXIT_USAGE = 2
 DATABASE_ENV = "PROMPTCACHE_DATABASE_URL"
 
@@ -38,6 +42,26 @@ def database(args: argparse.Namespace) -> str:
     if not dsn:
         fail(f"no database: pass --database or set {DATABASE_ENV}")
     return dsn
+
+
+def on_database(dsn: str, act: Callable[[Database], Awaitable[_T]]) -> _T:
+    """``act`` on a pool of ``dsn``, closed afterwards; Postgres unavailable is one line and exit 2."""
+    import asyncio
+
+    from promptcache.proxy.storage.errors import IndexUnavailable
+    from promptcache.proxy.storage.postgres import Database
+
+    async def run() -> _T:
+        db = await Database.connect(dsn)
+        try:
+            return await act(db)
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except IndexUnavailable as exc:
+        fail(f"database unavailable: {exc}")
 
 
 def database_errors() -> tuple[type[Exception], ...]:

@@ -7,7 +7,6 @@ The report is one query (:mod:`promptcache.proxy.storage.usage`); this prints it
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import io
 import json
@@ -49,26 +48,12 @@ def query(args: argparse.Namespace) -> Query:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from promptcache.proxy.storage.errors import IndexUnavailable
-    from promptcache.proxy.storage.postgres import Database
     from promptcache.proxy.storage.usage import columns, report
 
     if args.output not in OUTPUTS:
         options.fail(f"invalid --output {args.output!r}: must be one of {', '.join(OUTPUTS)}")
     wanted = query(args)
-    dsn = options.database(args)
-
-    async def run() -> list[Row]:
-        db = await Database.connect(dsn)
-        try:
-            return await report(db, wanted)
-        finally:
-            await db.close()
-
-    try:
-        rows = asyncio.run(run())
-    except IndexUnavailable as exc:
-        options.fail(f"database unavailable: {exc}")
+    rows = options.on_database(options.database(args), lambda db: report(db, wanted))
     names = columns(wanted)
     options.write_output({"table": table, "json": as_json, "csv": as_csv}[args.output](names, rows))
     return 0
