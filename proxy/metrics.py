@@ -41,6 +41,16 @@ class Metrics:
         self.billed_cost = Counter("promptcache_billed_cost_usd", "Billed cost in USD (the ledger is exact)",
                                    ["model"], registry=r)
         self.list_cost = Counter("promptcache_list_cost_usd", "List-price cost in USD", ["model"], registry=r)
+        self.prompt_tokens = Counter("promptcache_prompt_tokens", "Prompt tokens of billed requests (the denominator "
+                                     "of the read ratio)", ["model"], registry=r)
+        self.billed_requests = Counter("promptcache_billed_requests", "Billed requests by whether they read from the "
+                                       "cache (cache=hit: read tokens > 0; else miss)", ["model", "cache"], registry=r)
+        # One series per principal that sent traffic since the proxy started: spend per tenant for the dashboard
+        # (docs/design.md#dashboards-and-alerts); the ledger stays the exact record.
+        self.principal_cost = Counter("promptcache_principal_billed_cost_usd", "Billed cost in USD by principal",
+                                      ["principal"], registry=r)
+        self.principal_list_cost = Counter("promptcache_principal_list_cost_usd", "List-price cost in USD by "
+                                           "principal", ["principal"], registry=r)
         self.lookup_seconds = Histogram("promptcache_lookup_seconds", "Index lookup latency",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.classify_seconds = Histogram("promptcache_classify_seconds", "Tokenise + lookup + classify latency",
@@ -73,6 +83,8 @@ class Metrics:
                                         multiprocess_mode="livesum")
         self.ledger_dropped = Counter("promptcache_ledger_dropped", "Commits dropped because the spool was full or "
                                       "Postgres refused the row (each is also logged with its full row)", registry=r)
+        self.ready = Gauge("promptcache_ready", "1 if this proxy's last /readyz answered ready, else 0 (also before "
+                           "its first probe)", registry=r, multiprocess_mode="livemax")
         self.config_reloads = Counter("promptcache_config_reloads", "Config reloads by result", ["result"],
                                       registry=r)
 

@@ -245,6 +245,7 @@ class Proxy:
         except IndexUnavailable as exc:
             postgres = f"down: {exc}"
         ready = postgres == "up" or self.degraded_ok
+        self.metrics.ready.set(1 if ready else 0)
         body = {"status": "ready" if ready else "not ready", "config": self.config.digest[:12],
                 "postgres": postgres, "degraded": postgres != "up", "spooled": self.store.spool.count}
         return web.json_response(body, status=200 if ready else 503)
@@ -724,6 +725,10 @@ class Proxy:
                     self.metrics.creation_tokens.labels(model, tier).inc(tokens)
             self.metrics.billed_cost.labels(model).inc(float(record.cost))
             self.metrics.list_cost.labels(model).inc(float(record.list_cost))
+            self.metrics.prompt_tokens.labels(model).inc(split.prompt)
+            self.metrics.billed_requests.labels(model, "hit" if split.read else "miss").inc()
+            self.metrics.principal_cost.labels(ex.scope.principal_id).inc(float(record.cost))
+            self.metrics.principal_list_cost.labels(ex.scope.principal_id).inc(float(record.list_cost))
         _log.info("request", extra={
             "request_id": ex.request_id, "principal": ex.scope.principal_id, "model": model, "status": status,
             "outcome": outcome, "prompt_tokens": split.prompt, "read_tokens": split.read,

@@ -618,7 +618,7 @@ def labels(**kv: str) -> frozenset[tuple[str, str]]:
 
 async def test_metrics_after_a_known_sequence(proxy: RunningProxy, http: aiohttp.ClientSession, key: str) -> None:
     client = oa(proxy, key)
-    # chat turn 1: 1h 20, 5m 10, uncached 6, cost 0.0002955; turn 2: read 30, 5m 18, cost 0.0002325.
+    # chat turn 1: 1h 20, 5m 10, uncached 6, cost 0.0002955; turn 2: read 30, 5m 18, uncached 12, cost 0.0002325.
     for messages in (first_turn_openai(), second_turn_openai()):
         await client.chat.completions.create(model="chat", messages=messages)  # type: ignore[arg-type]
         await settle(proxy)
@@ -657,6 +657,21 @@ async def test_metrics_after_a_known_sequence(proxy: RunningProxy, http: aiohttp
                 "chat-notok": Decimal("0.000159")}
     assert billed == {labels(model=m): pytest.approx(float(v), rel=1e-9) for m, v in expected.items()}
     assert by_name(metrics, "promptcache_list_cost_usd_total")[labels(model="chat-notok")] == pytest.approx(0.000159)
+    assert by_name(metrics, "promptcache_prompt_tokens_total") == {
+        labels(model="chat"): 36 + 60, labels(model="claude"): 36, labels(model="chat-notok"): 13}
+    assert by_name(metrics, "promptcache_billed_requests_total") == {
+        labels(model="chat", cache="miss"): 1, labels(model="chat", cache="hit"): 1,
+        labels(model="claude", cache="miss"): 1, labels(model="chat-notok", cache="miss"): 1}
+    [(tenant, spent)] = by_name(metrics, "promptcache_principal_billed_cost_usd_total").items()  # one key, one tenant
+    assert spent == pytest.approx(float(sum(expected.values())), rel=1e-9)
+    # list price: (prompt · 3 + 8 output tokens · 15) / 1e6 per request, prompts 36, 60, 36 and 13
+    assert by_name(metrics, "promptcache_principal_list_cost_usd_total") == {
+        tenant: pytest.approx(0.000228 + 0.0003 + 0.000228 + 0.000159, rel=1e-9)}
+    assert by_name(metrics, "promptcache_ready") == {labels(): 0}  # no readiness probe yet
+    async with http.get(proxy.url + "/readyz") as response:
+        assert response.status == 200
+    async with http.get(proxy.url + "/metrics") as response:
+        assert by_name(samples(await response.text()), "promptcache_ready") == {labels(): 1}
     assert by_name(metrics, "promptcache_upstream_seconds_count") == {
         labels(model="chat"): 2, labels(model="claude"): 1, labels(model="chat-notok"): 1}
     assert by_name(metrics, "promptcache_added_latency_seconds_count") == {
