@@ -1,7 +1,8 @@
 """Proxy benchmark (issues 3 and 13): latency the proxy adds, and throughput at concurrency 64, beside LiteLLM.
 
 The simulated upstream answers after a fixed latency in its own process; the proxy runs as ``promptcache proxy``
-in another (and again with ``--workers 2``), with Postgres and Redis; this process is the client. Every row is
+in another (and again with ``--workers 2``, and again with tracing on: OpenTelemetry spans exported over OTLP/HTTP
+to a sink process that accepts and drops them, issue 16), with Postgres and Redis; this process is the client. Every row is
 measured in the same run with the same body: direct (straight to the upstream), a bare aiohttp relay (the floor any
 Python proxy pays for the extra hop on this machine), the LiteLLM proxy and promptcache. Bodies, each sent once to
 write the cache and then repeated, so every measured request takes the Redis hit path:
@@ -102,6 +103,17 @@ def run_relay(port: int, upstream_url: str) -> None:
     app.router.add_post(CHAT, handler)
     app.cleanup_ctx.append(session)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, loop=uvloop.new_event_loop())
+
+
+def run_trace_sink(port: int) -> None:
+    """An OTLP/HTTP traces endpoint that accepts every export and keeps nothing: the tracing-on proxy's collector."""
+    async def export(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_post("/v1/traces", export)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -298,13 +310,18 @@ async def start_litellm(venv: Path, port: int, workdir: Path, models: dict[str, 
              "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
 
 
-async def start_proxy(port: int, config: Path, dsn: str, workers: int) -> asyncio.subprocess.Process:
-    """As deployed: its own Redis prefix (so it writes its own entries) and a ledger spool on disk."""
+async def start_proxy(port: int, config: Path, dsn: str, workers: int,
+                      traces: str | None = None) -> asyncio.subprocess.Process:
+    """As deployed: its own Redis prefix (so it writes its own entries) and a ledger spool on disk; with ``traces``
+    (an OTLP/HTTP endpoint) tracing on, else off (no OTEL_EXPORTER_OTLP_* in its environment)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_EXPORTER_OTLP")}
+    env["PROMPTCACHE_REDIS_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
+    if traces is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = traces
     return await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("promptcache")), "proxy", "--config", str(config), "--host",
         "127.0.0.1", "--port", str(port), "--database", dsn, "--redis", REDIS_URL, "--log-level", "WARNING",
-        "--workers", str(workers), "--spool-dir", str(config.with_name(f"spool-{port}")),
-        env={**os.environ, "PROMPTCACHE_REDIS_PREFIX": f"bench:{secrets.token_hex(4)}:"})
+        "--workers", str(workers), "--spool-dir", str(config.with_name(f"spool-{port}")), env=env)
 
 
 async def run_body(session: aiohttp.ClientSession, direct: Target, targets: list[Target], body: Body,
@@ -362,9 +379,9 @@ def report(rows: list[Row], litellm: str, relay: str, model: str, concurrency: i
 async def main(args: argparse.Namespace) -> int:
     venv = litellm_venv(args.litellm)
     litellm = f"LiteLLM {venv.name.removeprefix('litellm-')}"
-    ports = {name: free_port() for name in ("upstream", "mismatch", "relay", "relay-mismatch", "litellm")}
+    ports = {name: free_port() for name in ("upstream", "mismatch", "relay", "relay-mismatch", "litellm", "traces")}
     base = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    proxy_ports = {workers: free_port() for workers in (1, 2)}
+    proxy_ports = {(1, False): free_port(), (2, False): free_port(), (1, True): free_port()}
     latency = args.latency / 1000
     spawn = multiprocessing.get_context("spawn")
     children = [
@@ -372,6 +389,7 @@ async def main(args: argparse.Namespace) -> int:
         spawn.Process(target=run_upstream, args=(ports["mismatch"], latency, args.undercount), daemon=True),
         spawn.Process(target=run_relay, args=(ports["relay"], base["upstream"] + CHAT), daemon=True),
         spawn.Process(target=run_relay, args=(ports["relay-mismatch"], base["mismatch"] + CHAT), daemon=True),
+        spawn.Process(target=run_trace_sink, args=(ports["traces"],), daemon=True),
     ]
     for child in children:
         child.start()
@@ -404,10 +422,10 @@ async def main(args: argparse.Namespace) -> int:
                 sys.stderr.write((Path(workdir.name) / "litellm.log").read_text(errors="replace")[-4000:])
                 raise
             proxies: list[Target] = []
-            for workers, port in proxy_ports.items():  # one after the other: each writes the tariffs at start-up
-                servers.append(await start_proxy(port, config, dsn, workers))
-                proxies.append(Target("promptcache" + (f" --workers {workers}" if workers > 1 else ""),
-                                      f"http://127.0.0.1:{port}", metrics=True))
+            for (workers, traced), port in proxy_ports.items():  # one by one: each writes the tariffs at start-up
+                servers.append(await start_proxy(port, config, dsn, workers, base["traces"] if traced else None))
+                proxies.append(Target("promptcache" + (f" --workers {workers}" if workers > 1 else "")
+                                      + (", tracing on" if traced else ""), f"http://127.0.0.1:{port}", metrics=True))
                 await wait_up(session, proxies[-1].base, servers[-1])
             main_body = json.dumps(prompt("bench")).encode()
             bodies = [

@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.proxy.config import ModelConfig, ProxyConfig
@@ -52,6 +54,7 @@ from promptcache.proxy.storage.ledger import RequestRecord
 from promptcache.proxy.storage.requestids import valid_client_id
 from promptcache.proxy.storage.secrets import KEY_BYTES
 from promptcache.proxy.storage.store import Store
+from promptcache.proxy.tracing import Tracing
 
 _log = logging.getLogger("promptcache.proxy")
 
@@ -125,10 +128,11 @@ class _MalformedHttp(logging.Filter):
 
 class Proxy:
     def __init__(self, config: ProxyConfig, store: Store, metrics: Metrics, *, degraded_ok: bool = False,
-                 runtimes: Runtimes | None = None) -> None:
+                 runtimes: Runtimes | None = None, tracing: Tracing | None = None) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
+        self.tracing = tracing or Tracing(None)
         self.degraded_ok = degraded_ok
         self.salt_key = secrets.token_bytes(KEY_BYTES)
         """Keys the forwarded ``cache_salt``: this process's own until the database's shared one is read (salts then
@@ -265,10 +269,31 @@ class Proxy:
         return await self.handle(request, "openai-responses")
 
     async def handle(self, request: web.Request, api: Api) -> web.StreamResponse:
+        tracer = self.tracing.tracer
+        request_id = request[REQUEST_ID]
+        with tracer.start_as_current_span(
+                f"{request.method} {request.path}", self.tracing.incoming(request.headers), SpanKind.SERVER,
+                {"promptcache.request_id": request_id, "promptcache.api": api}) as span:
+            response = await self._handle(request, api)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _handle(self, request: web.Request, api: Api) -> web.StreamResponse:
+        tracer = self.tracing.tracer
         try:
-            exchange, body = await self._admit(request, api)
+            with tracer.start_as_current_span("admit", record_exception=False, set_status_on_exception=False) as span:
+                try:
+                    exchange, body = await self._admit(request, api)
+                except _Reject as rej:
+                    span.set_attribute("promptcache.rejected", rej.status)
+                    raise
         except _Reject as rej:
             return self._rejected(api, request[REQUEST_ID], rej)
+        trace_span = trace_api.get_current_span()
+        trace_span.set_attribute("promptcache.model", exchange.model.alias)
+        trace_span.set_attribute("promptcache.principal", exchange.scope.principal_id)
         request_id = exchange.request_id
         try:
             if body.get("stream") is True:
@@ -519,6 +544,16 @@ class Proxy:
 
     async def _classify_now(self, ex: Exchange, counter: BlockCounter) -> Classification | None:
         """Classification in its turn; the deadline counts from here, not from the wait for the turn."""
+        with self.tracing.tracer.start_as_current_span("classify") as span:
+            result = await self._classified(ex, counter)
+            span.set_attribute("promptcache.chain_blocks", len(ex.chain))
+            if result is None:
+                span.set_attribute("promptcache.list_price", True)
+            else:
+                span.set_attribute("promptcache.read_tokens", result.read_tokens)
+            return result
+
+    async def _classified(self, ex: Exchange, counter: BlockCounter) -> Classification | None:
         start = time.perf_counter()  # classify_seconds: the work (hash, count, look up), not the wait for it
         prepared = await run_async(ex.admission.preparing(counter))
         ex.chain, ex.sent = prepared.chain or [], prepared.sent
@@ -530,18 +565,22 @@ class Proxy:
         lookup_start = time.perf_counter()
         # Shielded, and cancelled without waiting on it: a cancelled query's connection clean-up
         # (asyncpg waits for the server to acknowledge the cancel) must not hold the bill past the deadline.
-        lookup = asyncio.ensure_future(self.store.lookup(ex.scope, wanted, ex.started_at))
-        try:
-            async with asyncio.timeout(max(deadline, 0.0)):
-                found = await asyncio.shield(lookup)
-        except TimeoutError:
-            self.metrics.index_fallbacks.labels("deadline").inc()
-            return None
-        except IndexUnavailable as exc:
-            self.metrics.index_fallbacks.labels(exc.reason).inc()
-            return None
-        finally:
-            lookup.cancel()
+        with self.tracing.tracer.start_as_current_span("lookup", record_exception=False) as span:
+            span.set_attribute("promptcache.candidates", len(wanted))
+            lookup = asyncio.ensure_future(self.store.lookup(ex.scope, wanted, ex.started_at))
+            try:
+                async with asyncio.timeout(max(deadline, 0.0)):
+                    found = await asyncio.shield(lookup)
+            except TimeoutError:
+                self.metrics.index_fallbacks.labels("deadline").inc()
+                span.set_attribute("promptcache.fallback", "deadline")
+                return None
+            except IndexUnavailable as exc:
+                self.metrics.index_fallbacks.labels(exc.reason).inc()
+                span.set_attribute("promptcache.fallback", exc.reason)
+                return None
+            finally:
+                lookup.cancel()
         self.metrics.lookup_seconds.observe(time.perf_counter() - lookup_start)
         result = classify(ex.chain, found.entries, policy, ex.started_at)
         if not found.complete:
@@ -563,11 +602,23 @@ class Proxy:
                 headers["x-api-key"] = secret
         elif secret:
             headers["authorization"] = f"Bearer {secret}"
+        self.tracing.outgoing(request.headers, headers)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=self.config.limits.upstream_timeout_seconds)
         assert self.http is not None
         return self.http.post(up.endpoint(ex.api), data=jsonio.dumps(body), headers=headers,
                               timeout=timeout)
+
+    @contextlib.asynccontextmanager
+    async def _upstream(self, ex: Exchange, request: web.Request,
+                        body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The upstream's response, in the upstream span (a client span: its context is the one the upstream gets)."""
+        attributes = {"server.address": ex.model.upstream.url, "promptcache.upstream_model": ex.model.upstream.model}
+        with self.tracing.tracer.start_as_current_span("upstream", kind=SpanKind.CLIENT, attributes=attributes,
+                                                       record_exception=False) as span:
+            async with self._upstream_request(ex, request, body) as upstream:
+                span.set_attribute("http.response.status_code", upstream.status)
+                yield upstream
 
     def _forward_body(self, ex: Exchange) -> dict[str, Any]:
         body = dict(ex.admission.forward)
@@ -589,7 +640,7 @@ class Proxy:
         self._start_classification(ex)
         try:
             sent = time.perf_counter()
-            async with self._upstream_request(ex, request, forward) as upstream:
+            async with self._upstream(ex, request, forward) as upstream:
                 raw = await upstream.read()
                 status = upstream.status
                 upstream_took = time.perf_counter() - sent
@@ -652,7 +703,7 @@ class Proxy:
         self._start_classification(ex)
         try:
             sent = time.perf_counter()
-            async with self._upstream_request(ex, request, forward) as upstream:
+            async with self._upstream(ex, request, forward) as upstream:
                 head = time.perf_counter()
                 self.metrics.upstream_seconds.labels(ex.model.alias).observe(head - ex.t0)
                 if upstream.status >= 300:
@@ -735,9 +786,13 @@ class Proxy:
             "creation_tokens": split.creation_tokens, "engine_cached_tokens": engine_cached_tokens,
             "cost": str(record.cost) if record.billable else None,
         })
+        span = self.tracing.tracer.start_span("commit", attributes={
+            "promptcache.billable": record.billable, "promptcache.prompt_tokens": split.prompt,
+            "promptcache.read_tokens": split.read})
         task = self.store.submit(record)
         self.commits.add(task)
         task.add_done_callback(self.commits.discard)
+        task.add_done_callback(lambda _: span.end())  # when the row landed or was spooled, after the answer
 
 
 class _StreamRewriter:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import uvloop
@@ -36,6 +37,10 @@ from promptcache.proxy.storage.secrets import shared_key
 from promptcache.proxy.storage.spool import DiskSpool, MemorySpool, Spool, SpoolError
 from promptcache.proxy.storage.store import DEFAULT_SPOOL_BYTES, Store
 from promptcache.proxy.storage.tariffs import Tariffs
+from promptcache.proxy.tracing import Tracing, provider_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 _log = logging.getLogger("promptcache.server")
 MAX_WORKERS = 64
@@ -83,6 +88,8 @@ class ProxyOptions:
     workers: int = 1
     worker: int = 0
     """This process's index among ``workers`` (its spool is ``worker-<index>``)."""
+    tracer_provider: TracerProvider | None = None
+    """Where spans go; None: OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, else nowhere (:mod:`..tracing`)."""
 
 
 async def sync_tariffs(config: ProxyConfig, pg: Database | None, manage: bool) -> dict[str, Tariff]:
@@ -145,7 +152,8 @@ class ProxyServer:
             pg = await Database.connect(options.database_url, min_size=0, connect_timeout=1.0)
         redis = RedisAccelerator.from_url(options.redis_url, options.redis_prefix) if options.redis_url else None
         store = Store(pg, redis, metrics, spool=open_spool(options))
-        proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok, runtimes=runtimes)
+        tracing = Tracing(options.tracer_provider or provider_from_env())
+        proxy = Proxy(config, store, metrics, degraded_ok=options.degraded_ok, runtimes=runtimes, tracing=tracing)
         proxy.apply_config(config, await sync_tariffs(config, pg, options.manage_tariffs))
         server = cls(options, config, proxy)
         server._config_bytes = options.config_path.read_bytes()
@@ -188,6 +196,7 @@ class ProxyServer:
             await self.proxy.store.pg.close()
         if self.proxy.store.redis is not None:
             await self.proxy.store.redis.close()
+        self.proxy.tracing.shutdown()
 
     async def reload(self) -> bool:
         """Apply the config file if it changed; a broken file keeps the last good config."""

@@ -53,6 +53,8 @@ class Simulator:
         self.counter = BlockCounter(settings.tokenizer, settings.image_tokens)
         self.reply_tokens = settings.tokenizer.count(REPLY)
         self.requests: list[dict[str, Any]] = []
+        self.trace_contexts: list[str | None] = []
+        """Each kept request's ``traceparent`` header (None: it had none), beside :attr:`requests`."""
         self._ids = itertools.count(1)
 
     def app(self) -> web.Application:
@@ -83,6 +85,7 @@ class Simulator:
         body = await request.json()
         if self.settings.keep_requests:
             self.requests.append(body)
+            self.trace_contexts.append(request.headers.get("traceparent"))
         if behaviour in ("hang", "error"):
             await _until(answer_at)
         if behaviour == "hang":
