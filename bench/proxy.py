@@ -3,9 +3,9 @@
 The simulated upstream answers after a fixed latency in its own process; the proxy runs as ``promptcache proxy``
 in another (and again with ``--workers 2``, and again with tracing on: OpenTelemetry spans exported over OTLP/HTTP
 to a sink process that accepts and drops them, issue 16), with Postgres and Redis; this process is the client.
-Every row is measured in the same run with the same body: direct (straight to the upstream), a bare aiohttp relay (the floor any
-Python proxy pays for the extra hop on this machine), the LiteLLM proxy and promptcache. Bodies, each sent once to
-write the cache and then repeated, so every measured request takes the Redis hit path:
+Every row is measured in the same run with the same body: direct (straight to the upstream), a bare aiohttp relay
+(the floor any Python proxy pays for the extra hop on this machine), the LiteLLM proxy and promptcache. Bodies, each
+sent once to write the cache and then repeated, so every measured request takes the Redis hit path:
 
 - main: ≈130 KB, tools + system (1h), a 40-message history (5m), the new question (5m): three explicit breakpoints;
 - multi-message: 100 messages of plain string content, no markers; the model's policy places its automatic
