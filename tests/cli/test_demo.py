@@ -70,3 +70,34 @@ async def test_demo_keeps_its_redis_keys_under_the_configured_prefix(empty_pg_ds
         await client.delete(*written)
     finally:
         await client.aclose()
+
+
+def run_demo(env: dict[str, str]) -> tuple[list[list[str]], str]:
+    result = subprocess.run([PROMPTCACHE, "demo"], capture_output=True, text=True, timeout=120, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    return [line.split()[1:] for line in out.splitlines() if line[:1].isdigit()], out[out.index("\nsaved "):].strip()
+
+
+def test_a_second_run_on_the_same_database_reads_what_the_first_wrote_and_says_so(empty_pg_dsn: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROMPTCACHE_REDIS_URL"}
+    env["PROMPTCACHE_DATABASE_URL"] = empty_pg_dsn
+    first, told = run_demo(env)
+    assert first[0][:5] == ["acme", "1165", "0", "17", "1142"]
+    assert told == ("saved $0.006197 against list price (26.9%). Request 1 writes the handbook (1h) and the question "
+                    "(5m);\nlater requests read the previous prefix and write only the new turn; globex shares "
+                    "nothing with acme.")
+    second, told = run_demo(env)
+    # Every prefix up to each request's last breakpoint was written by the first run and is still live: all reads.
+    assert [r[:7] for r in second] == [
+        ["acme", "1165", "1159", "0", "0", "6", "$0.000501"],
+        ["acme", "1231", "1219", "0", "0", "12", "$0.000537"],
+        ["acme", "1257", "1239", "0", "0", "18", "$0.000561"],
+        ["acme", "1282", "1258", "0", "0", "24", "$0.000584"],
+        ["acme", "1306", "1276", "0", "0", "30", "$0.000608"],
+        ["globex", "1165", "1159", "0", "0", "6", "$0.000501"],
+    ]
+    assert told == ("saved $0.019737 against list price (85.7%). Request 1 reads 1,159 tokens an earlier run of the "
+                    "demo left in this database (entries outlive the demo: 1h for the handbook, 5m for a turn);\n"
+                    "requests 2 to 5 read their whole prefix, which the earlier run wrote too; globex reads only "
+                    "what it wrote in the earlier run: tenants never share an entry.")
