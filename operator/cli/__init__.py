@@ -22,10 +22,11 @@ from promptcache.operator.cli import (
     proxy,
     replay,
     replay_job,
+    simulate,
     usage,
 )
 
-ROLES = (hash, migrate, proxy, operator, demo, keys, budgets, usage, admin, log, replay, replay_job)
+ROLES = (hash, migrate, proxy, operator, demo, simulate, keys, budgets, usage, admin, log, replay, replay_job)
 """In the order ``promptcache --help`` lists them."""
 
 

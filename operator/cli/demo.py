@@ -202,7 +202,7 @@ async def print_ledger(dsn: str, request_ids: list[tuple[str, str]]) -> None:
                         enumerate(zip(row, widths, strict=True))))
     pct = (100 * saved / listed) if listed else Decimal(0)
     print(f"\nsaved {_money(saved)} against list price ({pct:.1f}%). " + explanation(
-        [rows[rid] for _, rid in request_ids], [tenant for tenant, _ in request_ids]))
+        [dict(rows[rid]) for _, rid in request_ids], [tenant for tenant, _ in request_ids]))
 
 
 def explanation(rows: Sequence[Mapping[str, Any]], tenants: Sequence[str]) -> str:
