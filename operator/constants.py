@@ -25,6 +25,8 @@ PLAN_ENV = "PROMPTCACHE_REPLAY_PLAN"
 """A sharded replay pod's resolved plan (JSON): every shard and the operator's sum replay the same thing."""
 WINDOW_ANNOTATION = f"{PREFIX}/window"
 """On a replay report: the window replayed, as an RFC 3339 interval ``start/end``."""
+COPIED_FROM_ANNOTATION = f"{PREFIX}/copied-from"
+"""On a Secret the operator copied into a model's namespace: ``namespace/name`` of its source."""
 REVISION_ANNOTATION = f"policy.{PREFIX}/revision"
 """Set on bound DeployedModels when their policy changes, so kopf re-runs their reconcile. Outside the
 ``promptcache.io/`` prefix on purpose: kopf keeps its own state there and leaves it out of the diffs."""

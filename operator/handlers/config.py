@@ -50,7 +50,9 @@ class OperatorConfig:
                 proxy_image=image,
                 database_secret=env.get("PROMPTCACHE_DATABASE_SECRET") or None,
                 redis_url=redis_url,
+                redis_secret=_secret_key(env, "PROMPTCACHE_REDIS_SECRET"),
                 redis_prefix=env.get("PROMPTCACHE_REDIS_PREFIX", defaults.redis_prefix),
+                secret_source=_namespace(env, "PROMPTCACHE_SECRET_SOURCE_NAMESPACE"),
                 replay_service_account=env.get("PROMPTCACHE_REPLAY_SERVICE_ACCOUNT") or None,
                 server_security=_choice(env, "PROMPTCACHE_SERVER_SECURITY", (RESTRICTED, UNRESTRICTED)),
                 server_secrets=_secret_names(env, "PROMPTCACHE_SERVER_SECRETS"),
@@ -75,6 +77,17 @@ def _secret_names(env: Mapping[str, str], name: str) -> frozenset[str]:
         if not _DNS_SUBDOMAIN.fullmatch(secret) or (slash and not _DNS_LABEL.fullmatch(namespace)):
             raise EnvironmentError_(f"{name}: {entry[:70]!r} is not a Secret name or namespace/name")
     return names
+
+
+def _secret_key(env: Mapping[str, str], name: str) -> str | None:
+    """``secret/key`` (the chart joins them); None when unset."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    secret, slash, key = raw.partition("/")
+    if not slash or not _DNS_SUBDOMAIN.fullmatch(secret) or not _SECRET_KEY.fullmatch(key):
+        raise EnvironmentError_(f"{name} must be SECRET/KEY, got {raw[:70]!r}")
+    return raw
 
 
 def _namespace(env: Mapping[str, str], name: str) -> str | None:
@@ -110,6 +123,7 @@ def _label(key: object, value: object) -> bool:
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
 _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")

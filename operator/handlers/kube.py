@@ -30,7 +30,7 @@ from promptcache.operator.constants import GROUP, VERSION
 
 _KINDS = {"ConfigMap": ("core", "config_map"), "Service": ("core", "service"), "Deployment": ("apps", "deployment"),
           "Job": ("batch", "job"), "NetworkPolicy": ("networking", "network_policy"),
-          "PodDisruptionBudget": ("policy", "pod_disruption_budget")}
+          "PodDisruptionBudget": ("policy", "pod_disruption_budget"), "Secret": ("core", "secret")}
 
 
 def load_configuration() -> kubernetes.client.Configuration:
@@ -150,6 +150,9 @@ class Kube:
 
     async def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Deployment", "metadata": {"namespace": namespace, "name": name}})
+
+    async def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read({"kind": "Secret", "metadata": {"namespace": namespace, "name": name}})
 
     async def job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Job", "metadata": {"namespace": namespace, "name": name}})

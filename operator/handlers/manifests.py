@@ -67,7 +67,13 @@ class OperatorSettings:
     database_secret: str | None = None
     """``name/key`` of the Secret holding the Postgres DSN the proxies use."""
     redis_url: str | None = None
+    redis_secret: str | None = None
+    """``name/key`` of the Secret holding the Redis URL (password included) the proxies use; then ``redis_url`` is
+    not written into their pods."""
     redis_prefix: str = "promptcache:"
+    secret_source: str | None = None
+    """The namespace the operator copies the proxies' Secrets (:attr:`database_secret`, :attr:`redis_secret`) from
+    into each namespace it runs proxies or replay Jobs in; None: a person puts them there (secretcopies)."""
     replay_service_account: str | None = None
     """The ServiceAccount replay Jobs run as (in the PlanReplay's namespace); None: the namespace's default."""
     server_security: str = serverpolicy.RESTRICTED
@@ -169,7 +175,10 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
     proxy = spec.get("proxy") or {}
     env: list[dict[str, Any]] = [{"name": "PROMPTCACHE_REDIS_PREFIX", "value": settings.redis_prefix}]
     env.extend(_database_env(settings))
-    if settings.redis_url:
+    if settings.redis_secret:
+        secret, _, key = settings.redis_secret.partition("/")
+        env.append({"name": "PROMPTCACHE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    elif settings.redis_url:
         env.append({"name": "PROMPTCACHE_REDIS_URL", "value": settings.redis_url})
     key_ref = (spec.get("upstream") or {}).get("apiKeySecretRef")
     if key_ref:

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests, podguards, proxypods, serverpolicy
+from promptcache.operator.handlers import manifests, podguards, proxypods, secretcopies, serverpolicy
 from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
@@ -31,7 +31,7 @@ from promptcache.proxy.storage.postgres import Database
 from promptcache.proxy.storage.tariffs import Tariffs
 
 _log = logging.getLogger(__name__)
-STALLED_REASONS = ("CachePolicyNotFound", "InvalidSpec")
+STALLED_REASONS = ("CachePolicyNotFound", "InvalidSpec", "SecretNotFound")
 """A stalled model's Ready is about its spec, not its pods: Deployment events leave it alone."""
 
 
@@ -78,8 +78,9 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
     except SpecError as exc:
         raise Stalled(exc.reason, str(exc)) from exc
     kopf.adopt(objects + guards.objects(), owner=body)
+    changes = await secretcopies.copy_into(kube, namespace, settings)  # before the pods that read them
     # The NetworkPolicy first: pods never run before the policy that guards them applies.
-    changes = await podguards.converge(kube, name, namespace, body.metadata.uid or "", guards)
+    changes += await podguards.converge(kube, name, namespace, body.metadata.uid or "", guards)
     changes += [await kube.converge(obj) for obj in objects]
     model = rendered.config.models[spec["alias"]]
     tariff_version: int | None = None

@@ -27,20 +27,27 @@ class Outcome:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     conditions: list[Condition] = field(default_factory=list)
+    retry: float | None = None
+    """Seconds until kopf runs the handler again (once the status is written): a stall that can clear without a
+    change to the object, such as a Secret it needs appearing."""
 
 
 class Stalled(Exception):
-    """The spec cannot be reconciled as it stands: Ready and Reconciling false, Stalled true, with a reason."""
+    """The spec cannot be reconciled as it stands: Ready and Reconciling false, Stalled true, with a reason.
 
-    def __init__(self, reason: str, message: str) -> None:
+    With ``retry``, what is missing lies outside the object (another object may yet appear), so the reconcile is
+    tried again after that many seconds; without it, only a change to the object re-runs it."""
+
+    def __init__(self, reason: str, message: str, retry: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.retry = retry
 
     def outcome(self, current: Iterable[Mapping[str, Any]] | None, generation: int | None) -> Outcome:
         conditions = stalled(self.reason, self.message)
         return Outcome({"observedGeneration": generation, "conditions": merge(current, conditions, generation)},
-                       [("Warning", self.reason, self.message)], conditions)
+                       [("Warning", self.reason, self.message)], conditions, self.retry)
 
 
 async def settled(body: kopf.Body, work: Awaitable[Outcome]) -> Outcome:
@@ -60,3 +67,5 @@ def apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
     """Patch the status and post the events: the last line of every reconcile handler."""
     patch.status.update(outcome.status)
     post(body, outcome.events)
+    if outcome.retry is not None:  # kopf writes the patch, then runs the handler again
+        raise kopf.TemporaryError(outcome.events[-1][2] if outcome.events else "retrying", delay=outcome.retry)

@@ -36,11 +36,11 @@ from promptcache.operator.constants import (
     SHARDS_ANNOTATION,
 )
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests
+from promptcache.operator.handlers import manifests, secretcopies
 from promptcache.operator.handlers.conditions import Condition, merge, now_rfc3339, stalled
 from promptcache.operator.handlers.config import OperatorConfig
 from promptcache.operator.handlers.kube import Kube
-from promptcache.operator.handlers.outcome import Event
+from promptcache.operator.handlers.outcome import Event, Stalled
 from promptcache.operator.replay import proposal, rows
 from promptcache.operator.replay.engine import (
     REQUESTS,
@@ -325,6 +325,11 @@ async def _start_job(obj: Mapping[str, Any], plan: Plan, kube: Kube, settings: m
     message = f"replaying {plan.requests} requests from {plan.window} in Job {job['metadata']['name']}"
     if plan.parallelism > 1:
         message += f", {plan.parallelism} shards"
+    if create:
+        try:
+            await secretcopies.copy_into(kube, status.namespace, settings)  # the DSN its pods read
+        except Stalled as exc:
+            return await status.fail(exc.reason, exc.message)
     await status.progress("Running", "JobRunning", message, startedAt=now_rfc3339())
     if create:
         await kube.create(job)

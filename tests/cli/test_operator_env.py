@@ -102,3 +102,21 @@ def test_a_malformed_server_secret_names_its_variable(raw: str) -> None:
         OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1", "PROMPTCACHE_SERVER_SECRETS": raw})
     assert str(caught.value).startswith("PROMPTCACHE_SERVER_SECRETS: "), str(caught.value)
     assert str(caught.value).endswith("is not a Secret name or namespace/name")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    *[({"PROMPTCACHE_REDIS_SECRET": raw}, f"PROMPTCACHE_REDIS_SECRET must be SECRET/KEY, got {raw[:70]!r}")
+      for raw in ("redis", "redis/", "/url", "Redis/url", "redis/u rl", "redis/" + "k" * 254, "r\u00e9dis/url")],
+    ({"PROMPTCACHE_SECRET_SOURCE_NAMESPACE": "Promptcache"},
+     "PROMPTCACHE_SECRET_SOURCE_NAMESPACE must be a namespace name, got 'Promptcache'"),
+])
+def test_malformed_secret_settings_name_their_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(EnvironmentError_) as caught:
+        OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1", **env})
+    assert str(caught.value) == message
+
+
+def test_the_secret_settings_reach_the_manifests() -> None:
+    config = OperatorConfig.from_env({"PROMPTCACHE_PROXY_IMAGE": "promptcache:1", "PROMPTCACHE_REDIS_SECRET":
+                                      "pc-redis/url", "PROMPTCACHE_SECRET_SOURCE_NAMESPACE": "promptcache-system"})
+    assert (config.manifests.redis_secret, config.manifests.secret_source) == ("pc-redis/url", "promptcache-system")

@@ -51,16 +51,16 @@ class Identity:
 
 
 async def operator_identity(cluster: Cluster, directory: Path, *, release: str = RELEASE,
-                            namespaces: Sequence[str] = ()) -> Identity:
+                            namespaces: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> Identity:
     """The chart's ServiceAccount and RBAC of ``release`` (with ``operator.namespaces``: Roles in those namespaces,
-    which must exist), applied; a kubeconfig with a token of that account."""
+    which must exist; ``values``: more chart values), applied; a kubeconfig with a token of that account."""
     try:
         await cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
     except KubeError as e:
         if e.status != 409:
             raise
-    values = {"image": TEST_IMAGE, "operator": {"namespaces": list(namespaces)}}
-    objects = [o for o in render_chart(values, name=release) if o["kind"] in IDENTITY_KINDS]
+    chart = {"image": TEST_IMAGE, "operator": {"namespaces": list(namespaces)}, **(values or {})}
+    objects = [o for o in render_chart(chart, name=release) if o["kind"] in IDENTITY_KINDS]
     [account] = [o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"]
     assert account == OPERATOR_ACCOUNT or release != RELEASE, account
     for obj in objects:

@@ -43,3 +43,28 @@ app.kubernetes.io/component: operator
 {{- define "promptcache.proxySecret" -}}
 {{ .Values.database.proxySecret.name | default .Values.database.existingSecret }}/{{ .Values.database.proxySecret.key | default .Values.database.secretKey }}
 {{- end -}}
+
+{{- /* The Secrets the operator copies into model namespaces (database.proxySecret.copy): the proxies' DSN and, when
+it is secret, the Redis URL. The owner's DSN is never among them. */ -}}
+{{- define "promptcache.copiedSecrets" -}}
+{{- if not .Values.database.proxySecret.name -}}
+{{- fail "database.proxySecret.copy needs database.proxySecret.name: the operator never copies the owner's DSN (database.existingSecret)" -}}
+{{- end -}}
+{{- $names := list .Values.database.proxySecret.name -}}
+{{- if and .Values.redis.existingSecret (ne .Values.redis.existingSecret .Values.database.proxySecret.name) -}}
+{{- $names = append $names .Values.redis.existingSecret -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{- /* RBAC for the copies (docs/design.md#secrets-in-model-namespaces): read and kept equal by name only; created
+(a create cannot be limited to names). */ -}}
+{{- define "promptcache.secretRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: {{ include "promptcache.copiedSecrets" . }}
+  verbs: ["get", "update"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+{{- end -}}
