@@ -19,6 +19,7 @@ import pytest
 
 from promptcache.proxy.testing.simulator import Simulator
 
+from support.faults import Relay, ledger_rows
 from support.proxy import RunningProxy, model_config, new_key, running_proxy, settle, unique
 
 PROMPTCACHE = str(Path(sys.executable).with_name("promptcache"))
@@ -114,6 +115,38 @@ async def test_a_budget_holds_across_two_proxies_and_a_restart(
         await chat(fresh, key)
         await settle(fresh)
     assert await spent(pg_dsn, principal) == 4 * one
+
+
+async def test_a_postgres_outage_keeps_the_last_budgets_in_force(
+        tmp_path: Path, pg_dsn: str, simulator: tuple[str, Simulator], word_tokenizer: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The proxy reaches Postgres through a relay of the test's own, cut for a while: budgets loaded before the
+    outage stand (no one over budget slips through while they cannot be read), everyone else is served."""
+    capped, free = unique("capped"), unique("free")
+    capped_key, free_key = await new_key(pg_dsn, capped), await new_key(pg_dsn, free)
+    assert budgets("set", capped, "--monthly", "0", "--database", pg_dsn).returncode == 0
+    relay = await Relay.to_postgres(pg_dsn)
+    try:
+        async with running_proxy(config(simulator[0], word_tokenizer), tmp_path, relay.dsn(pg_dsn)) as proxy:
+            cache = proxy.server.proxy.store.budgets
+            assert cache is not None
+            with pytest.raises(openai.RateLimitError):
+                await chat(proxy, capped_key)  # loaded as the proxy started
+            await chat(proxy, free_key)  # both keys are known now (the key cache outlives a short outage)
+            await settle(proxy)
+            await relay.cut()
+            await asyncio.sleep(2 * cache.refresh + 0.5)  # background loads fail meanwhile
+            assert "budgets not refreshed" in caplog.text
+            with pytest.raises(openai.RateLimitError) as refused:
+                await chat(proxy, capped_key)
+            assert refused.value.body is not None and "has used its monthly budget of $0" in str(refused.value.body)
+            await chat(proxy, free_key)  # billed at list price into the spool
+            await relay.restore()
+            await settle(proxy)
+        assert len(await ledger_rows(pg_dsn, free)) == 2  # the spooled bill landed once Postgres was back
+        assert await ledger_rows(pg_dsn, capped) == []
+    finally:
+        await relay.close()
 
 
 @pytest.mark.parametrize("amount", ["-5", "1e3", "NaN", "Infinity", "9" * 13, "0.1234567890123", "", " 5", "5,00"])
