@@ -13,6 +13,7 @@ import kopf
 
 from promptcache.operator.constants import (
     GROUP,
+    KEY_REQUEST_LABEL,
     MODEL_LABEL,
     MODELS,
     NAME_LABEL,
@@ -22,7 +23,7 @@ from promptcache.operator.constants import (
     REPLAYS,
     VERSION,
 )
-from promptcache.operator.handlers import lifecycle, models, planreplay, policies
+from promptcache.operator.handlers import keyrequests, lifecycle, models, planreplay, policies
 from promptcache.operator.handlers.outcome import apply, post, settled
 from promptcache.operator.handlers.state import OperatorMemo
 
@@ -108,3 +109,13 @@ async def replay_job_changed(*, body: kopf.Body, memo: OperatorMemo, **_: Any) -
     outcome = await planreplay.job_changed(dict(body), memo.kube, memo.config)
     if outcome is not None:
         post(outcome[0], [outcome[1]])
+
+
+def serve_key_requests() -> None:
+    """Also watch Secrets that ask for an API key (docs/design.md#api-keys-from-secrets); registered only when
+    enabled, since it needs RBAC to read every Secret of the served namespaces."""
+
+    @kopf.on.event("", "v1", "secrets", labels={KEY_REQUEST_LABEL: "true"})
+    async def key_request(*, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
+        """Issue the Secret's key, complete an interrupted issue, or revoke the key as the Secret goes."""
+        await keyrequests.react(dict(body), memo.kube, memo.pg)

@@ -23,7 +23,7 @@ def register(commands: Commands) -> None:
 def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
 
-    import promptcache.operator.main  # noqa: F401  (registers the handlers)
+    import promptcache.operator.main
     from promptcache.operator.handlers.config import EnvironmentError_, OperatorConfig
     from promptcache.operator.handlers.state import OperatorMemo
 
@@ -32,6 +32,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     except EnvironmentError_ as exc:
         print(f"promptcache operator: {exc}", file=sys.stderr)
         return 2
+    if config.key_requests:
+        promptcache.operator.main.serve_key_requests()
     kopf.configure(verbose=args.verbose)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace or (), standalone=True,
              liveness_endpoint=args.liveness, memo=OperatorMemo(config=config))

@@ -27,6 +27,8 @@ class OperatorConfig:
     inline_replay_max_requests: int = 200_000
     """A PlanReplay over more requests than this runs as a Job, keeping the operator's CPU and memory for
     reconciling."""
+    key_requests: bool = False
+    """Issue API keys for Secrets that ask for one (keyrequests); off unless the chart grants the Secret access."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -66,6 +68,7 @@ class OperatorConfig:
             ),
             inline_replay_max_requests=int(_number(env, "PROMPTCACHE_INLINE_REPLAY_MAX_REQUESTS", 200_000,
                                                    integer=True)),
+            key_requests=_choice(env, "PROMPTCACHE_KEY_REQUESTS", ("false", "true")) == "true",
         )
 
 

@@ -154,6 +154,11 @@ class Kube:
     async def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Secret", "metadata": {"namespace": namespace, "name": name}})
 
+    async def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        """A JSON merge patch; with ``metadata.resourceVersion`` in it, refused (409) if the Secret changed since."""
+        await self._call(self.core.patch_namespaced_secret, name, namespace, dict(patch),
+                         _content_type="application/merge-patch+json")
+
     async def job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Job", "metadata": {"namespace": namespace, "name": name}})
 

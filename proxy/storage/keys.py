@@ -26,8 +26,24 @@ _PRINCIPAL = f"UPDATE api_keys SET last_used_at = now() WHERE key_hash = $1 AND 
 _REVOKE = f"UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND {_ACTIVE} RETURNING key_id"
 _RETIRE = ("UPDATE api_keys SET revoked_at = now() + $2::interval WHERE key_id = $1 AND revoked_at IS NULL "
            "RETURNING principal_id")
+_REGISTER = """WITH inserted AS (
+    INSERT INTO api_keys (key_id, key_hash, principal_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING
+    RETURNING principal_id, revoked_at)
+SELECT principal_id, revoked_at, true AS new FROM inserted
+UNION ALL
+SELECT principal_id, revoked_at, false FROM api_keys WHERE key_hash = $2 AND NOT EXISTS (SELECT FROM inserted)"""
 _LIST = f"""SELECT key_id, principal_id, created_at, revoked_at, last_used_at FROM api_keys
 WHERE ($1::text IS NULL OR principal_id = $1) AND ($2 OR {_ACTIVE}) ORDER BY principal_id, created_at, key_id"""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What :meth:`ApiKeys.register` found: the key's principal (maybe another than asked), whether it is revoked, and
+    whether this call stored it."""
+
+    principal: str
+    revoked: bool
+    new: bool
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,29 @@ class ApiKeys:
         key_id, digest, key = _new_key()
         await self._db.run(lambda conn: conn.execute(_INSERT, key_id, digest, principal))
         return key_id, key
+
+    @staticmethod
+    def new() -> tuple[str, str]:
+        """A fresh ``(key_id, key)``, not stored yet: for a caller that must put the key somewhere first
+        (:meth:`register` stores it then, idempotently)."""
+        key_id, _, key = _new_key()
+        return key_id, key
+
+    async def register(self, key: str, principal: str) -> Registered | None:
+        """Store ``key`` for ``principal`` unless a key with its hash is stored already; either way, what is stored
+        for it. None: the key's id is taken by another key (a 48-bit collision, or a forged id)."""
+        key_id, digest = key_id_of(key), hashlib.sha256(key.encode()).digest()
+        row = await self._db.run(lambda conn: conn.fetchrow(_REGISTER, key_id, digest, principal))
+        if row is None:
+            return None
+        return Registered(row["principal_id"], row["revoked_at"] is not None, row["new"])
+
+    async def owner(self, key: str) -> str | None:
+        """The principal ``key`` was issued to, in force or not (nothing is stamped); None for an unknown key."""
+        digest = hashlib.sha256(key.encode()).digest()
+        principal: str | None = await self._db.run(
+            lambda conn: conn.fetchval("SELECT principal_id FROM api_keys WHERE key_hash = $1", digest))
+        return principal
 
     async def principal_for(self, key: str) -> str | None:
         """The principal a key authenticates (stamping its use), or None when it is unknown or revoked."""
@@ -90,7 +129,12 @@ class ApiKeys:
                 for r in rows]
 
 
+def key_id_of(key: str) -> str:
+    """A key's id: its SHA-256's first 12 hex digits."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def _new_key() -> tuple[str, bytes, str]:
     key = "pc-" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).digest()
-    return digest.hex()[:12], digest, key
+    return key_id_of(key), digest, key

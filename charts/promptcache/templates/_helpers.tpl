@@ -68,3 +68,12 @@ it is secret, the Redis URL. The owner's DSN is never among them. */ -}}
   resources: ["secrets"]
   verbs: ["create"]
 {{- end -}}
+
+{{- /* RBAC for key-request Secrets (operator.keyRequests; docs/design.md#api-keys-from-secrets): kopf lists and
+watches them (a label selector cannot narrow RBAC, so this reads every Secret of the served namespaces); the
+operator patches in the key, its annotations and its finalizer. */ -}}
+{{- define "promptcache.keyRequestRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["list", "watch", "patch"]
+{{- end -}}
