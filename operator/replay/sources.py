@@ -22,7 +22,7 @@ from datetime import datetime
 import msgspec
 
 from promptcache.operator.replay.rows import LogError
-from promptcache.proxy.storage.requestlog import LogFormatError, LoggedRequest, parse_line
+from promptcache.proxy.storage.requestlog import READ_BUFFER, LogFormatError, LoggedRequest, parse_line
 
 STDIN = "standard input"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -82,7 +82,7 @@ def lines(source: Source, meter: Meter | None = None) -> Iterator[tuple[int, byt
     """``(line number, raw line)``; an unreadable or truncated file is a :class:`LogError` naming the line."""
     lineno = 0
     try:
-        with open(source.path, "rb") as raw:
+        with open(source.path, "rb", buffering=READ_BUFFER) as raw:
             compressed = raw.read(2) == _GZIP_MAGIC
             raw.seek(0)
             with contextlib.ExitStack() as stack:
