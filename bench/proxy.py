@@ -32,7 +32,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import secrets
 import signal
 import statistics
 import subprocess
@@ -58,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from support.database import scratch_database
 from support.faults import free_port
+from support.proxy import redis_prefix
 
 REDIS_URL = os.environ.get("PROMPTCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,12 +310,12 @@ async def start_litellm(venv: Path, port: int, workdir: Path, models: dict[str, 
              "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
 
 
-async def start_proxy(port: int, config: Path, dsn: str, workers: int,
+async def start_proxy(port: int, config: Path, dsn: str, workers: int, prefix: str,
                       traces: str | None = None) -> asyncio.subprocess.Process:
-    """As deployed: its own Redis prefix (so it writes its own entries) and a ledger spool on disk; with ``traces``
+    """As deployed: its own Redis ``prefix`` (so it writes its own entries) and a ledger spool on disk; with ``traces``
     (an OTLP/HTTP endpoint) tracing on, else off (no OTEL_EXPORTER_OTLP_* in its environment)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_EXPORTER_OTLP")}
-    env["PROMPTCACHE_REDIS_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
+    env["PROMPTCACHE_REDIS_PREFIX"] = prefix
     if traces is not None:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = traces
     return await asyncio.create_subprocess_exec(
@@ -423,7 +423,9 @@ async def main(args: argparse.Namespace) -> int:
                 raise
             proxies: list[Target] = []
             for (workers, traced), port in proxy_ports.items():  # one by one: each writes the tariffs at start-up
-                servers.append(await start_proxy(port, config, dsn, workers, base["traces"] if traced else None))
+                prefix = await scratch.enter_async_context(redis_prefix(REDIS_URL, "bench"))  # deleted at the end
+                servers.append(await start_proxy(port, config, dsn, workers, prefix,
+                                                 base["traces"] if traced else None))
                 proxies.append(Target("promptcache" + (f" --workers {workers}" if workers > 1 else "")
                                       + (", tracing on" if traced else ""), f"http://127.0.0.1:{port}", metrics=True))
                 await wait_up(session, proxies[-1].base, servers[-1])
