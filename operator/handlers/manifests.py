@@ -154,8 +154,13 @@ def _database_env(settings: OperatorSettings) -> list[dict[str, Any]]:
     owner's DSN the operator holds (docs/design.md#database-roles)."""
     if not settings.database_secret:
         return []
-    secret, _, key = settings.database_secret.partition("/")
-    return [{"name": "PROMPTCACHE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key or "dsn"}}}]
+    return [secret_env("PROMPTCACHE_DATABASE_URL", settings.database_secret, "dsn")]
+
+
+def secret_env(variable: str, ref: str, default_key: str) -> dict[str, Any]:
+    """An env var from the Secret ``ref`` (``name/key``, or ``name`` for ``default_key``) of the pod's namespace."""
+    secret, _, key = ref.partition("/")
+    return {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key or default_key}}}
 
 
 def proxy_workers(resources: Mapping[str, Any]) -> int:
@@ -176,8 +181,7 @@ def _proxy_container(spec: Mapping[str, Any], settings: OperatorSettings) -> dic
     env: list[dict[str, Any]] = [{"name": "PROMPTCACHE_REDIS_PREFIX", "value": settings.redis_prefix}]
     env.extend(_database_env(settings))
     if settings.redis_secret:
-        secret, _, key = settings.redis_secret.partition("/")
-        env.append({"name": "PROMPTCACHE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+        env.append(secret_env("PROMPTCACHE_REDIS_URL", settings.redis_secret, "url"))
     elif settings.redis_url:
         env.append({"name": "PROMPTCACHE_REDIS_URL", "value": settings.redis_url})
     key_ref = (spec.get("upstream") or {}).get("apiKeySecretRef")
