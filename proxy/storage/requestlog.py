@@ -4,8 +4,9 @@ A line is a request's billing facts and its prefix chain, never prompt text. Rea
 (exact keys, exact types, decimals as strings) and every error names its line and field, so a
 bad file is fixed, not half-imported: replay's numbers are only as good as this input.
 
-Two readers share the rules. msgspec decodes a line into typed structs in C and a few whole-chain
-checks finish it (:func:`_fast`); whatever it does not accept outright, the strict reader
+Two readers share the rules. msgspec decodes a line into typed structs in C, writes it back to see it is
+spelled as export spells it, and a few whole-chain checks finish it (:func:`_fast`); whatever it does not accept
+outright, the strict reader
 (:func:`parse_json_line`) reads again, and that one either accepts it or names the line and field.
 So the fast reader only ever decides "valid, and this is the request", never an error message.
 """
@@ -39,9 +40,6 @@ _TIMESTAMP = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
-_DECIMALS = re.compile(r"[0-9]+(\.[0-9]+)?(?: [0-9]+(\.[0-9]+)?){3}")
-"""Four decimals joined by spaces: four values match only if each does (one with a space makes five parts, or
-an empty one a double space)."""
 _HEX = re.compile(r"[0-9a-fA-F]{2,64}")
 """With an even length: 1 to 32 bytes."""
 
@@ -354,62 +352,65 @@ def _to_row(r: LoggedRequest) -> tuple[object, ...]:
 # --- reading one line ---------------------------------------------------------------------------
 
 
-_SCALAR_STRINGS = len(_KEYS) + len(TIERS) + 10
-"""Strings in a line besides its chain and optional keys: the keys, those of creation_tokens, and ten values."""
-_BLOCK_STRINGS = len(_CHAIN_KEYS) + 3
-"""Strings in a chain item: its keys, ``h``, ``r`` and ``m`` (less one for each null marker)."""
+_PRICES: dict[str, Decimal] = {}
+"""Validated per-token prices by their text: a log repeats a few of them on every line."""
+_PRICES_KEPT = 256
+_COSTS = re.compile(r"[0-9]+(\.[0-9]+)? [0-9]+(\.[0-9]+)?")
+
+
+def _price(text: str) -> Decimal | None:
+    price = _PRICES.get(text)
+    if price is None and _DECIMAL.fullmatch(text):
+        price = Decimal(text)
+        if len(_PRICES) < _PRICES_KEPT:
+            _PRICES[text] = price
+    return price
 
 
 def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
           block: type[ChainBlock] = ChainBlock) -> LoggedRequest | None:
-    """The request on ``line`` if it is valid and plainly written; None: let the strict reader decide.
+    """The request on ``line`` if it is valid and written as :func:`to_json_line` writes; None: let the strict
+    reader decide.
 
-    msgspec keeps the last of a repeated key, which the format refuses. Without a backslash in the line
-    every string is two quote characters, and a valid line's strings are its keys and its string values
-    (a null marker is none); a repeated key adds at least its own two, so the count differs. ``fromhex`` and
-    ``block`` are bound as defaults: locals are found faster than globals, once per block of every line.
+    msgspec keeps the last of a repeated key, which the format refuses; a line that msgspec writes back byte for
+    byte has none (nor spaces, escapes or another key order, which the strict reader takes in its stride).
+    ``fromhex`` and ``block`` are bound as defaults: locals are found faster than globals, once per block.
     """
-    if b"\\" in line:
-        return None
     try:
         w = _DECODER.decode(line)
     except msgspec.DecodeError:
         return None
+    if _ENCODE(w) != line.rstrip(b"\r\n"):
+        return None
     chain = w.chain
     tokens = [b.t for b in chain]
-    strings = _SCALAR_STRINGS + _BLOCK_STRINGS * len(chain) - [b.m for b in chain].count(None)
-    engine_cached = None if w.engine_cached_tokens is msgspec.UNSET else w.engine_cached_tokens
     cache_key = None if w.prompt_cache_key is msgspec.UNSET else w.prompt_cache_key
-    if engine_cached is not None:
-        strings += 1
-    if cache_key is not None:
-        if not valid_cache_key(cache_key):
-            return None
-        strings += 2
     creation = w.creation_tokens
-    if tuple(creation) != TIERS:  # written in another order: the same facts, kept in the documented one
-        if creation.keys() != _KEY_SETS[TIERS]:
-            return None
-        creation = {tier: creation[tier] for tier in TIERS}
+    input_price, output_price = _price(w.input_per_mtok), _price(w.output_per_mtok)
     # A hash is 1 to 32 bytes of hex. fromhex refuses other characters and odd lengths but skips whitespace,
-    # of which only a space can be in a string here (control characters would need a backslash).
-    if (line.count(b'"') != 2 * strings or tokens != sorted(tokens)
+    # of which only a space can be in a string here (control characters would be escaped).
+    if (tokens != sorted(tokens) or input_price is None or output_price is None
+            or (cache_key is not None and not valid_cache_key(cache_key))
+            or (tuple(creation) != TIERS and creation.keys() != _KEY_SETS[TIERS])
             or (b" " in line and " " in "".join([b.h for b in chain]))
-            or not _DECIMALS.fullmatch(f"{w.input_per_mtok} {w.output_per_mtok} {w.billed_cost} {w.list_cost}")):
+            or not _COSTS.fullmatch(f"{w.billed_cost} {w.list_cost}")):
         return None
     try:
         ts = parse_timestamp(w.ts)
         blocks = tuple([block(fromhex(b.h), b.t, b.r, b.m) for b in chain])
     except ValueError:
         return None
+    if tuple(creation) != TIERS:  # written in another order: the same facts, kept in the documented one
+        creation = {tier: creation[tier] for tier in TIERS}
     return LoggedRequest(
         w.id, ts, w.principal, w.model, w.tokenizer_version, w.api, w.status, w.prompt_tokens, w.completion_tokens,
-        w.read_tokens, creation, Decimal(w.input_per_mtok), Decimal(w.output_per_mtok),
-        Decimal(w.billed_cost), Decimal(w.list_cost), blocks, engine_cached, cache_key,
+        w.read_tokens, creation, input_price, output_price, Decimal(w.billed_cost), Decimal(w.list_cost), blocks,
+        None if w.engine_cached_tokens is msgspec.UNSET else w.engine_cached_tokens, cache_key,
     )
 
 
 _DECODER = msgspec.json.Decoder(_WireLine)
+_ENCODE = msgspec.json.Encoder().encode
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
