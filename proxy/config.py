@@ -18,6 +18,7 @@ import yaml
 from promptcache.proxy.domain.blocks import APIS, ENDPOINTS, Api
 from promptcache.proxy.domain.nesting import TooDeep, load_yaml
 from promptcache.proxy.domain.policy import CachePolicy, PolicyError, parse_decimal
+from promptcache.proxy.routing import MODES, Mode
 
 AUTH_MODES = ("apiKeys", "header")
 DEFAULT_PRINCIPAL_HEADER = "x-promptcache-principal"
@@ -46,14 +47,33 @@ class Upstream:
     forward_cache_control: bool = False
     cache_salt: str | None = None
     """``principal``: forward a ``cache_salt`` keyed on the cache scope, so the engine's KV reuse is per tenant."""
+    replicas: tuple[str, ...] = ()
+    """The replicas behind ``url``, each a base URL like it (docs/design.md#replica-routing); none: ``url`` alone."""
 
-    def endpoint(self, api: Api) -> str:
-        """``url`` is the base URL as OpenAI's SDK takes it (with ``/v1``) or Anthropic's (without): OpenAI's paths
-        are appended to it, Anthropic's ``/v1/messages`` to it without a trailing ``/v1``."""
-        base = self.url.rstrip("/")
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """The base URLs requests may go to: the replicas, or ``url`` when there are none."""
+        return self.replicas or (self.url,)
+
+    def endpoint(self, api: Api, base: str | None = None) -> str:
+        """``base`` (default ``url``) is the base URL as OpenAI's SDK takes it (with ``/v1``) or Anthropic's
+        (without): OpenAI's paths are appended to it, Anthropic's ``/v1/messages`` to it without a trailing ``/v1``."""
+        base = (base or self.url).rstrip("/")
         if api == "anthropic":
             return base.removesuffix("/v1") + ENDPOINTS[api]
         return base + ENDPOINTS[api].removeprefix("/v1")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How requests are spread over the replicas (docs/design.md#replica-routing)."""
+
+    mode: Mode = "affinity"
+    max_imbalance: float = 1.25
+    """No replica takes a request while it has more than this times the average in flight (>= 1)."""
+
+
+MAX_IMBALANCE = 100
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,7 @@ class ModelConfig:
     cache_policy: str | None = None
     """``namespace/name`` of the CachePolicy the operator rendered ``cache`` from: the proxy applies
     that policy's updates as soon as the operator publishes them on Redis, before the file catches up."""
+    routing: Routing = field(default_factory=Routing)
 
 
 MAX_GATE = 1_000_000
@@ -181,15 +202,21 @@ def _brief(value: Any) -> str:
 def _model(item: Any, where: str) -> ModelConfig:
     if not isinstance(item, Mapping):
         raise ConfigError(f"{where} must be a mapping")
-    _known(item, {"alias", "upstream", "tokenizer", "pricing", "cache", "imageTokens", "cachePolicy"}, where)
+    _known(item, {"alias", "upstream", "tokenizer", "pricing", "cache", "imageTokens", "cachePolicy", "routing"},
+           where)
     alias = _str(item, "alias", where)
     up = item.get("upstream")
     if not isinstance(up, Mapping):
         raise ConfigError(f"{where}.upstream must be a mapping with url, model and api")
-    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl", "cacheSalt"}, f"{where}.upstream")
-    url = _str(up, "url", f"{where}.upstream")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.upstream.url must be an http(s) URL, got {url!r}")
+    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl", "cacheSalt", "replicas"},
+           f"{where}.upstream")
+    url = _url(up.get("url"), f"{where}.upstream.url")
+    replicas = up.get("replicas", [])
+    if not isinstance(replicas, list) or len(replicas) > MAX_REPLICAS:
+        raise ConfigError(f"{where}.upstream.replicas must be a list of at most {MAX_REPLICAS} base URLs")
+    bases = tuple(_url(base, f"{where}.upstream.replicas[{i}]") for i, base in enumerate(replicas))
+    if len(set(bases)) != len(bases):
+        raise ConfigError(f"{where}.upstream.replicas lists a URL twice")
     apis = _apis(up.get("api"), f"{where}.upstream.api")
     key_env = up.get("apiKeyEnv")
     if key_env is not None and not isinstance(key_env, str):
@@ -228,14 +255,41 @@ def _model(item: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.cachePolicy must be namespace/name")
     return ModelConfig(
         alias=alias,
-        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), apis, key_env, forward, salt),
+        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), apis, key_env, forward, salt, bases),
         tokenizer=tokenizer,
         input_per_mtok=prices[0],
         output_per_mtok=prices[1],
         policy=policy,
         image_tokens=image_tokens,
         cache_policy=cache_policy,
+        routing=_routing(_section(item, "routing"), f"{where}.routing"),
     )
+
+
+MAX_REPLICAS = 1024
+"""More replicas than this behind one model is a typo (or a Service to route through as a whole)."""
+
+
+def _url(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{where} must be an http(s) URL, got {_brief(value)}")
+    return value
+
+
+def _routing(raw: Any, where: str) -> Routing:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping with mode and maxImbalance")
+    _known(raw, {"mode", "maxImbalance"}, where)
+    mode = raw.get("mode", "affinity")
+    if mode not in MODES:
+        raise ConfigError(f"{where}.mode must be one of {list(MODES)}, got {_brief(mode)}")
+    try:
+        imbalance = parse_decimal(raw.get("maxImbalance", str(Routing.max_imbalance)), f"{where}.maxImbalance")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 1 <= imbalance <= MAX_IMBALANCE:
+        raise ConfigError(f"{where}.maxImbalance must be from 1 to {MAX_IMBALANCE}, got {_brief(raw['maxImbalance'])}")
+    return Routing(mode, float(imbalance))
 
 
 def _tokenizer(raw: Any, where: str) -> None:

@@ -87,6 +87,16 @@ class Metrics:
                            "its first probe)", registry=r, multiprocess_mode="livemax")
         self.config_reloads = Counter("promptcache_config_reloads", "Config reloads by result", ["result"],
                                       registry=r)
+        self.routes = Counter("promptcache_routes", "Requests sent upstream by model, replica and decision (read: "
+                              "the replica of the entry read; write: the ring's owner; least_loaded, round_robin, "
+                              "random, single)", ["model", "replica", "decision"], registry=r)
+        self.routing_fallbacks = Counter("promptcache_routing_fallbacks", "Requests whose preferred replica was "
+                                         "passed over, by reason (unready, failing, overloaded)", ["model", "reason"],
+                                         registry=r)
+        self.replica_failures = Counter("promptcache_replica_failures", "Connections a replica refused or dropped "
+                                        "(each passes it over for a few seconds)", ["model", "replica"], registry=r)
+        self.replica_in_flight = Gauge("promptcache_replica_in_flight", "Requests in flight to each replica",
+                                       ["model", "replica"], registry=r, multiprocess_mode="livesum")
 
     def exposition(self) -> bytes:
         """The text format: this registry's, or under ``--workers`` every live worker's, summed."""

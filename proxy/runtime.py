@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from promptcache.proxy.config import ConfigError, ModelConfig, ProxyConfig
 from promptcache.proxy.domain.pricing import Tariff
 from promptcache.proxy.domain.tokens import BlockCounter, Tokenizer, TokenizerUnavailable, load_tokenizer
+from promptcache.proxy.routing import Router
 
 _log = logging.getLogger("promptcache.runtime")
 
@@ -26,6 +27,8 @@ class ModelRuntime:
     counter: BlockCounter | None
     """None: the config names no tokenizer, so the model is served at list price without caching."""
     tariff: Tariff
+    router: Router
+    """Kept across reloads while the model stays, so in-flight counts carry over."""
 
     @property
     def tokenizer_version(self) -> str:
@@ -70,5 +73,8 @@ class Runtimes:
                 counter = BlockCounter(tokenizer, model.image_tokens) if tokenizer else None
             tariff = tariffs.get(alias) or Tariff.for_policy(
                 alias, model.input_per_mtok, model.output_per_mtok, model.policy)
-            models[alias] = ModelRuntime(model, counter, tariff)
+            router = previous.router if previous is not None else Router(model.upstream.bases)
+            router.update(model.upstream.bases)
+            router.mode, router.max_imbalance = model.routing.mode, model.routing.max_imbalance
+            models[alias] = ModelRuntime(model, counter, tariff, router)
         self.models = models

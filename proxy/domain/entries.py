@@ -35,6 +35,8 @@ class IndexEntry:
     tier: str
     created_at: datetime
     expires_at: datetime
+    replica: str | None = None
+    """The upstream replica that last computed this prefix (docs/design.md#replica-routing): routing's hint."""
 
     def live(self, now: datetime) -> bool:
         """Live strictly before expiry: a request exactly one TTL later misses."""

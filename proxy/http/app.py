@@ -48,6 +48,7 @@ from promptcache.proxy.http.gate import ClassifyGate
 from promptcache.proxy.http.sse import encode, events
 from promptcache.proxy.http.usage import engine_cached, rewrite, upstream_totals
 from promptcache.proxy.metrics import Metrics
+from promptcache.proxy.routing import Replica, routing_key
 from promptcache.proxy.runtime import ModelRuntime, Runtimes
 from promptcache.proxy.storage.errors import IndexUnavailable
 from promptcache.proxy.storage.ledger import RequestRecord
@@ -96,6 +97,10 @@ class Exchange:
     diagnosis: asyncio.Task[Diagnosis] | None = None
     response_id: str | None = None
     """The upstream's id of its answer, for the request log."""
+    read_replica: str | None = None
+    """The replica that computed the entry this request reads, as the index remembers it."""
+    replica: str | None = None
+    """The replica that answered."""
 
     @property
     def model(self) -> ModelConfig:
@@ -538,7 +543,8 @@ class Proxy:
         # Hashing takes a core: start it a moment after the forward, so it overlaps the model's latency
         # instead of competing with the request's upload or the upstream reading it, and in steps, so
         # a large body still uploading is not held up.
-        await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
+        if not ex.runtime.router.waits:  # a request routed by its lookup is not sent before it: nothing to overlap
+            await asyncio.sleep(self.config.limits.classify_start_delay_seconds)
         async with self.gate.turn():
             return await self._classify_now(ex, counter)
 
@@ -583,6 +589,8 @@ class Proxy:
                 lookup.cancel()
         self.metrics.lookup_seconds.observe(time.perf_counter() - lookup_start)
         result = classify(ex.chain, found.entries, policy, ex.started_at)
+        if result.read is not None:
+            ex.read_replica = found.entries[result.read.hash].replica
         if not found.complete:
             result = reads_only(result)
         self.metrics.classify_seconds.observe(time.perf_counter() - start)
@@ -590,7 +598,7 @@ class Proxy:
 
     # -- upstream ----------------------------------------------------------------------------
 
-    def _upstream_request(self, ex: Exchange, request: web.Request, body: dict[str, Any]) -> Any:
+    def _upstream_request(self, ex: Exchange, request: web.Request, data: bytes, base: str) -> Any:
         up = ex.model.upstream
         headers = {"content-type": "application/json"}
         secret = os.environ.get(up.api_key_env) if up.api_key_env else None
@@ -606,19 +614,77 @@ class Proxy:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=self.config.limits.upstream_timeout_seconds)
         assert self.http is not None
-        return self.http.post(up.endpoint(ex.api), data=jsonio.dumps(body), headers=headers,
-                              timeout=timeout)
+        return self.http.post(up.endpoint(ex.api, base), data=data, headers=headers, timeout=timeout)
 
     @contextlib.asynccontextmanager
     async def _upstream(self, ex: Exchange, request: web.Request,
                         body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The upstream's response, in the upstream span (a client span: its context is the one the upstream gets)."""
-        attributes = {"server.address": ex.model.upstream.url, "promptcache.upstream_model": ex.model.upstream.model}
+        """The upstream's response, in the upstream span (a client span: its context is the one the upstream gets),
+        from the replica routing chose (docs/design.md#replica-routing)."""
+        router = ex.runtime.router
+        preferred, key = await self._route_hint(ex, body) if router.waits else (None, None)
+        attributes = {"promptcache.upstream_model": ex.model.upstream.model}
         with self.tracing.tracer.start_as_current_span("upstream", kind=SpanKind.CLIENT, attributes=attributes,
                                                        record_exception=False) as span:
-            async with self._upstream_request(ex, request, body) as upstream:
-                span.set_attribute("http.response.status_code", upstream.status)
-                yield upstream
+            upstream, replica = await self._connect(ex, request, jsonio.dumps(body), preferred, key)
+            span.set_attribute("server.address", replica.url)
+            try:
+                async with upstream:
+                    span.set_attribute("http.response.status_code", upstream.status)
+                    yield upstream
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError):
+                self._replica_failed(ex, replica)
+                raise
+            finally:
+                replica.in_flight -= 1
+                self.metrics.replica_in_flight.labels(ex.model.alias, replica.url).dec()
+
+    async def _route_hint(self, ex: Exchange, body: dict[str, Any]) -> tuple[str | None, bytes | None]:
+        """The replica of the entry the request reads, else the ring key of its first write; (None, None) when
+        it does neither (or could not be classified): the least-loaded replica takes it."""
+        result = await ex.settled()
+        if result is None:
+            return None, None
+        if result.read is not None and ex.read_replica is not None:
+            return ex.read_replica, None
+        if not result.writes:
+            return None, None
+        salt = body.get("cache_salt")
+        return None, routing_key(result.writes[0].hash, ex.scope.principal_id, ex.admission.cache_key,
+                                 salt if isinstance(salt, str) else None)
+
+    async def _connect(self, ex: Exchange, request: web.Request, data: bytes, preferred: str | None,
+                       key: bytes | None) -> tuple[aiohttp.ClientResponse, Replica]:
+        """The response head from the chosen replica; one that refuses the connection, or drops it before
+        answering, is passed over and the next choice tried at once (it never saw the request, or never answered
+        it: nothing is billed for it), until every replica has failed this request."""
+        router, alias = ex.runtime.router, ex.model.alias
+        tried: list[Replica] = []
+        while True:
+            route = router.choose(preferred, key, exclude=tried)
+            replica = route.replica
+            self.metrics.routes.labels(alias, replica.url, route.decision).inc()
+            if route.fallback is not None:
+                self.metrics.routing_fallbacks.labels(alias, route.fallback).inc()
+            replica.in_flight += 1
+            self.metrics.replica_in_flight.labels(alias, replica.url).inc()
+            try:
+                upstream: aiohttp.ClientResponse = await self._upstream_request(ex, request, data, replica.url)
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+                replica.in_flight -= 1
+                self.metrics.replica_in_flight.labels(alias, replica.url).dec()
+                self._replica_failed(ex, replica)
+                tried.append(replica)
+                if len(tried) >= len(router.replicas):
+                    raise
+                continue
+            router.answered(replica)
+            ex.replica = replica.url
+            return upstream, replica
+
+    def _replica_failed(self, ex: Exchange, replica: Replica) -> None:
+        ex.runtime.router.failed(replica)
+        self.metrics.replica_failures.labels(ex.model.alias, replica.url).inc()
 
     def _forward_body(self, ex: Exchange) -> dict[str, Any]:
         body = dict(ex.admission.forward)
@@ -763,7 +829,7 @@ class Proxy:
             split=split, tariff=ex.runtime.tariff, chain=ex.chain, sent_tiers=ex.sent if ex.chain else None,
             classification=classification if split.cache_valid else None,
             latency_ms=(time.perf_counter() - ex.t0) * 1000, engine_cached_tokens=engine_cached_tokens,
-            prompt_cache_key=ex.admission.cache_key, response_id=ex.response_id,
+            prompt_cache_key=ex.admission.cache_key, response_id=ex.response_id, replica=ex.replica,
         )
         if record.billable:
             self.metrics.read_tokens.labels(model).inc(split.read)

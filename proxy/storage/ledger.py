@@ -49,6 +49,8 @@ class RequestRecord:
     response_id: str | None = None
     """The upstream's id of its answer (``chatcmpl-…``, ``msg_…``, ``resp_…``): what cache-miss diagnostics find a
     previous request by."""
+    replica: str | None = None
+    """The upstream replica that answered: the entries this request read or wrote remember it."""
 
     @property
     def billable(self) -> bool:
@@ -107,6 +109,7 @@ class CommitRow(msgspec.Struct, frozen=True, kw_only=True):
     prompt_cache_key: str | None = None
     """Last, with defaults: a row spooled by an older proxy has none."""
     response_id: str | None = None
+    replica: str | None = None
 
 
 _LOGGED = (*requestlog.COLUMNS, "latency_ms", "response_id")
@@ -151,10 +154,10 @@ WITH log AS (
     RETURNING 1
 ), writes AS (
     INSERT INTO cache_entries AS e (
-        principal_id, virtual_model, tokenizer_version, prefix_hash, cum_tokens, tier, created_at, expires_at
+        principal_id, virtual_model, tokenizer_version, prefix_hash, cum_tokens, tier, created_at, expires_at, replica
     )
     SELECT {principal_id}, {virtual_model}, {tokenizer_version}, w.prefix_hash, w.cum_tokens, w.tier, {ts},
-        w.expires_at
+        w.expires_at, {replica}::text
     FROM unnest({write_hashes}::bytea[], {write_tokens}::integer[], {write_tiers}::text[],
                 {write_expiries}::timestamptz[])
         AS w(prefix_hash, cum_tokens, tier, expires_at)
@@ -164,6 +167,7 @@ WITH log AS (
         cum_tokens = EXCLUDED.cum_tokens,
         tier = EXCLUDED.tier,
         expires_at = EXCLUDED.expires_at,
+        replica = COALESCE(EXCLUDED.replica, e.replica),
         created_at = CASE WHEN e.expires_at > {ts} THEN e.created_at ELSE EXCLUDED.created_at END
     WHERE e.expires_at <= {ts} OR EXCLUDED.expires_at > e.expires_at
     RETURNING 1
@@ -174,7 +178,8 @@ WITH log AS (
     ON CONFLICT (principal_id, month) DO UPDATE SET spent = s.spent + EXCLUDED.spent
     RETURNING 1
 ), refresh AS (
-    UPDATE cache_entries SET expires_at = GREATEST(expires_at, {read_expires_at}::timestamptz)
+    UPDATE cache_entries SET expires_at = GREATEST(expires_at, {read_expires_at}::timestamptz),
+        replica = COALESCE({replica}::text, replica)
     WHERE {read_hash}::bytea IS NOT NULL AND EXISTS (SELECT 1 FROM bill)
         AND principal_id = {principal_id} AND virtual_model = {virtual_model}
         AND tokenizer_version = {tokenizer_version} AND prefix_hash = {read_hash}
@@ -258,4 +263,5 @@ def commit_row(record: RequestRecord, *, refresh_read: bool = True) -> CommitRow
         read_expires_at=read.expires_at if read is not None else None,
         prompt_cache_key=record.prompt_cache_key,
         response_id=record.response_id,
+        replica=record.replica,
     )

@@ -70,8 +70,9 @@ class RedisAccelerator:
             if value is None:
                 continue
             text = value.decode() if isinstance(value, bytes) else value
-            tokens, tier, created, expires = text.split("|")
-            entry = IndexEntry(h, int(tokens), tier, _at(int(created)), _at(int(expires)))
+            tokens, tier, created, expires, *replica = text.split("|", 4)  # no replica: written by an older proxy
+            entry = IndexEntry(h, int(tokens), tier, _at(int(created)), _at(int(expires)), replica[0] or None
+                               if replica else None)
             if entry.live(now):
                 found[h] = entry
         return found
@@ -85,7 +86,7 @@ class RedisAccelerator:
                 for e in entries:
                     if not e.live(now):
                         continue
-                    value = f"{e.cum_tokens}|{e.tier}|{_micros(e.created_at)}|{_micros(e.expires_at)}"
+                    value = f"{e.cum_tokens}|{e.tier}|{_micros(e.created_at)}|{_micros(e.expires_at)}|{e.replica or ''}"
                     pipe.set(self._key(sid, e.prefix_hash), value, pxat=_micros(e.expires_at) // 1000)
                     queued = True
                 if queued:

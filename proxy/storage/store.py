@@ -246,9 +246,11 @@ class Store:
             return
         if p.write_behind and result.read is not None:
             r = result.read
-            self._refresh(record.scope, IndexEntry(r.hash, r.tokens, r.tier, record.started_at, r.expires_at))
+            self._refresh(record.scope, IndexEntry(r.hash, r.tokens, r.tier, record.started_at, r.expires_at,
+                                                   record.replica))
         if result.writes and self.redis is not None and self.redis.available:
-            entries = [IndexEntry(w.hash, w.tokens, w.tier, record.started_at, w.expires_at) for w in result.writes]
+            entries = [IndexEntry(w.hash, w.tokens, w.tier, record.started_at, w.expires_at, record.replica)
+                       for w in result.writes]
             try:
                 await self.redis.put(record.scope, entries, datetime.now(UTC))
             except IndexUnavailable:
@@ -324,7 +326,7 @@ class Store:
             return
         batch, self._refreshes = self._refreshes, {}
         try:
-            await self.index.refresh_many([(scope, h, e.expires_at) for (scope, h), e in batch.items()])
+            await self.index.refresh_many([(scope, h, e.expires_at, e.replica) for (scope, h), e in batch.items()])
         except IndexUnavailable:
             for (scope, _), entry in batch.items():
                 self._refresh(scope, entry)

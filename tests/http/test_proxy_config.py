@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from promptcache.proxy.config import AuthConfig, ConfigError, Limits, ProxyConfig, load_config, parse_config
+from promptcache.proxy.config import (
+    AuthConfig,
+    ConfigError,
+    Limits,
+    ProxyConfig,
+    Routing,
+    load_config,
+    parse_config,
+)
 from promptcache.proxy.domain.policy import CachePolicy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "proxy-config.yaml"
@@ -61,7 +69,19 @@ MALFORMED: list[tuple[str, Any, str]] = [
     # upstream
     ("models.0.upstream", DELETE, "models[0].upstream must be a mapping"),
     ("models.0.upstream", "http://upstream", "models[0].upstream must be a mapping"),
-    ("models.0.upstream.url", DELETE, "models[0].upstream.url must be a non-empty string"),
+    ("models.0.upstream.url", DELETE, "models[0].upstream.url must be an http(s) URL, got None"),
+    ("models.0.upstream.replicas", "http://a/v1", "models[0].upstream.replicas must be a list of at most 1024"),
+    ("models.0.upstream.replicas", ["http://a/v1"] * 1025, "models[0].upstream.replicas must be a list of at most"),
+    ("models.0.upstream.replicas", ["http://a/v1", 7], "models[0].upstream.replicas[1] must be an http(s) URL, got 7"),
+    ("models.0.upstream.replicas", ["http://a/v1", "http://a/v1"], "models[0].upstream.replicas lists a URL twice"),
+    ("models.0.routing", "affinity", "models[0].routing must be a mapping with mode and maxImbalance"),
+    ("models.0.routing", {"mode": "sticky"},
+     "models[0].routing.mode must be one of ['affinity', 'roundRobin', 'random'], got 'sticky'"),
+    ("models.0.routing", {"weights": 1}, "models[0].routing: unknown keys ['weights']"),
+    ("models.0.routing", {"maxImbalance": "0.9"}, "models[0].routing.maxImbalance must be from 1 to 100, got '0.9'"),
+    ("models.0.routing", {"maxImbalance": "1e999"}, "models[0].routing.maxImbalance must be from 1 to 100"),
+    ("models.0.routing", {"maxImbalance": True}, "models[0].routing.maxImbalance must be a decimal string"),
+    ("models.0.routing", {"maxImbalance": "NaN"}, "models[0].routing.maxImbalance must be finite"),
     ("models.0.upstream.url", "ftp://upstream/v1", "models[0].upstream.url must be an http(s) URL"),
     ("models.0.upstream.url", "upstream:8000/v1", "models[0].upstream.url must be an http(s) URL"),
     ("models.0.upstream.api", "grpc",
@@ -294,6 +314,7 @@ CONFIG_KEYS = {
     "models", "models.*.alias", "models.*.imageTokens",
     "models.*.upstream", "models.*.upstream.url", "models.*.upstream.model", "models.*.upstream.api",
     "models.*.upstream.apiKeyEnv", "models.*.upstream.forwardCacheControl", "models.*.upstream.cacheSalt",
+    "models.*.upstream.replicas", "models.*.routing", "models.*.routing.mode", "models.*.routing.maxImbalance",
     "models.*.tokenizer", "models.*.tokenizer.type", "models.*.tokenizer.encoding", "models.*.tokenizer.path",
     "models.*.pricing", "models.*.pricing.inputPerMTok", "models.*.pricing.outputPerMTok",
     "models.*.cache", "models.*.cache.enabledTtls", "models.*.cache.defaultTtl", "models.*.cache.writeMultipliers",
@@ -325,6 +346,10 @@ def test_example_config_uses_every_key_and_parses() -> None:
     llama, mini = config.models["llama-70b"], config.models["assistant-mini"]
     assert llama.upstream.endpoint("openai") == "http://vllm-llama.llm.svc.cluster.local:8000/v1/chat/completions"
     assert mini.upstream.endpoint("anthropic") == "http://assistant-mini.llm.svc.cluster.local:8080/v1/messages"
+    assert llama.upstream.bases == ("http://10.0.1.7:8000/v1", "http://10.0.2.9:8000/v1")
+    assert llama.upstream.endpoint("openai", llama.upstream.bases[1]) == "http://10.0.2.9:8000/v1/chat/completions"
+    assert mini.upstream.bases == ("http://assistant-mini.llm.svc.cluster.local:8080",)
+    assert (llama.routing, mini.routing) == (Routing("affinity", 1.25), Routing())
     assert (llama.input_per_mtok, llama.output_per_mtok) == (Decimal("0.60"), Decimal("2.40"))
     assert (mini.input_per_mtok, mini.output_per_mtok) == (Decimal("0.25"), Decimal("1.25"))
     assert llama.policy.enabled_ttls == ("5m", "1h") and mini.policy.enabled_ttls == ("5m", "1h", "24h")

@@ -355,7 +355,8 @@ async def test_redis_write_through_read_through_and_write_behind(
         rows = await entries(pg_dsn, principal)
         assert [(e["cum_tokens"], e["tier"]) for e in rows] == [(20, "1h"), (30, "5m")]
         for e in rows:
-            value = f"{e['cum_tokens']}|{e['tier']}|{micros(e, 'created_at')}|{micros(e, 'expires_at')}"
+            assert e["replica"] == proxy.server.proxy.runtimes.models["chat"].config.upstream.url
+            value = f"{e['cum_tokens']}|{e['tier']}|{micros(e, 'created_at')}|{micros(e, 'expires_at')}|{e['replica']}"
             assert await r.get(redis_key(proxy, e)) == value.encode()
             assert await r.pexpiretime(redis_key(proxy, e)) == micros(e, "expires_at") // 1000  # the entry's TTL
         turn0 = await expiries(pg_dsn, principal)

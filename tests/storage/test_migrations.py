@@ -15,7 +15,7 @@ TABLES = {"schema_migrations", "cache_entries", "tariffs", "api_keys", "ledger",
 
 SHIPPED = [(1, "init"), (2, "engine_cached_tokens"), (3, "proxy_secrets"), (4, "prompt_cache_key"),
            (5, "client_request_ids"), (6, "response_id"), (7, "replay_shards"),
-           (8, "usage_and_keys"), (9, "budgets")]
+           (8, "usage_and_keys"), (9, "budgets"), (10, "entry_replica")]
 
 
 def test_shipped_migrations_are_numbered_from_one() -> None:
@@ -25,7 +25,7 @@ def test_shipped_migrations_are_numbered_from_one() -> None:
 async def test_concurrent_migrators_apply_each_version_once(empty_pg_dsn: str) -> None:
     first, second = await asyncio.gather(migrate(empty_pg_dsn), migrate(empty_pg_dsn))
 
-    assert sorted([first.applied, second.applied]) == [[], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert sorted([first.applied, second.applied]) == [[], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     assert first.warnings == second.warnings == []
     conn = await asyncpg.connect(empty_pg_dsn)
     try:

@@ -110,7 +110,7 @@ async def db(pg_dsn: str) -> AsyncIterator[Conn]:
 
 async def entry(db: Conn, scope: Scope, name: str) -> IndexEntry | None:
     row = await db.fetchrow(
-        "SELECT prefix_hash, cum_tokens, tier, created_at, expires_at FROM cache_entries"
+        "SELECT prefix_hash, cum_tokens, tier, created_at, expires_at, replica FROM cache_entries"
         " WHERE principal_id = $1 AND virtual_model = $2 AND tokenizer_version = $3 AND prefix_hash = $4",
         *scope,
         hh(name),
@@ -424,15 +424,15 @@ async def test_write_behind_commit_leaves_the_read_to_refresh_many(pg: Database,
 
     moved = await PrefixIndex(pg).refresh_many(
         [
-            (scope, hh("wb"), T0 + 6 * MIN),
-            (scope, hh("wb"), T0 + 8 * MIN),  # a later refresh of the same entry in the same batch wins
-            (other, hh("wb"), T0 + 30 * MIN),  # earlier than its stored expiry: never shortened
-            (scope, hh("never-stored"), T0 + 9 * MIN),
+            (scope, hh("wb"), T0 + 6 * MIN, "http://a"),
+            (scope, hh("wb"), T0 + 8 * MIN, "http://b"),  # a later refresh of the same entry in the same batch wins
+            (other, hh("wb"), T0 + 30 * MIN, "http://c"),  # earlier than its stored expiry: never shortened
+            (scope, hh("never-stored"), T0 + 9 * MIN, None),
         ]
     )
 
     assert moved == 1
-    assert await entry(db, scope, "wb") == IndexEntry(hh("wb"), 2000, "5m", T0, T0 + 8 * MIN)
+    assert await entry(db, scope, "wb") == IndexEntry(hh("wb"), 2000, "5m", T0, T0 + 8 * MIN, "http://b")
     assert await entry(db, other, "wb") == IndexEntry(hh("wb"), 2000, "1h", T0, T0 + 60 * MIN)
     assert await PrefixIndex(pg).refresh_many([]) == 0
 

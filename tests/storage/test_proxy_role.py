@@ -86,7 +86,7 @@ async def test_the_runner_makes_the_role_and_grants_exactly_its_dml() -> None:
         role = roles.name("pcproxy")
         migrated = await migrate(dsn, proxy_role=role)
 
-        assert (migrated.applied, migrated.warnings) == ([1, 2, 3, 4, 5, 6, 7, 8, 9], [])
+        assert (migrated.applied, migrated.warnings) == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [])
         assert await privileges(dsn, role) == EXPECTED  # every table the migrations made, and nothing more
         assert await readable_columns(dsn, role, "ledger") == {"request_id"}  # what ON CONFLICT (request_id) reads
         assert await readable_columns(dsn, role, "client_request_ids") == {"request_id"}
@@ -120,7 +120,7 @@ async def test_an_owner_that_may_not_create_roles_still_migrates_and_says_what_t
 
         first = run_migrate("--database", owner_dsn, "--proxy-role", role)
 
-        assert (first.returncode, first.stdout) == (0, "applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9]\n")
+        assert (first.returncode, first.stdout) == (0, "applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n")
         assert first.stderr == (
             f"warning: the proxy role {role} does not exist and {owner} may not create roles, so it was not granted "
             f"its privileges: as a superuser or a role with CREATEROLE, run CREATE ROLE {role} NOLOGIN; then run "
