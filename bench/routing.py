@@ -1,11 +1,11 @@
 """Routing bench (issue 17): does the replica a request goes to hold its prefix's KV cache?
 
-Three llama.cpp ``llama-server`` replicas (SmolLM2-135M-Instruct, the engine and model the billing tests use, one
-slot and one thread each, host-memory prompt cache on) sit behind the in-process proxy, with Postgres (a scratch
-database per mode, dropped after) and Redis (a key prefix of its own). Several tenants, each running a few
-multi-turn conversations that start from one of two shared system prompts, stream chat completions concurrently
-through the official OpenAI SDK. The same seeded workload runs once per ``--routing`` mode, on freshly started
-replicas, and per mode the bench prints:
+Three llama.cpp ``llama-server`` replicas (SmolLM2-135M-Instruct, the engine and model the billing tests use, one slot
+and one thread each, every prompt saved to its host-memory cache: :data:`ENGINE_ARGS`) sit behind the in-process
+proxy, with Postgres (a scratch database per mode, dropped after) and Redis (a key prefix of its own). Several
+tenants, each running a few multi-turn conversations that start from one of two shared system prompts, stream chat
+completions concurrently through the official OpenAI SDK. The same seeded workload runs once per ``--routing`` mode,
+on freshly started replicas, and per mode the bench prints:
 
 - the share of billed read tokens the engines report as cached: per request the smaller of the ledger's
   ``read_tokens`` and the engine's own ``engine_cached_tokens``, summed, over the billed reads (goal for affinity
@@ -88,9 +88,8 @@ def workload(seed: int, tenants: int, conversations: int, turns: int) -> list[li
 async def converse(client: openai.AsyncOpenAI, chat: Conversation, measured: Measured) -> None:
     messages: list[Any] = [{"role": "system", "content": marked(chat.system)}]
     for turn in chat.turns:
-        for message in messages[1:]:
-            if message["role"] == "user":
-                message["content"] = message["content"][0]["text"]
+        if len(messages) > 1:
+            messages[-2]["content"] = messages[-2]["content"][0]["text"]  # the previous user turn, now unmarked
         messages.append({"role": "user", "content": marked(turn)})
         start = time.perf_counter()
         first: float | None = None
@@ -104,7 +103,7 @@ async def converse(client: openai.AsyncOpenAI, chat: Conversation, measured: Mea
                     reply.append(chunk.choices[0].delta.content)
         except openai.APIError as exc:
             measured.failed += 1
-            print(f"  request failed: {exc}", flush=True)
+            print(f"  request failed: {exc!r} {exc.__cause__!r}", flush=True)
         if first is not None:
             measured.ttft.append(first - start)
         messages.append({"role": "assistant", "content": "".join(reply) or "ok"})
@@ -119,22 +118,30 @@ async def tenant(proxy: RunningProxy, dsn: str, name: str, chats: list[Conversat
         await client.close()
 
 
-def config(engines: list[Engine], mode: str) -> dict[str, Any]:
+def config(engines: list[Engine], mode: str, imbalance: str) -> dict[str, Any]:
     return {"models": [{
         "alias": "smol",
         "upstream": {"url": engines[0].url + "/v1", "model": "smollm2", "api": "openai",
                      "replicas": [e.url + "/v1" for e in engines]},
-        "routing": {"mode": mode},
+        "routing": {"mode": mode, "maxImbalance": imbalance},
         "tokenizer": {"type": "gguf", "path": str(model_path())},
         "pricing": {"inputPerMTok": "3.00", "outputPerMTok": "15.00"},
         "cache": {"minPrefixTokens": 16},
     }]}
 
 
+ENGINE_ARGS = ("--threads", "1", "--slot-prompt-similarity", "0")
+"""One thread each (three replicas share two cores). Similarity 0: with the default 0.10 a one-slot llama-server
+takes any prompt sharing a tenth of the slot's (a shared system prompt) into the slot as it is, overwriting the
+conversation there without saving it; at 0 it saves each prompt to its host-memory cache and restores the longest
+match, a prefix cache as vLLM's is (probed by hand: a third conversation's next turn reused its own 272 tokens at 0,
+only the 232 of the system prompt at 0.10)."""
+
+
 @contextlib.contextmanager
 def engines() -> Iterator[list[Engine]]:
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(llama_server(extra=["--threads", "1"])) for _ in range(REPLICAS)]
+        yield [stack.enter_context(llama_server(extra=list(ENGINE_ARGS))) for _ in range(REPLICAS)]
 
 
 @dataclass
@@ -148,6 +155,8 @@ class Row:
     ttft: list[float]
     per_replica: list[int]
     seconds: float
+    decisions: dict[str, int]
+    fallbacks: dict[str, int]
 
     @property
     def share(self) -> float:
@@ -159,11 +168,12 @@ class Row:
         return max(self.per_replica) / mean if mean else float("nan")
 
 
-async def run_mode(mode: str, plan: list[list[Conversation]]) -> Row:
+async def run_mode(mode: str, plan: list[list[Conversation]], imbalance: str) -> Row:
     with engines() as replicas, tempfile.TemporaryDirectory(prefix="promptcache-routingbench-") as tmp:
         async with scratch_database("promptcache_bench") as dsn, redis_prefix(REDIS_URL, "routingbench") as prefix:
             await migrate(dsn)
-            async with running_proxy(config(replicas, mode), Path(tmp), dsn, REDIS_URL, redis_prefix=prefix) as proxy:
+            async with running_proxy(config(replicas, mode, imbalance), Path(tmp), dsn, REDIS_URL,
+                                     redis_prefix=prefix) as proxy:
                 measured = Measured()
                 start = time.perf_counter()
                 await asyncio.gather(*(tenant(proxy, dsn, f"tenant-{i}", chats, measured)
@@ -172,9 +182,13 @@ async def run_mode(mode: str, plan: list[list[Conversation]]) -> Row:
                 await settle(proxy)
                 await proxy.server.proxy.store.commit_pending()
                 registry = proxy.server.proxy.metrics.registry
-                per_replica = [int(sum(registry.get_sample_value("promptcache_routes_total", {
-                    "model": "smol", "replica": e.url + "/v1", "decision": d}) or 0 for d in (*DECISIONS,)))
-                    for e in replicas]
+                routed = {(e.url + "/v1", d): int(registry.get_sample_value("promptcache_routes_total", {
+                    "model": "smol", "replica": e.url + "/v1", "decision": d}) or 0)
+                    for e in replicas for d in DECISIONS}
+                per_replica = [sum(n for (url, _), n in routed.items() if url == e.url + "/v1") for e in replicas]
+                decisions = {d: sum(n for (_, dd), n in routed.items() if dd == d) for d in DECISIONS}
+                fallbacks = {reason: int(registry.get_sample_value("promptcache_routing_fallbacks_total", {
+                    "model": "smol", "reason": reason}) or 0) for reason in ("unready", "failing", "overloaded")}
             conn = await asyncpg.connect(dsn)
             try:
                 row = await conn.fetchrow(
@@ -185,7 +199,7 @@ async def run_mode(mode: str, plan: list[list[Conversation]]) -> Row:
                 await conn.close()
     assert row is not None
     return Row(mode, row["n"], measured.failed, row["read"], row["engine"], row["both"], measured.ttft, per_replica,
-               seconds)
+               seconds, {d: n for d, n in decisions.items() if n}, {r: n for r, n in fallbacks.items() if n})
 
 
 DECISIONS = ("read", "write", "least_loaded", "round_robin", "random", "single")
@@ -209,6 +223,8 @@ def report(rows: list[Row]) -> None:
                                                                                               strict=True))))
     print("\nshare: per request min(billed read, engine-cached), summed, over billed read tokens; engine-cached "
           "totals (uncapped): " + ", ".join(f"{r.mode} {r.engine_cached:,}" for r in rows))
+    for r in rows:
+        print(f"{r.mode}: decisions {r.decisions}, fallbacks {r.fallbacks or 'none'}")
 
 
 def main() -> int:
@@ -219,19 +235,21 @@ def main() -> int:
     parser.add_argument("--conversations", type=int, default=2, help="per tenant, one after another")
     parser.add_argument("--turns", type=int, default=6, help="per conversation")
     parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument("--max-imbalance", default="1.25", help="routing.maxImbalance")
     args = parser.parse_args()
     modes = args.routing.split(",")
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown routing {unknown}; known: {list(MODES)}")
     plan = workload(args.seed, args.tenants, args.conversations, args.turns)
-    print(f"{REPLICAS} llama-server replicas (SmolLM2-135M-Instruct, ctx {CONTEXT}, one slot, one thread each); "
+    print(f"{REPLICAS} llama-server replicas (SmolLM2-135M-Instruct, ctx {CONTEXT}, one slot, "
+          f"{' '.join(ENGINE_ARGS)}); "
           f"{args.tenants} tenants x {args.conversations} conversations x {args.turns} turns, streamed concurrently "
           f"by tenant; two shared system prompts; seed {args.seed}\n")
     rows = []
     for mode in modes:
         start = time.perf_counter()
-        rows.append(asyncio.run(run_mode(mode, plan)))
+        rows.append(asyncio.run(run_mode(mode, plan, args.max_imbalance)))
         print(f"  {mode}: done in {time.perf_counter() - start:.0f} s (replica start included)", flush=True)
     print()
     report(rows)

@@ -21,9 +21,10 @@ from promptcache.operator.constants import (
     PROXY_APP,
     REPLAY_APP,
     REPLAYS,
+    SERVICE_NAME_LABEL,
     VERSION,
 )
-from promptcache.operator.handlers import keyrequests, lifecycle, models, planreplay, policies
+from promptcache.operator.handlers import keyrequests, lifecycle, models, planreplay, policies, replicas
 from promptcache.operator.handlers.outcome import apply, post, settled
 from promptcache.operator.handlers.state import OperatorMemo
 
@@ -47,13 +48,38 @@ def models_by_policy(*, namespace: str | None, name: str, spec: kopf.Spec,
     return {(namespace, models.policy_name(spec)): (name, dict(spec))}
 
 
+@kopf.index(GROUP, VERSION, MODELS)
+def models_by_service(*, namespace: str | None, name: str, spec: kopf.Spec,
+                      **_: Any) -> dict[tuple[str, str], tuple[str, str]] | None:
+    """Which routed DeployedModels follow each Service's endpoints."""
+    return replicas.by_service(namespace or "default", name, spec)
+
+
+@kopf.index("discovery.k8s.io", "v1", "endpointslices", labels={SERVICE_NAME_LABEL: kopf.PRESENT})
+def endpointslices_by_service(*, namespace: str | None, labels: kopf.Labels, body: kopf.Body,
+                              **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each Service's EndpointSlices, for the models routed over it."""
+    return {(namespace or "default", labels[SERVICE_NAME_LABEL]): dict(body)}
+
+
 @kopf.on.resume(GROUP, VERSION, MODELS)
 @kopf.on.create(GROUP, VERSION, MODELS)
 @kopf.on.update(GROUP, VERSION, MODELS)
-async def reconcile_model(*, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, **_: Any) -> None:
-    """ConfigMap, Deployment, Service and tariff from the spec and its policy; Stalled on a bad spec."""
-    apply(await settled(body, models.reconcile(body, memo.kube, memo.pg, memo.redis, memo.config.manifests)),
-          body, patch)
+async def reconcile_model(*, body: kopf.Body, patch: kopf.Patch, memo: OperatorMemo, **kwargs: Any) -> None:
+    """ConfigMap, Deployment, Service and tariff from the spec and its policy, the replicas routing follows;
+    Stalled on a bad spec."""
+    apply(await settled(body, models.reconcile(body, memo.kube, memo.pg, memo.redis, memo.config.manifests,
+                                               kwargs["endpointslices_by_service"])), body, patch)
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels={SERVICE_NAME_LABEL: kopf.PRESENT})
+async def endpoints_changed(*, namespace: str | None, labels: kopf.Labels, memo: OperatorMemo,
+                            **kwargs: Any) -> None:
+    """The proxies of every model routed over this Service follow its ready endpoints within seconds."""
+    service = (namespace or "default", labels[SERVICE_NAME_LABEL])
+    await replicas.endpoints_changed(service, kwargs["models_by_service"].get(service, []),
+                                     kwargs["endpointslices_by_service"].get(service, []), memo.kube, memo.redis,
+                                     memo.config.manifests.redis_prefix)
 
 
 @kopf.on.delete(GROUP, VERSION, MODELS, retries=3, backoff=5)

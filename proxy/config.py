@@ -49,6 +49,9 @@ class Upstream:
     """``principal``: forward a ``cache_salt`` keyed on the cache scope, so the engine's KV reuse is per tenant."""
     replicas: tuple[str, ...] = ()
     """The replicas behind ``url``, each a base URL like it (docs/design.md#replica-routing); none: ``url`` alone."""
+    replicas_from: str | None = None
+    """``namespace/name`` of the DeployedModel whose ready endpoints the operator announces on Redis: they replace
+    ``replicas`` as they come."""
 
     @property
     def bases(self) -> tuple[str, ...]:
@@ -208,7 +211,7 @@ def _model(item: Any, where: str) -> ModelConfig:
     up = item.get("upstream")
     if not isinstance(up, Mapping):
         raise ConfigError(f"{where}.upstream must be a mapping with url, model and api")
-    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl", "cacheSalt", "replicas"},
+    _known(up, {"url", "model", "api", "apiKeyEnv", "forwardCacheControl", "cacheSalt", "replicas", "replicasFrom"},
            f"{where}.upstream")
     url = _url(up.get("url"), f"{where}.upstream.url")
     replicas = up.get("replicas", [])
@@ -217,6 +220,9 @@ def _model(item: Any, where: str) -> ModelConfig:
     bases = tuple(_url(base, f"{where}.upstream.replicas[{i}]") for i, base in enumerate(replicas))
     if len(set(bases)) != len(bases):
         raise ConfigError(f"{where}.upstream.replicas lists a URL twice")
+    replicas_from = up.get("replicasFrom")
+    if replicas_from is not None and (not isinstance(replicas_from, str) or replicas_from.count("/") != 1):
+        raise ConfigError(f"{where}.upstream.replicasFrom must be namespace/name")
     apis = _apis(up.get("api"), f"{where}.upstream.api")
     key_env = up.get("apiKeyEnv")
     if key_env is not None and not isinstance(key_env, str):
@@ -255,7 +261,8 @@ def _model(item: Any, where: str) -> ModelConfig:
         raise ConfigError(f"{where}.cachePolicy must be namespace/name")
     return ModelConfig(
         alias=alias,
-        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), apis, key_env, forward, salt, bases),
+        upstream=Upstream(url, _str(up, "model", f"{where}.upstream"), apis, key_env, forward, salt, bases,
+                          replicas_from),
         tokenizer=tokenizer,
         input_per_mtok=prices[0],
         output_per_mtok=prices[1],

@@ -151,6 +151,9 @@ class Kube:
     async def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Deployment", "metadata": {"namespace": namespace, "name": name}})
 
+    async def service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read({"kind": "Service", "metadata": {"namespace": namespace, "name": name}})
+
     async def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read({"kind": "Secret", "metadata": {"namespace": namespace, "name": name}})
 

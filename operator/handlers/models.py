@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from promptcache.operator.constants import MODEL_LABEL, MODELS, POLICIES
 from promptcache.operator.errors import SpecError
-from promptcache.operator.handlers import manifests, podguards, proxypods, secretcopies, serverpolicy
+from promptcache.operator.handlers import manifests, podguards, proxypods, replicas, secretcopies, serverpolicy
 from promptcache.operator.handlers.conditions import Condition, merge
 from promptcache.operator.handlers.kube import Kube
 from promptcache.operator.handlers.outcome import Outcome, Stalled
@@ -57,9 +57,11 @@ def policy_name(spec: Mapping[str, Any]) -> str:
 
 
 async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aioredis.Redis | None,
-                    settings: manifests.OperatorSettings) -> Outcome:
+                    settings: manifests.OperatorSettings,
+                    endpoints: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]) -> Outcome:
     """The policy is read from the API, not a cache: reconciles of one model run one after another,
-    so each writes a tariff from a policy at least as new as the previous one's."""
+    so each writes a tariff from a policy at least as new as the previous one's. ``endpoints``: each Service's
+    EndpointSlices, for a model that routes."""
     namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
     spec = dict(body.spec)
     generation = body.metadata.get("generation")
@@ -71,7 +73,8 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
         raise Stalled("CachePolicyNotFound", f"CachePolicy {namespace}/{policy_ref} does not exist")
     try:
         serverpolicy.check(spec, settings.server_security, namespace, settings.server_secrets)
-        rendered = render(namespace, spec, policy_ref, policy)
+        service = replicas.routed(namespace, spec)
+        rendered = render(namespace, name, spec, policy_ref, policy)
         guards = podguards.guards(name, namespace, spec, rendered.config.auth.mode, settings)
         objects = [manifests.config_map(name, namespace, rendered), manifests.service(name, namespace),
                    manifests.deployment(name, namespace, spec, rendered, settings)]
@@ -113,6 +116,9 @@ async def reconcile(body: kopf.Body, kube: Kube, pg: Database | None, redis: aio
     }
     if tariff_version is not None:
         status["tariffVersion"] = tariff_version
+    if service is not None:
+        status["replicas"] = await replicas.follow(kube, redis, settings.redis_prefix, namespace, name, service,
+                                                   endpoints.get((service.namespace, service.name), []))
     outcome = Outcome(status, conditions=conditions)
     if rejected and _stalled_message(current) != rejected:
         outcome.events.append(("Warning", "InvalidSpec", rejected))

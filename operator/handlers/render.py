@@ -93,8 +93,10 @@ def upstream_apis(upstream: Mapping[str, Any]) -> Any:
     return one if several is None else several  # the proxy's loader judges the values
 
 
-def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Mapping[str, Any]) -> Rendered:
-    """The proxy config for one DeployedModel under its CachePolicy, validated by the proxy's loader."""
+def render(namespace: str, name: str, spec: Mapping[str, Any], policy_name: str,
+           policy: Mapping[str, Any]) -> Rendered:
+    """The proxy config for DeployedModel ``namespace/name`` under its CachePolicy, validated by the proxy's
+    loader."""
     upstream = dict(spec.get("upstream") or {})
     sidecar = bool(spec.get("server"))
     url = sidecar_url(spec) if sidecar else upstream.get("url")
@@ -117,6 +119,10 @@ def render(namespace: str, spec: Mapping[str, Any], policy_name: str, policy: Ma
         model["upstream"]["apiKeyEnv"] = UPSTREAM_KEY_ENV
     if upstream.get("cacheSalt") is not None:
         model["upstream"]["cacheSalt"] = upstream["cacheSalt"]
+    routing = spec.get("routing")
+    if routing is not None:  # the replicas come from Redis (docs/design.md#replica-routing), not the file
+        model["routing"] = dict(routing) if isinstance(routing, Mapping) else routing
+        model["upstream"]["replicasFrom"] = policy_key(namespace, name)
     document: dict[str, Any] = {"models": [model]}
     auth = (spec.get("proxy") or {}).get("auth")
     if auth is not None:  # the proxy's loader judges it; absent, the config stays as it was (no rollout)

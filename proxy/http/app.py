@@ -669,7 +669,11 @@ class Proxy:
             replica.in_flight += 1
             self.metrics.replica_in_flight.labels(alias, replica.url).inc()
             try:
-                upstream: aiohttp.ClientResponse = await self._upstream_request(ex, request, data, replica.url)
+                try:
+                    upstream: aiohttp.ClientResponse = await self._upstream_request(ex, request, data, replica.url)
+                except aiohttp.ServerDisconnectedError:
+                    # Most often a pooled keep-alive connection the server had closed: once more, on a new one.
+                    upstream = await self._upstream_request(ex, request, data, replica.url)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
                 replica.in_flight -= 1
                 self.metrics.replica_in_flight.labels(alias, replica.url).dec()

@@ -134,6 +134,8 @@ class ProxyServer:
         self.file_config = config
         self.policies: dict[str, CachePolicy] = {}
         """Policies published on Redis since the file was written, by ``namespace/name``."""
+        self.replicas: dict[str, tuple[str, ...]] = {}
+        """Replica lists announced on Redis, by the name in ``upstream.replicasFrom``."""
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
@@ -178,8 +180,11 @@ class ProxyServer:
         self._tasks = [asyncio.create_task(self._watch_config()), asyncio.create_task(self._refresh_tariffs())]
         if self.options.redis_url:
             self._bus = aioredis.Redis.from_url(self.options.redis_url)
-            self._tasks.append(asyncio.create_task(
-                policybus.follow(self._bus, self.options.redis_prefix, self._policy_names, self._policy_published)))
+            self._tasks += [
+                asyncio.create_task(policybus.follow(self._bus, self.options.redis_prefix, self._policy_names,
+                                                     self._policy_published)),
+                asyncio.create_task(policybus.follow_replicas(self._bus, self.options.redis_prefix,
+                                                              self._replica_names, self._replicas_published))]
 
     async def _stop(self, _: web.Application) -> None:
         for task in self._tasks:
@@ -247,17 +252,32 @@ class ProxyServer:
     async def _apply(self, config: ProxyConfig) -> None:
         await self._share_salt_key()
         self.file_config = config
-        effective = self._with_published_policies(config)
+        effective = self._with_published(config)
         tariffs = await sync_tariffs(effective, self.proxy.store.pg, self.options.manage_tariffs)
         self.proxy.apply_config(effective, tariffs)
 
-    def _with_published_policies(self, config: ProxyConfig) -> ProxyConfig:
-        models = {
-            alias: replace(model, policy=self.policies[model.cache_policy])
-            if model.cache_policy in self.policies else model
-            for alias, model in config.models.items()
-        }
+    def _with_published(self, config: ProxyConfig) -> ProxyConfig:
+        """The file's config with the policies and replica lists announced on Redis since."""
+        models = {}
+        for alias, model in config.models.items():
+            if model.cache_policy in self.policies:
+                model = replace(model, policy=self.policies[model.cache_policy])
+            if model.upstream.replicas_from in self.replicas:
+                model = replace(model, upstream=replace(model.upstream,
+                                                        replicas=self.replicas[model.upstream.replicas_from]))
+            models[alias] = model
         return replace(config, models=models)
+
+    def _replica_names(self) -> list[str]:
+        return [m.upstream.replicas_from for m in self.file_config.models.values() if m.upstream.replicas_from]
+
+    async def _replicas_published(self, name: str, urls: tuple[str, ...]) -> None:
+        """Follow a model's announced replicas (none: its ``url``, the Service, alone)."""
+        if name not in self._replica_names() or self.replicas.get(name) == urls:
+            return
+        self.replicas[name] = urls
+        await self._apply(self.file_config)
+        _log.info("upstream replicas updated from Redis", extra={"model": name, "replicas": list(urls)})
 
     def _policy_names(self) -> list[str]:
         return [m.cache_policy for m in self.file_config.models.values() if m.cache_policy]

@@ -177,7 +177,8 @@ def base_status(kind: str) -> Obj:
     if kind == "DeployedModel":
         return {**common, "endpoint": "http://llama-proxy.crds.svc:80/v1", "tariffVersion": 3,
                 "endpoints": {"openai": "http://llama-proxy.crds.svc:80/v1", "anthropic": "http://llama-proxy.crds.svc:80"},
-                "configChecksum": "sha256:0f", "mode": "gateway"}
+                "configChecksum": "sha256:0f", "mode": "gateway",
+                "replicas": ["http://10.0.0.7:8000/v1", "http://[fd00::7]:8000/v1"]}
     if kind == "CachePolicy":
         return {**common, "boundModels": ["llama-70b"], "tariffVersions": {"llama-70b": 3}, "redisApplied": True,
                 "redisMessage": "maxmemory 256mb"}
@@ -515,6 +516,15 @@ DEPLOYED_MODEL = spec_cases("DeployedModel", [
     ("forwardCacheControl a string", {"upstream.forwardCacheControl": "yes"}, "upstream.forwardCacheControl",
      "type"),
     ("cacheSalt unknown", {"upstream.cacheSalt": "request"}, "upstream.cacheSalt", "enum"),
+    ("routing mode unknown", {"routing": {"mode": "random"}}, "routing.mode", "enum"),
+    ("routing imbalance not a decimal", {"routing": {"maxImbalance": "1,5"}}, "routing.maxImbalance", "pattern"),
+    ("routing imbalance too long", {"routing": {"maxImbalance": "1." + "0" * 31}}, "routing.maxImbalance",
+     "maxLength"),
+    ("routing imbalance below 1", {"routing": {"maxImbalance": "0.9"}}, "routing.maxImbalance", "rule",
+     "maxImbalance must be from 1 to 100"),
+    ("routing in sidecar mode", {"routing": {}, "upstream.url": DELETE, "server": {
+        "name": "vllm", "image": "vllm/vllm-openai", "ports": [{"containerPort": 8000}]}}, "routing", "rule",
+     "routing needs gateway mode: a sidecar proxy has one server, its own"),
     ("tokenizer without type", {"tokenizer": {"encoding": "cl100k_base"}}, "tokenizer.type", "required"),
     ("tokenizer type unknown", {"tokenizer.type": "sentencepiece"}, "tokenizer.type", "enum"),
     ("tiktoken encoding unknown", {"tokenizer.encoding": "gpt2"}, "tokenizer.encoding", "enum"),
@@ -755,6 +765,9 @@ STATUS = [
     *status_cases("DeployedModel", [
         ("tariffVersion negative", {"tariffVersion": -1}, "tariffVersion", "minimum"),
         ("mode unknown", {"mode": "hybrid"}, "mode", "enum"),
+        ("replicas over 1024", {"replicas": [f"http://10.0.{i // 256}.{i % 256}:80" for i in range(1025)]},
+         "replicas", "maxItems"),
+        ("a replica URL too long", {"replicas": ["http://h/" + "p" * 2040]}, "replicas[0]", "maxLength"),
     ]),
     *status_cases("CachePolicy", [
         ("a tariff version negative", {"tariffVersions": {"llama-70b": -1}}, "tariffVersions.llama-70b", "minimum"),
@@ -840,6 +853,8 @@ VALID: list[tuple[str, str, dict[str, Any]]] = [
         "requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 2, "memory": "1.5Gi"}}}}),
     ("a secret key", "DeployedModel", {"upstream.apiKeySecretRef": {"name": "upstream.key", "key": "api_key-1.x"}}),
     ("a cache salt per principal", "DeployedModel", {"upstream.cacheSalt": "principal"}),
+    ("routing at its bounds", "DeployedModel", {"routing": {"mode": "roundRobin", "maxImbalance": "100"}}),
+    ("routing by default", "DeployedModel", {"routing": {"maxImbalance": "1"}}),
     ("header mode behind a gateway, every peer kind", "DeployedModel", {"proxy": {
         "auth": {"mode": "header", "header": "X-Tenant_ID.v2"}, "networkPolicy": {"gateway": [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},

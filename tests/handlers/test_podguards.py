@@ -34,7 +34,7 @@ def spec_with(**proxy: Any) -> dict[str, Any]:
 
 def guards(spec: dict[str, Any], settings: OperatorSettings | None = None) -> podguards.Guards:
     """As the reconcile computes them: the auth mode is the one the proxy's loader read from the rendered config."""
-    rendered = render("llm", spec, "standard", policy("standard", ns="llm")["spec"])
+    rendered = render("llm", "m", spec, "standard", policy("standard", ns="llm")["spec"])
     return podguards.guards("llama", "llm", spec, rendered.config.auth.mode, settings or OperatorSettings())
 
 
@@ -57,7 +57,7 @@ def test_header_mode_gets_a_policy_admitting_only_the_gateway_and_the_scrapers()
             ],
         },
     }
-    config = render("llm", spec, "standard", policy("standard", ns="llm")["spec"]).config
+    config = render("llm", "m", spec, "standard", policy("standard", ns="llm")["spec"]).config
     assert (config.auth.mode, config.auth.header) == ("header", "x-tenant")
 
 
@@ -83,7 +83,7 @@ def test_the_policy_is_in_force_by_mode_unless_enabled_says_otherwise(proxy: dic
 
 def test_the_proxy_config_is_unchanged_without_auth() -> None:
     """No auth in the spec, no auth key in the config: upgrading the operator rolls no pods."""
-    rendered = render("llm", spec_with(), "standard", policy("standard", ns="llm")["spec"])
+    rendered = render("llm", "m", spec_with(), "standard", policy("standard", ns="llm")["spec"])
     assert "auth" not in rendered.yaml and rendered.config.auth.mode == "apiKeys"
 
 

@@ -21,7 +21,7 @@ PVC = {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
 def rendered(tokenizer: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the proxy config's tokenizer, the Deployment) for a model with ``tokenizer``."""
     spec = model("m", "smol", "p", ns="ns", tokenizer=tokenizer)["spec"]
-    out = render("ns", spec, "p", policy("p", ns="ns")["spec"])
+    out = render("ns", "m", spec, "p", policy("p", ns="ns")["spec"])
     deployment = manifests.deployment("m", "ns", spec, out, manifests.OperatorSettings(proxy_image="img"))
     return dict(out.config.models["smol"].tokenizer or {}), deployment
 
@@ -68,9 +68,9 @@ def test_what_the_crd_refuses_the_operator_refuses(tokenizer: dict[str, Any], re
 
 def test_the_cache_salt_reaches_the_proxy_config_only_when_asked_for() -> None:
     spec = model("m", "smol", "p", ns="ns")["spec"]
-    assert render("ns", spec, "p", policy("p", ns="ns")["spec"]).config.models["smol"].upstream.cache_salt is None
+    assert render("ns", "m", spec, "p", policy("p", ns="ns")["spec"]).config.models["smol"].upstream.cache_salt is None
     spec["upstream"]["cacheSalt"] = "principal"
-    rendered = render("ns", spec, "p", policy("p", ns="ns")["spec"])
+    rendered = render("ns", "m", spec, "p", policy("p", ns="ns")["spec"])
     assert rendered.config.models["smol"].upstream.cache_salt == "principal"
     assert "cacheSalt: principal" in rendered.yaml
 
@@ -158,7 +158,7 @@ def test_every_violation_is_named_and_a_hostpath_tokenizer_is_one() -> None:
 
 def test_the_baseline_is_filled_in_under_what_the_spec_sets() -> None:
     spec = sidecar(securityContext={"runAsUser": 1000, "readOnlyRootFilesystem": True})
-    out = render("ns", spec, "p", policy("p", ns="ns")["spec"])
+    out = render("ns", "m", spec, "p", policy("p", ns="ns")["spec"])
     settings = manifests.OperatorSettings(proxy_image="img")
     [_, server] = manifests.deployment("m", "ns", spec, out, settings)["spec"]["template"]["spec"]["containers"]
     assert server["securityContext"] == {
@@ -211,7 +211,7 @@ def served(**upstream: Any) -> tuple[tuple[str, ...], str]:
     """(the APIs the rendered config serves, its upstream URL) for a sidecar model with these ``upstream`` fields."""
     spec = sidecar()
     spec["upstream"] = {"model": "llama", **upstream}
-    config = render("ns", spec, "p", policy("p", ns="ns")["spec"]).config.models["smol"].upstream
+    config = render("ns", "m", spec, "p", policy("p", ns="ns")["spec"]).config.models["smol"].upstream
     return config.apis, config.url
 
 

@@ -97,7 +97,7 @@ async def entry_replicas(pg_dsn: str, principal: str) -> set[str | None]:
 
 
 async def deepest_entry(pg_dsn: str, principal: str) -> int:
-    return max(e["cum_tokens"] for e in await entries(pg_dsn, principal))
+    return max(int(e["cum_tokens"]) for e in await entries(pg_dsn, principal))
 
 
 async def test_each_conversation_stays_on_the_replica_that_holds_its_prefix(

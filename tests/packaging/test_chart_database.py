@@ -56,7 +56,7 @@ def test_proxy_pods_and_replay_jobs_get_the_proxy_secret() -> None:
     config = OperatorConfig.from_env(values_env(chart_pods(TWO_SECRETS)["Deployment"]))
     assert config.proxy_role == "billing_proxy"
     spec = model("m", "smol", "p", ns="llm")["spec"]
-    deployment = manifests.deployment("m", "llm", spec, render("llm", spec, "p", policy("p", ns="llm")["spec"]),
+    deployment = manifests.deployment("m", "llm", spec, render("llm", "m", spec, "p", policy("p", ns="llm")["spec"]),
                                       config.manifests)
     job = manifests.replay_job("what-if", "llm", 1, config.manifests)
     for pod in (deployment["spec"]["template"]["spec"], job["spec"]["template"]["spec"]):

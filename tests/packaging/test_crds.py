@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples"
 STATUS_FIELDS = {
-    "DeployedModel": {"endpoint", "endpoints", "tariffVersion", "configChecksum", "mode"},
+    "DeployedModel": {"endpoint", "endpoints", "tariffVersion", "configChecksum", "mode", "replicas"},
     "CachePolicy": {"boundModels", "tariffVersions", "redisApplied", "redisMessage"},
     "PlanReplay": {"phase", "summary", "intervals", "digest", "caveats", "reportConfigMap", "startedAt",
                    "finishedAt"},
