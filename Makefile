@@ -44,3 +44,4 @@ bench:
 	.venv/bin/python -P bench/operator.py
 	.venv/bin/python -P bench/replay.py
 	PROMPTCACHE_ENGINE_BIN="$$(bash .ci/engine/build)" .venv/bin/python -P bench/engine.py
+	PROMPTCACHE_ENGINE_BIN="$$(bash .ci/engine/build)" .venv/bin/python -P bench/routing.py

@@ -9,7 +9,8 @@ on freshly started replicas, and per mode the bench prints:
 
 - the share of billed read tokens the engines report as cached: per request the smaller of the ledger's
   ``read_tokens`` and the engine's own ``engine_cached_tokens``, summed, over the billed reads (goal for affinity
-  >= 0.9; random about 1/3 with three replicas);
+  >= 0.9; random would be about 1/3 with three replicas if the conversations were all of each read, but every
+  replica soon caches the shared system prompts, so it is higher here);
 - p50/p90 time to first token as the client sees it (the first streamed content), proxy and queueing included;
 - requests per replica and the imbalance, the busiest replica's count over the mean (goal <= 1.25).
 
