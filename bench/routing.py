@@ -76,6 +76,10 @@ class Conversation:
 class Measured:
     ttft: list[float] = field(default_factory=list)
     failed: int = 0
+    done: int = 0
+    milestone: int | None = None
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once ``milestone`` requests are answered."""
 
 
 def workload(seed: int, tenants: int, conversations: int, turns: int) -> list[list[Conversation]]:
@@ -105,6 +109,9 @@ async def converse(client: openai.AsyncOpenAI, chat: Conversation, measured: Mea
         except openai.APIError as exc:
             measured.failed += 1
             print(f"  request failed: {exc!r} {exc.__cause__!r}", flush=True)
+        measured.done += 1
+        if measured.done == measured.milestone:
+            measured.reached.set()
         if first is not None:
             measured.ttft.append(first - start)
         messages.append({"role": "assistant", "content": "".join(reply) or "ok"})
@@ -169,7 +176,15 @@ class Row:
         return max(self.per_replica) / mean if mean else float("nan")
 
 
-async def run_mode(mode: str, plan: list[list[Conversation]], imbalance: str) -> Row:
+async def kill_after(replica: Engine, requests: int, measured: Measured) -> None:
+    """Kill ``replica`` (SIGKILL, as a node or OOM kill would) once ``requests`` have been answered."""
+    measured.milestone = requests
+    await measured.reached.wait()
+    replica.process.kill()
+    print(f"  killed the replica at {replica.url} after {measured.done} requests", flush=True)
+
+
+async def run_mode(mode: str, plan: list[list[Conversation]], imbalance: str, kill: int | None) -> Row:
     with engines() as replicas, tempfile.TemporaryDirectory(prefix="promptcache-routingbench-") as tmp:
         async with scratch_database("promptcache_bench") as dsn, redis_prefix(REDIS_URL, "routingbench") as prefix:
             await migrate(dsn)
@@ -177,8 +192,9 @@ async def run_mode(mode: str, plan: list[list[Conversation]], imbalance: str) ->
                                      redis_prefix=prefix) as proxy:
                 measured = Measured()
                 start = time.perf_counter()
+                killing = [kill_after(replicas[0], kill, measured)] if kill is not None else []
                 await asyncio.gather(*(tenant(proxy, dsn, f"tenant-{i}", chats, measured)
-                                       for i, chats in enumerate(plan)))
+                                       for i, chats in enumerate(plan)), *killing)
                 seconds = time.perf_counter() - start
                 await settle(proxy)
                 await proxy.server.proxy.store.commit_pending()
@@ -192,6 +208,11 @@ async def run_mode(mode: str, plan: list[list[Conversation]], imbalance: str) ->
                     "model": "smol", "reason": reason}) or 0) for reason in ("unready", "failing", "overloaded")}
             conn = await asyncpg.connect(dsn)
             try:
+                ids = await conn.fetchrow("SELECT count(*) AS rows, count(DISTINCT request_id) AS ids FROM ledger")
+                assert ids is not None
+                if kill is not None:
+                    print(f"  {mode} with a replica killed: {ids['rows']} ledger rows, {ids['ids']} distinct request "
+                          f"ids, {measured.failed} requests failed (each answered 2xx has its one row)", flush=True)
                 row = await conn.fetchrow(
                     "SELECT count(*) AS n, COALESCE(sum(read_tokens), 0) AS read,"
                     " COALESCE(sum(engine_cached_tokens), 0) AS engine,"
@@ -237,6 +258,8 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=6, help="per conversation")
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--max-imbalance", default="1.25", help="routing.maxImbalance")
+    parser.add_argument("--kill-after", type=int, default=None, metavar="N",
+                        help="kill the first replica once N requests are answered (failure drill)")
     args = parser.parse_args()
     modes = args.routing.split(",")
     unknown = sorted(set(modes) - set(MODES))
@@ -250,7 +273,7 @@ def main() -> int:
     rows = []
     for mode in modes:
         start = time.perf_counter()
-        rows.append(asyncio.run(run_mode(mode, plan, args.max_imbalance)))
+        rows.append(asyncio.run(run_mode(mode, plan, args.max_imbalance, args.kill_after)))
         print(f"  {mode}: done in {time.perf_counter() - start:.0f} s (replica start included)", flush=True)
     print()
     report(rows)

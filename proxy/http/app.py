@@ -632,7 +632,8 @@ class Proxy:
                 async with upstream:
                     span.set_attribute("http.response.status_code", upstream.status)
                     yield upstream
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError):
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                    ConnectionResetError):
                 self._replica_failed(ex, replica)
                 raise
             finally:
@@ -671,10 +672,13 @@ class Proxy:
             try:
                 try:
                     upstream: aiohttp.ClientResponse = await self._upstream_request(ex, request, data, replica.url)
-                except aiohttp.ServerDisconnectedError:
-                    # Most often a pooled keep-alive connection the server had closed: once more, on a new one.
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    if isinstance(exc, aiohttp.ClientConnectorError):
+                        raise
+                    # Closed or reset before the head: a pooled keep-alive connection the server had closed, or
+                    # a server that died holding the request. Once more on a new connection tells them apart.
                     upstream = await self._upstream_request(ex, request, data, replica.url)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 replica.in_flight -= 1
                 self.metrics.replica_in_flight.labels(alias, replica.url).dec()
                 self._replica_failed(ex, replica)

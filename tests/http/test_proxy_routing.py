@@ -187,3 +187,30 @@ async def test_concurrent_reads_of_one_prefix_are_spread_within_the_bound(
         assert sample(proxy, "promptcache_routing_fallbacks_total", model="chat", reason="overloaded") >= 5
         rows = await ledger_rows(pg_dsn, principal)
         assert len(rows) == 10 and len({r["read_tokens"] for r in rows[1:]}) == 1  # the same bill on any replica
+
+
+async def test_a_replica_that_dies_holding_a_request_hands_it_on(
+        tmp_path: Path, pg_dsn: str, word_tokenizer: Path) -> None:
+    """The replica took the request and died before answering (its connection reset): the same request is
+    answered by another replica, and billed once, as a read of what the first turn wrote."""
+    async with replicas(word_tokenizer, latency=1.0) as reps, \
+            running_proxy(config(reps.urls, word_tokenizer), tmp_path, pg_dsn) as proxy:
+        principal = unique("held")
+        chat = Conversation(proxy, await new_key(pg_dsn, principal), "h")
+        home = await served_by(reps, proxy, chat.turn())
+        before = reps.counts()
+        turn = asyncio.create_task(chat.turn())
+
+        async def held() -> bool:
+            return reps.counts()[home] == before[home] + 1
+
+        await wait_until(held, "the home replica to hold the second turn")
+        await reps.relays[home].cut()
+        await turn
+        await settle(proxy)
+        moved = [i for i, (a, b) in enumerate(zip(before, reps.counts(), strict=True)) if b != a and i != home]
+        assert len(moved) == 1
+        rows = await ledger_rows(pg_dsn, principal)
+        assert len(rows) == len({r["request_id"] for r in rows}) == 2
+        assert rows[1]["read_tokens"] == rows[0]["prompt_tokens"] - rows[0]["uncached_tokens"] > 0
+        assert sample(proxy, "promptcache_replica_failures_total", model="chat", replica=reps.urls[home]) == 1

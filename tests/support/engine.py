@@ -63,6 +63,8 @@ class Engine:
     url: str
     """The server's root, e.g. ``http://127.0.0.1:PORT`` (OpenAI paths under ``/v1``)."""
     log: Path
+    process: subprocess.Popen[bytes]
+    """For a fault test or bench that kills it."""
 
 
 def _healthy(url: str) -> bool:
@@ -93,7 +95,7 @@ def llama_server(*, within: float = 120.0, extra: Sequence[str] = ()) -> Iterato
                         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
                         raise RuntimeError(f"llama-server did not become healthy (exit {process.poll()}):\n{tail}")
                     time.sleep(0.2)
-                yield Engine(url=url, log=log)
+                yield Engine(url=url, log=log, process=process)
             finally:
                 process.terminate()
                 try:
