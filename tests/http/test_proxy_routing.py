@@ -214,3 +214,20 @@ async def test_a_replica_that_dies_holding_a_request_hands_it_on(
         assert len(rows) == len({r["request_id"] for r in rows}) == 2
         assert rows[1]["read_tokens"] == rows[0]["prompt_tokens"] - rows[0]["uncached_tokens"] > 0
         assert sample(proxy, "promptcache_replica_failures_total", model="chat", replica=reps.urls[home]) == 1
+
+
+async def test_a_connection_dropped_once_is_retried_on_the_same_replica(
+        tmp_path: Path, pg_dsn: str, word_tokenizer: Path) -> None:
+    """A closed keep-alive connection is no failure: the request goes again to the same replica on a new one."""
+    async with replicas(word_tokenizer) as reps, \
+            running_proxy(config(reps.urls, word_tokenizer), tmp_path, pg_dsn) as proxy:
+        principal = unique("stale")
+        chat = Conversation(proxy, await new_key(pg_dsn, principal), "st")
+        home = await served_by(reps, proxy, chat.turn())
+        reps.relays[home].drop_next = 1
+        assert await served_by(reps, proxy, chat.turn()) == home
+        assert reps.relays[home].drop_next == 0  # the drop happened
+        assert sample(proxy, "promptcache_replica_failures_total", model="chat", replica=reps.urls[home]) == 0
+        assert sample(proxy, "promptcache_routing_fallbacks_total", model="chat", reason="failing") == 0
+        rows = await ledger_rows(pg_dsn, principal)
+        assert len(rows) == 2 and rows[1]["read_tokens"] > 0

@@ -65,6 +65,9 @@ class Relay:
         self.target = (target_host, target_port)
         self.delay = delay
         self.delayed_reads: int | None = None
+        self.drop_next = 0
+        """The next so many requests are met with a reset instead, on whichever connection they come (a fresh one or a
+        kept-alive one): a server's side of a keep-alive connection it had already closed."""
         self.held = 0
         """Chunks being delayed right now."""
         self.chunk = chunk
@@ -123,15 +126,21 @@ class Relay:
             client_w.transport.abort()
             return
         self._writers.update((client_w, server_w))
-        up = asyncio.create_task(self._pump(client_r, server_w, slow=False))
+        up = asyncio.create_task(self._pump(client_r, server_w, slow=False, client=client_w))
         down = asyncio.create_task(self._pump(server_r, client_w, slow=True))
         self._tasks.update((up, down))
         for task in (up, down):
             task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool,
+                    client: asyncio.StreamWriter | None = None) -> None:
         try:
             while data := await reader.read(self.chunk if slow else 65536):
+                if client is not None and self.drop_next:
+                    self.drop_next -= 1
+                    client.transport.abort()
+                    writer.transport.abort()
+                    return
                 if slow and self.delay and self.delayed_reads != 0:
                     if self.delayed_reads is not None:
                         self.delayed_reads -= 1
