@@ -83,6 +83,8 @@ class Router:
     def update(self, urls: Iterable[str]) -> None:
         """Follow a new replica set; replicas that stay keep their counts and state."""
         wanted = list(dict.fromkeys(urls))
+        if tuple(wanted) == tuple(self.urls) and self._ring:
+            return  # every reload and tariff refresh re-applies the config: no ring to rebuild
         self.replicas = {url: self.replicas.get(url) or Replica(url) for url in wanted}
         self.urls = tuple(wanted)
         self._ring = sorted((ring_point(f"{url}#{i}".encode()), url)

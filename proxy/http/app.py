@@ -637,8 +637,7 @@ class Proxy:
                 self._replica_failed(ex, replica)
                 raise
             finally:
-                replica.in_flight -= 1
-                self.metrics.replica_in_flight.labels(ex.model.alias, replica.url).dec()
+                self._in_flight(ex, replica, -1)
 
     async def _route_hint(self, ex: Exchange, body: dict[str, Any]) -> tuple[str | None, bytes | None]:
         """The replica of the entry the request reads, else the ring key of its first write; (None, None) when
@@ -667,8 +666,7 @@ class Proxy:
             self.metrics.routes.labels(alias, replica.url, route.decision).inc()
             if route.fallback is not None:
                 self.metrics.routing_fallbacks.labels(alias, route.fallback).inc()
-            replica.in_flight += 1
-            self.metrics.replica_in_flight.labels(alias, replica.url).inc()
+            self._in_flight(ex, replica, 1)
             try:
                 try:
                     upstream: aiohttp.ClientResponse = await self._upstream_request(ex, request, data, replica.url)
@@ -679,8 +677,7 @@ class Proxy:
                     # a server that died holding the request. Once more on a new connection tells them apart.
                     upstream = await self._upstream_request(ex, request, data, replica.url)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                replica.in_flight -= 1
-                self.metrics.replica_in_flight.labels(alias, replica.url).dec()
+                self._in_flight(ex, replica, -1)
                 self._replica_failed(ex, replica)
                 tried.append(replica)
                 if len(tried) >= len(router.replicas):
@@ -689,6 +686,11 @@ class Proxy:
             router.answered(replica)
             ex.replica = replica.url
             return upstream, replica
+
+    def _in_flight(self, ex: Exchange, replica: Replica, change: int) -> None:
+        """The bounded load's count, and its gauge, as a request to ``replica`` starts (1) or ends (-1)."""
+        replica.in_flight += change
+        self.metrics.replica_in_flight.labels(ex.model.alias, replica.url).inc(change)
 
     def _replica_failed(self, ex: Exchange, replica: Replica) -> None:
         ex.runtime.router.failed(replica)
