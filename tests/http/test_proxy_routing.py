@@ -88,6 +88,13 @@ async def served_by(reps: Replicas, proxy: RunningProxy, work: Any) -> int:
     return changed[0]
 
 
+async def first_turn(reps: Replicas, proxy: RunningProxy, pg_dsn: str, name: str) -> tuple[str, Conversation, int]:
+    """A new tenant's conversation after its first turn: (principal, conversation, the replica that answered)."""
+    principal = unique(name)
+    chat = Conversation(proxy, await new_key(pg_dsn, principal), name)
+    return principal, chat, await served_by(reps, proxy, chat.turn())
+
+
 def sample(proxy: RunningProxy, name: str, **labels: str) -> float:
     return proxy.server.proxy.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -126,9 +133,7 @@ async def test_a_killed_replica_loses_no_request_and_bills_nothing_twice(
         tmp_path: Path, pg_dsn: str, word_tokenizer: Path) -> None:
     async with replicas(word_tokenizer) as reps, \
             running_proxy(config(reps.urls, word_tokenizer), tmp_path, pg_dsn) as proxy:
-        principal = unique("killed")
-        chat = Conversation(proxy, await new_key(pg_dsn, principal), "k")
-        home = await served_by(reps, proxy, chat.turn())
+        principal, chat, home = await first_turn(reps, proxy, pg_dsn, "killed")
         assert await served_by(reps, proxy, chat.turn()) == home
         written = await deepest_entry(pg_dsn, principal)
         await reps.relays[home].cut()
@@ -150,9 +155,7 @@ async def test_scaling_down_and_up_follows_the_config(
     async with replicas(word_tokenizer, n=4) as reps:
         urls = reps.urls
         async with running_proxy(config(urls[:3], word_tokenizer), tmp_path, pg_dsn) as proxy:
-            principal = unique("scaled")
-            chat = Conversation(proxy, await new_key(pg_dsn, principal), "s")
-            home = await served_by(reps, proxy, chat.turn())
+            _, chat, home = await first_turn(reps, proxy, pg_dsn, "scaled")
             router = proxy.server.proxy.runtimes.models["chat"].router
             proxy.write_config(config([u for i, u in enumerate(urls) if i != home], word_tokenizer))
             await wait_until(lambda: _has(router.urls, urls[home], False), "the reload without the replica")
@@ -195,9 +198,7 @@ async def test_a_replica_that_dies_holding_a_request_hands_it_on(
     answered by another replica, and billed once, as a read of what the first turn wrote."""
     async with replicas(word_tokenizer, latency=1.0) as reps, \
             running_proxy(config(reps.urls, word_tokenizer), tmp_path, pg_dsn) as proxy:
-        principal = unique("held")
-        chat = Conversation(proxy, await new_key(pg_dsn, principal), "h")
-        home = await served_by(reps, proxy, chat.turn())
+        principal, chat, home = await first_turn(reps, proxy, pg_dsn, "held")
         before = reps.counts()
         turn = asyncio.create_task(chat.turn())
 
@@ -221,9 +222,7 @@ async def test_a_connection_dropped_once_is_retried_on_the_same_replica(
     """A closed keep-alive connection is no failure: the request goes again to the same replica on a new one."""
     async with replicas(word_tokenizer) as reps, \
             running_proxy(config(reps.urls, word_tokenizer), tmp_path, pg_dsn) as proxy:
-        principal = unique("stale")
-        chat = Conversation(proxy, await new_key(pg_dsn, principal), "st")
-        home = await served_by(reps, proxy, chat.turn())
+        principal, chat, home = await first_turn(reps, proxy, pg_dsn, "stale")
         reps.relays[home].drop_next = 1
         assert await served_by(reps, proxy, chat.turn()) == home
         assert reps.relays[home].drop_next == 0  # the drop happened
