@@ -509,8 +509,12 @@ async def test_a_sharded_replay_runs_as_an_indexed_job_whose_sums_add_up_to_the_
             assert done["status"]["summary"] == whole["status"]["summary"]
             report = await kube.get("v1", "configmaps", ns, "split-report")
             assert json.loads(report["data"]["result.json"])["digest"] == whole["status"]["digest"]
-            assert await conn.fetchval("SELECT count(*) FROM replay_shards WHERE replay_uid = $1",
-                                       split["metadata"]["uid"]) == 0, "added up, the sums are deleted"
+
+            async def deleted() -> bool:  # after the status: sums are never deleted before the result is written
+                return await conn.fetchval("SELECT count(*) FROM replay_shards WHERE replay_uid = $1",
+                                           split["metadata"]["uid"]) == 0
+
+            await eventually(deleted, within=10, what="the added-up sums to be deleted")
         finally:
             await conn.close()
         assert await phases(watch) == [(1, "Pending"), (1, "Running"), (1, "Succeeded")]
