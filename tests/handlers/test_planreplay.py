@@ -511,8 +511,9 @@ async def test_a_sharded_replay_runs_as_an_indexed_job_whose_sums_add_up_to_the_
             assert json.loads(report["data"]["result.json"])["digest"] == whole["status"]["digest"]
 
             async def deleted() -> bool:  # after the status: sums are never deleted before the result is written
-                return await conn.fetchval("SELECT count(*) FROM replay_shards WHERE replay_uid = $1",
-                                           split["metadata"]["uid"]) == 0
+                left: int = await conn.fetchval("SELECT count(*) FROM replay_shards WHERE replay_uid = $1",
+                                                split["metadata"]["uid"])
+                return left == 0
 
             await eventually(deleted, within=10, what="the added-up sums to be deleted")
         finally:
