@@ -134,12 +134,12 @@ async def test_model_lifecycle_create_update_status_only_delete(
         async def gone() -> bool:
             return await get_model(kube, ns, "llama") is None and \
                 await kube.get_or_none("apps/v1", "deployments", ns, "llama-proxy") is None and \
+                await kube.get_or_none("v1", "configmaps", ns, "llama-proxy-config") is None and \
+                await kube.get_or_none("v1", "services", ns, "llama-proxy") is None and \
                 not await owned_by({deployment["metadata"]["uid"]}, "apps/v1", "replicasets") and \
                 not await owned_by(replica_sets, "v1", "pods")
 
         await eventually(gone, within=60, what="the model and everything it owned to be deleted")
-        assert await kube.get_or_none("v1", "configmaps", ns, "llama-proxy-config") is None
-        assert await kube.get_or_none("v1", "services", ns, "llama-proxy") is None
         assert all(t["valid_until"] is not None for t in await tariffs(pg_dsn, alias))
         events = await eventually(lambda: _events_with(kube, ns, "llama", "Rendered"), what="the Rendered event")
         assert not any(e["reason"].startswith("Handler") for e in events), "kopf's chatter stays out of events"
