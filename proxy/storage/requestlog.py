@@ -60,7 +60,7 @@ class _WireLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A line as msgspec decodes it, its fields in the documented order (the strict reader's too)."""
 
     id: _Text
-    ts: str
+    ts: Annotated[datetime, msgspec.Meta(tz=True)]
     principal: _Text
     model: _Text
     tokenizer_version: _Text
@@ -158,7 +158,10 @@ def parse_timestamp(text: str) -> datetime:
     """An RFC 3339 timestamp (an offset is required) as an aware UTC datetime; ValueError otherwise."""
     if not _TIMESTAMP.fullmatch(text):
         raise ValueError(f"{text!r} is not an RFC 3339 timestamp such as 2025-03-01T12:00:00Z")
-    return datetime.fromisoformat(text.upper()).astimezone(UTC)
+    try:
+        return datetime.fromisoformat(text.upper()).astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range in UTC (years 1 to 9999)") from None
 
 
 def to_json_line(request: LoggedRequest) -> str:
@@ -380,7 +383,8 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
         w = _DECODER.decode(line)
     except msgspec.DecodeError:
         return None
-    if _ENCODE(w) != line.rstrip(b"\r\n"):
+    _ENCODER.encode_into(w, _WRITTEN)
+    if not line.startswith(_WRITTEN) or line[len(_WRITTEN):] not in _LINE_ENDS:
         return None
     chain = w.chain
     tokens = [b.t for b in chain]
@@ -396,9 +400,9 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
             or not _COSTS.fullmatch(f"{w.billed_cost} {w.list_cost}")):
         return None
     try:
-        ts = parse_timestamp(w.ts)
         blocks = tuple([block(fromhex(b.h), b.t, b.r, b.m) for b in chain])
-    except ValueError:
+        ts = w.ts if w.ts.tzinfo is UTC else w.ts.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
     if tuple(creation) != TIERS:  # written in another order: the same facts, kept in the documented one
         creation = {tier: creation[tier] for tier in TIERS}
@@ -410,7 +414,11 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
 
 
 _DECODER = msgspec.json.Decoder(_WireLine)
-_ENCODE = msgspec.json.Encoder().encode
+_ENCODER = msgspec.json.Encoder()
+_WRITTEN = bytearray()
+"""What msgspec writes back, reused so that no line allocates it. Shared by threads, and safe: whatever it holds
+when a line is compared, the line is accepted only if it is that canonical spelling of what it decodes to."""
+_LINE_ENDS = (b"", b"\n", b"\r\n")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

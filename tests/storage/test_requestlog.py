@@ -234,6 +234,10 @@ def test_export_filters(source_dsn: str, options: list[str], ids: list[str]) -> 
             ["--since", "2025-03-02T00:00:00Z", "--until", "2025-03-01T00:00:00Z"],
             "--since 2025-03-02T00:00:00Z is not before --until 2025-03-01T00:00:00Z",
         ),
+        (
+            ["--since", "0001-01-01T00:00:00+01:00"],
+            "invalid --since: '0001-01-01T00:00:00+01:00' is out of range in UTC (years 1 to 9999)",
+        ),
         (["--models", " , "], "--models ' , ' names no model"),
     ],
 )
@@ -285,6 +289,10 @@ MALFORMED = [
         "ts: '2025-03-01T12:00:00' is not an RFC 3339 timestamp such as 2025-03-01T12:00:00Z",
     ),
     (line_with(ts=1740830400), "ts: must be an RFC 3339 timestamp string, got 1740830400"),
+    (
+        line_with(ts="9999-12-31T23:59:59-05:00"),
+        "ts: '9999-12-31T23:59:59-05:00' is out of range in UTC (years 1 to 9999)",
+    ),
     (line_with(status="200"), 'status: must be an HTTP status (an integer from 100 to 599), got "200"'),
     (line_with(status=99), "status: must be an HTTP status (an integer from 100 to 599), got 99"),
     (line_with(prompt_tokens=-1), f"prompt_tokens: {COUNT} -1"),

@@ -10,6 +10,7 @@ that the typed decoder alone would let through: repeated keys, spaced or odd has
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -79,6 +80,8 @@ def spellings(request: LoggedRequest, data: st.DataObject) -> str:
     return json.dumps(json.loads(line), ensure_ascii=style == "ascii", separators=None)
 
 
+_TS = re.compile(r'("ts":\s*"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:)([0-9]{2})(\.[0-9]+)?Z"')
+"""A timestamp's date and minutes, seconds, fraction: msgspec decodes timestamps by rules of its own."""
 MUTATIONS: list[tuple[str, Any]] = [
     ("repeat a top-level key", lambda d: d.replace('"status":', '"status":500,"status":', 1)),
     ("repeat a top-level key, spaced", lambda d: d.replace('"status":', '"status" : 500 , "status":', 1)),
@@ -105,6 +108,14 @@ MUTATIONS: list[tuple[str, Any]] = [
     ("deep nesting", lambda d: d.replace('"chain":', '"chain":' + "[" * 200 + "]" * 200 + ',"q":', 1)),
     ("lone surrogate", lambda d: d.replace('"id":"', '"id":"\\ud800', 1)),
     ("bad timestamp", lambda d: d.replace('Z"', '"', 1)),
+    ("naive timestamp", lambda d: _TS.sub(lambda m: f'{m[1]}{m[2]}{m[3] or ""}"', d, count=1)),
+    ("offset timestamp", lambda d: _TS.sub(lambda m: f'{m[1]}{m[2]}{m[3] or ""}+05:30"', d, count=1)),
+    ("zero offset", lambda d: _TS.sub(lambda m: f'{m[1]}{m[2]}{m[3] or ""}+00:00"', d, count=1)),
+    ("lowercase timestamp", lambda d: _TS.sub(lambda m: f'{m[1].lower()}{m[2]}{m[3] or ""}z"', d, count=1)),
+    ("leap second", lambda d: _TS.sub(lambda m: f'{m[1]}60{m[3] or ""}Z"', d, count=1)),
+    ("past 9999 in UTC", lambda d: _TS.sub('"ts":"9999-12-31T23:59:59-05:00"', d, count=1)),
+    ("before year 1 in UTC", lambda d: _TS.sub('"ts":"0001-01-01T00:00:00+05:30"', d, count=1)),
+    ("nanoseconds", lambda d: _TS.sub(lambda m: f'{m[1]}{m[2]}.123456789Z"', d, count=1)),
 ]
 
 
