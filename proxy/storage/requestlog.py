@@ -390,12 +390,13 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
     tokens = [b.t for b in chain]
     cache_key = None if w.prompt_cache_key is msgspec.UNSET else w.prompt_cache_key
     creation = w.creation_tokens
+    in_order = tuple(creation) == TIERS
     input_price, output_price = _price(w.input_per_mtok), _price(w.output_per_mtok)
     # A hash is 1 to 32 bytes of hex. fromhex refuses other characters and odd lengths but skips whitespace,
     # of which only a space can be in a string here (control characters would be escaped).
     if (tokens != sorted(tokens) or input_price is None or output_price is None
             or (cache_key is not None and not valid_cache_key(cache_key))
-            or (tuple(creation) != TIERS and creation.keys() != _KEY_SETS[TIERS])
+            or (not in_order and creation.keys() != _KEY_SETS[TIERS])
             or (b" " in line and " " in "".join([b.h for b in chain]))
             or not _COSTS.fullmatch(f"{w.billed_cost} {w.list_cost}")):
         return None
@@ -404,7 +405,7 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
         ts = w.ts if w.ts.tzinfo is UTC else w.ts.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
-    if tuple(creation) != TIERS:  # written in another order: the same facts, kept in the documented one
+    if not in_order:  # written in another order: the same facts, kept in the documented one
         creation = {tier: creation[tier] for tier in TIERS}
     return LoggedRequest(
         w.id, ts, w.principal, w.model, w.tokenizer_version, w.api, w.status, w.prompt_tokens, w.completion_tokens,
