@@ -417,8 +417,8 @@ def _fast(line: bytes, fromhex: Callable[[str], bytes] = bytes.fromhex,
 _DECODER = msgspec.json.Decoder(_WireLine)
 _ENCODER = msgspec.json.Encoder()
 _WRITTEN = bytearray()
-"""What msgspec writes back, reused so that no line allocates it. Shared by threads, and safe: whatever it holds
-when a line is compared, the line is accepted only if it is that canonical spelling of what it decodes to."""
+"""What msgspec writes back, reused so that no line allocates it. Shared by threads, and still safe: a line is
+accepted only if it equals the canonical spelling of some decoded line, and so of the one it decodes to itself."""
 _LINE_ENDS = (b"", b"\n", b"\r\n")
 
 
